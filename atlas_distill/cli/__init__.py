@@ -1,0 +1,30 @@
+"""The `atlas-distill` command line: one module per subcommand, assembled here."""
+
+from __future__ import annotations
+
+import typer
+
+from . import demo_db, export, inspect, later, profile
+from ._common import PRECEDENCE
+
+app = typer.Typer(
+    name="atlas-distill",
+    help="Distill a teacher model into a smaller student with GKD, trained on Atlas SDK traces in Postgres.\n\n"
+    + PRECEDENCE,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals would show database URLs with passwords
+    rich_markup_mode=None,
+)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+app.command("export")(export.export)
+app.command("inspect")(inspect.inspect)
+for _name in ("train", "chain", "compare"):
+    app.command(_name, context_settings=_PASS_THROUGH)(later.not_yet(_name))
+app.add_typer(profile.app, name="profile")
+app.command("demo-db")(demo_db.demo_db)
+
+
+def main() -> None:
+    app()

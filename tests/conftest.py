@@ -1,0 +1,89 @@
+"""Shared fixtures: a real PostgreSQL server, throwaway databases, the real CLI.
+
+The server is the one named by ATLAS_TEST_DB_URL (CI points it at the machine's
+server), else an embedded PostgreSQL started from the pgserver wheel for this
+test session. Each database a test uses is created for it and dropped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from atlas_distill.db import connect, with_database
+from atlas_distill.traces.seed import seed_database
+
+CLI = Path(sys.executable).with_name("atlas-distill")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory) -> str:
+    url = os.environ.get("ATLAS_TEST_DB_URL")
+    if url:
+        yield url
+        return
+    from atlas_distill.db import embedded_postgres
+
+    with embedded_postgres(tmp_path_factory.mktemp("pg") / "pgdata") as embedded:
+        yield embedded
+
+
+def _create_database(server: str) -> tuple[str, str]:
+    name = f"atlas_test_{uuid.uuid4().hex[:12]}"
+    with connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return name, with_database(server, name)
+
+
+def _drop_database(server: str, name: str) -> None:
+    with connect(server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_db(pg_server) -> str:
+    """A new, empty database (no Atlas schema) on the test server."""
+    name, url = _create_database(pg_server)
+    yield url
+    _drop_database(pg_server, name)
+
+
+@pytest.fixture(scope="module")
+def seeded_db(pg_server) -> str:
+    """A database holding 300 synthetic sessions (seed 7); tests must not modify it."""
+    name, url = _create_database(pg_server)
+    seed_database(url, 300, seed=7)
+    yield url
+    _drop_database(pg_server, name)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the real `atlas-distill` console script in tmp_path; returns code, stdout, stderr."""
+    assert CLI.exists(), f"{CLI} missing: install the project with `make install` (pip install -e .)"
+
+    def run(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> CliResult:
+        full_env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_DB_URL", "PGPASSWORD")}
+        full_env.update(env or {})
+        done = subprocess.run([str(CLI), *args], cwd=tmp_path, env=full_env, input=input, capture_output=True,
+                              text=True, timeout=300)
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+    return run
