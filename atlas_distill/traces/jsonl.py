@@ -110,6 +110,9 @@ class JsonlTraceSink:
             self._handle: IO[bytes] = sys.stdout.buffer
             return
         target = Path(self.path)
+        if target.is_dir():
+            raise OutputError(f"Cannot write to {self.path}: it is a directory.",
+                              fix="Pass a file path such as traces/runtime.jsonl.")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)

@@ -1,0 +1,50 @@
+"""The command line as a whole: help, light imports, profiles, commands not yet available."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_help_lists_all_subcommands_and_precedence(cli):
+    result = cli("--help")
+    assert result.code == 0
+    for name in ("export", "inspect", "train", "chain", "compare", "profile", "demo-db"):
+        assert name in result.stdout
+    assert "defaults < --profile < KEY=VALUE overrides < explicit flags" in " ".join(result.stdout.split())
+
+
+def test_cli_import_does_not_load_heavy_libraries():
+    code = ("import sys, atlas_distill.cli, atlas_distill.export, atlas_distill.inspect; "
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'matplotlib', 'wandb') "
+            "if m in sys.modules]; print(heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_commands_not_yet_available_say_so(cli):
+    for name in ("train", "chain", "compare"):
+        result = cli(name, "--profile", "fast", "trainer.min_reward=0.9")
+        assert result.code == 1
+        assert "not yet available" in result.stderr
+
+
+def test_profile_show_and_list(cli):
+    shown = cli("profile", "show", "fast", "trainer.min_reward=0.9", "--json")
+    assert shown.code == 0, shown.stderr
+    assert shown.json()["trainer"]["min_reward"] == 0.9 and shown.json()["trainer"]["num_train_epochs"] == 1
+    text = cli("profile", "show", "high-quality")
+    assert "learning_rate: 3.0e-06" in text.stdout
+    listed = cli("profile", "list", "--json")
+    assert set(listed.json()) >= {"default", "fast", "high-quality", "task-specific"}
+
+
+def test_profile_show_masks_a_password(cli):
+    result = cli("profile", "show", "default", "database.url=postgresql://u:S3cr3t-pw@db:5432/atlas")
+    assert result.code == 0
+    assert "S3cr3t-pw" not in result.stdout and "postgresql://u:***@db:5432/atlas" in result.stdout
+
+
+def test_profile_errors_exit_1(cli):
+    result = cli("profile", "show", "fsat")
+    assert result.code == 1 and "unknown profile `fsat`" in result.stderr and "`fast`" in result.stderr

@@ -1,0 +1,197 @@
+"""`atlas-distill export` through the real console script, against a real server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+
+import pytest
+
+from atlas_distill.db import connect
+
+from helpers import db_ids
+
+
+def exported_ids(path):
+    return [json.loads(line)["session_metadata"]["session_id"] for line in path.read_text().splitlines()]
+
+
+def test_export_writes_the_filtered_sessions_and_a_summary(cli, seeded_db, tmp_path):
+    result = cli("export", "--database-url", seeded_db, "--min-reward", "0.8", "--output", "out/runtime.jsonl")
+    assert result.code == 0, result.stderr
+    expected = db_ids(seeded_db, "review_status = 'approved' AND (reward_stats->>'score')::float >= 0.8")
+    assert exported_ids(tmp_path / "out/runtime.jsonl") == expected
+    assert f"Exported {len(expected)} sessions" in result.stdout
+    assert "skipped by reward >= 0.8" in result.stdout
+
+
+def test_export_json_summary_and_profile_defaults(cli, seeded_db, tmp_path):
+    result = cli("export", "--database-url", seeded_db, "--profile", "fast", "--json", "--include-status", "pending")
+    assert result.code == 0, result.stderr
+    summary = result.json()
+    expected = db_ids(seeded_db, "review_status IN ('approved', 'pending') AND (reward_stats->>'score')::float >= 0.7")
+    assert summary["exported"] == len(expected)  # fast profile: min_reward 0.7
+    assert exported_ids(tmp_path / "traces/runtime.jsonl") == expected
+    assert summary["funnel"][0] == {"filter": "sessions in database", "remaining": 300}
+    assert summary["bytes"] == (tmp_path / "traces/runtime.jsonl").stat().st_size
+    assert sum(summary["skipped"].values()) == 300 - len(expected)
+
+
+def test_overrides_and_flags(cli, seeded_db, tmp_path):
+    result = cli("export", "--database-url", seeded_db, "trainer.min_reward=null", "data.review_status=null",
+                 "--status", "failed", "--limit", "4", "--output", "x.jsonl.gz", "--json")
+    assert result.code == 0, result.stderr
+    with gzip.open(tmp_path / "x.jsonl.gz", "rt") as handle:
+        got = [json.loads(line)["session_metadata"]["session_id"] for line in handle]
+    assert got == db_ids(seeded_db, "status = 'failed'")[:4]
+    all_statuses = cli("export", "--database-url", seeded_db, "--all-statuses", "--min-reward", "0",
+                       "--session-id", "3", "--session-id", "8", "--output", "y.jsonl", "--json")
+    assert all_statuses.code == 0, all_statuses.stderr
+    assert exported_ids(tmp_path / "y.jsonl") == [i for i in (3, 8) if i in db_ids(seeded_db, "reward_stats IS NOT NULL")]
+
+
+def test_output_dash_streams_jsonl_to_stdout(cli, seeded_db):
+    result = cli("export", "--database-url", seeded_db, "--output", "-", "--limit", "5", "--min-reward", "0")
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and all(json.loads(line)["task"] for line in lines)
+    assert "Exported 5 sessions" in result.stderr
+
+
+def test_nothing_matches_exit_2_with_the_funnel_and_advice(cli, seeded_db, tmp_path):
+    previous = tmp_path / "traces" / "runtime.jsonl"
+    previous.parent.mkdir()
+    previous.write_text("previous\n")
+    result = cli("export", "--database-url", seeded_db, "--learning-key", "no_such_workflow")
+    assert result.code == 2
+    assert "No conversations found in database" in result.stderr
+    assert "learning_key = 'no_such_workflow'" in result.stderr and "left none" in result.stderr
+    for advice in ("ATLAS_DB_URL", "trainer.min_reward", "learning_key=null"):
+        assert advice in result.stderr
+    assert previous.read_text() == "previous\n"
+    assert [p.name for p in previous.parent.iterdir()] == ["runtime.jsonl"]
+    as_json = cli("export", "--database-url", seeded_db, "--learning-key", "no_such_workflow", "--json")
+    assert as_json.code == 2 and as_json.json()["error"]["type"] == "NoSessionsMatched"
+
+
+def test_injection_attempt_is_data(cli, seeded_db):
+    result = cli("export", "--database-url", seeded_db, "--learning-key", "x'; DROP TABLE sessions; --")
+    assert result.code == 2
+    assert len(db_ids(seeded_db)) == 300
+
+
+def test_no_database_url_is_a_usage_error(cli):
+    result = cli("export")
+    assert result.code == 1
+    assert "No database URL given" in result.stderr and "ATLAS_DB_URL" in result.stderr
+
+
+def test_atlas_db_url_from_the_environment(cli, seeded_db, tmp_path):
+    result = cli("export", "--limit", "2", "--min-reward", "0", "--json", env={"ATLAS_DB_URL": seeded_db})
+    assert result.code == 0, result.stderr
+    assert result.json()["exported"] == 2
+
+
+def test_unreachable_server_exit_4_one_paragraph(cli, tmp_path):
+    result = cli("export", "--database-url", "postgresql://atlas:hunter2secret@127.0.0.1:1/atlas")
+    assert result.code == 4
+    assert "Cannot connect to the database" in result.stderr and "Traceback" not in result.stderr
+    assert "hunter2secret" not in result.stderr + result.stdout
+    assert "postgresql://atlas:***@127.0.0.1:1/atlas" in result.stderr
+    assert not (tmp_path / "traces" / "runtime.jsonl").exists()
+
+
+def test_invalid_url_is_a_usage_error(cli):
+    result = cli("export", "--database-url", "postgresql://u:pw@host:notaport/db")
+    assert result.code in (1, 4) and "Traceback" not in result.stderr
+    assert "Fix:" in result.stderr
+
+
+def test_database_without_atlas_schema(cli, empty_db):
+    result = cli("export", "--database-url", empty_db)
+    assert result.code == 4
+    assert "does not hold the Atlas schema" in result.stderr and "demo-db" in result.stderr
+
+
+def test_bad_profile_key_exit_1(cli, seeded_db):
+    result = cli("export", "--database-url", seeded_db, "trainer.min_rewrd=0.9")
+    assert result.code == 1
+    assert "unknown key `trainer.min_rewrd`" in result.stderr and "trainer.min_reward" in result.stderr
+
+
+def test_conflicting_flags(cli, seeded_db):
+    assert cli("export", "--database-url", seeded_db, "--json", "--output", "-").code == 1
+    assert cli("export", "--database-url", seeded_db, "--all-statuses", "--include-status", "pending").code == 1
+
+
+@pytest.fixture(scope="module")
+def password_server(tmp_path_factory):
+    """An embedded cluster that checks passwords (scram-sha-256), unlike the machine's trusting server."""
+    from atlas_distill.db import embedded_postgres
+
+    with embedded_postgres(tmp_path_factory.mktemp("scram") / "pgdata") as url:
+        with connect(url, autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute("CREATE ROLE atlas LOGIN PASSWORD 'Corr3ct-Horse-Battery'")
+            conn.execute("CREATE DATABASE atlas OWNER atlas")
+            hba = conn.execute("SHOW hba_file").fetchone()[0]
+            socket_dir = conn.execute("SHOW unix_socket_directories").fetchone()[0].split(",")[0]
+            with open(hba, "w") as handle:
+                handle.write("local all postgres trust\nlocal all all scram-sha-256\n")
+            conn.execute("SELECT pg_reload_conf()")
+        yield socket_dir
+
+
+def test_wrong_password_exit_4_and_never_printed(cli, password_server, tmp_path):
+    url = f"postgresql://atlas:Wr0ng-Passw0rd-42@/atlas?host={password_server}"
+    result = cli("export", "--database-url", url, "--json")
+    assert result.code == 4, result.stderr
+    assert "password authentication failed" in result.stderr
+    assert "Check the user and password" in result.stderr
+    assert "Wr0ng-Passw0rd-42" not in result.stdout + result.stderr
+    via_env = cli("export", "--database-url", f"postgresql://atlas@/atlas?host={password_server}",
+                  env={"PGPASSWORD": "Wr0ng-Passw0rd-42"})
+    assert via_env.code == 4 and "Wr0ng-Passw0rd-42" not in via_env.stdout + via_env.stderr
+
+
+def test_right_password_works_and_is_masked(cli, password_server, tmp_path):
+    url = f"postgresql://atlas:Corr3ct-Horse-Battery@/atlas?host={password_server}"
+    seeded = cli("demo-db", "--database-url", url, "--sessions", "20", "--json")
+    assert seeded.code == 0, seeded.stderr
+    result = cli("export", "--database-url", url, "--min-reward", "0", "--all-statuses")
+    assert result.code == 0, result.stderr
+    assert "Corr3ct-Horse-Battery" not in seeded.stdout + seeded.stderr + result.stdout + result.stderr
+    assert "***" in result.stdout
+
+
+def test_demo_db_refuses_a_store_with_sessions(cli, seeded_db):
+    result = cli("demo-db", "--database-url", seeded_db, "--sessions", "5")
+    assert result.code == 1 and "already holds 300 sessions" in result.stderr and "--append" in result.stderr
+    assert len(db_ids(seeded_db)) == 300
+
+
+def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
+    """SIGINT while the export is under way: the temporary file is removed, nothing else is written."""
+    import os
+    import signal
+    import sys
+    import time
+
+    cli_path = os.path.join(os.path.dirname(sys.executable), "atlas-distill")
+    with connect(seeded_db) as blocker:
+        # Hold the export inside its streaming query, after it has opened its temporary file.
+        blocker.execute("LOCK TABLE trajectory_events IN ACCESS EXCLUSIVE MODE")
+        proc = subprocess.Popen([cli_path, "export", "--database-url", seeded_db, "--output", "big.jsonl"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".big.jsonl.*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".big.jsonl.*.partial")), "the export never started writing"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        blocker.rollback()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

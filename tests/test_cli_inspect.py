@@ -1,0 +1,101 @@
+"""`atlas-distill inspect` on files and on the database, through the real console script."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
+
+
+@pytest.fixture(scope="module")
+def trace_file(seeded_db, tmp_path_factory):
+    path = tmp_path_factory.mktemp("traces") / "all.jsonl"
+    sink = JsonlTraceSink(path)
+    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None)):
+        sink.write(session)
+    sink.commit()
+    return path
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_inspect_json_counts_match_the_file(cli, trace_file):
+    result = cli("inspect", str(trace_file), "--json", "--top", "3")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    rows = records(trace_file)
+    assert report["sessions"] == len(rows) == 300
+    scores = [r["reward_stats"]["score"] for r in rows if r.get("reward_stats")]
+    assert report["no_reward"] == 300 - len(scores) > 0
+    assert sum(b["count"] for b in report["reward"]) == len(scores)
+    high = next(b for b in report["reward"] if b["label"] == "0.9-1.0")
+    assert high["count"] == sum(1 for s in scores if s >= 0.9)
+    assert report["reward_mean"] == pytest.approx(sum(scores) / len(scores))
+    keys = Counter(r["session_metadata"]["learning_key"] for r in rows)
+    assert len(report["learning_keys"]) == 4  # top 3 + the rest grouped
+    assert report["learning_keys"][0] == {"label": keys.most_common(1)[0][0], "count": keys.most_common(1)[0][1]}
+    assert report["learning_keys"][-1]["label"] == f"({len(keys) - 3} other keys)"
+    reviews = Counter(r["review_status"] for r in rows)
+    assert {b["label"]: b["count"] for b in report["review_status"]} == dict(reviews)
+    assert sum(b["count"] for b in report["turns"]) == 300
+    assert sum(b["count"] for b in report["approx_tokens"]) == 300
+
+
+def test_inspect_tables_and_plot(cli, trace_file, tmp_path):
+    result = cli("inspect", str(trace_file), "--plot", "hist.png")
+    assert result.code == 0, result.stderr
+    for title in ("Reward", "learning_key", "Review status", "Turns per conversation", "Approx. tokens"):
+        assert title in result.stdout
+    png = (tmp_path / "hist.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_inspect_filtered_applies_the_profile(cli, trace_file):
+    result = cli("inspect", str(trace_file), "--filtered", "--profile", "fast", "--json")
+    assert result.code == 0, result.stderr
+    rows = records(trace_file)
+    expected = [r for r in rows if r["review_status"] == "approved" and (r.get("reward_stats") or {}).get(
+        "score", -1) >= 0.7]
+    assert result.json()["sessions"] == len(expected)
+
+
+def test_inspect_the_database(cli, seeded_db):
+    result = cli("inspect", "--database-url", seeded_db, "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["sessions"] == 300
+
+
+def test_malformed_line_exit_5_names_the_line(cli, trace_file, tmp_path):
+    lines = trace_file.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:4] + ['{"task": "x", "steps": {}}'] + lines[4:10]) + "\n")
+    result = cli("inspect", str(bad))
+    assert result.code == 5
+    assert f"{bad}:5: not an Atlas session: `steps` must be a list or null, got an object" in result.stderr
+    assert "--skip-invalid" in result.stderr and "Traceback" not in result.stderr
+    skipped = cli("inspect", str(bad), "--skip-invalid", "--json")
+    assert skipped.code == 0 and skipped.json()["sessions"] == 10 and skipped.json()["invalid_skipped"] == 1
+
+
+def test_empty_file_exit_2(cli, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    result = cli("inspect", "empty.jsonl")
+    assert result.code == 2 and "is empty" in result.stderr
+
+
+def test_stdin_and_arc_atlas_file(cli):
+    line = {"task": "t", "final_answer": "a", "plan": {}, "steps": [], "session_metadata": {"session_id": 1},
+            "drift_alert": True, "brand_new_key": [1]}
+    result = cli("inspect", "-", "--json", input=json.dumps(line) + "\n")
+    assert result.code == 0, result.stderr
+    assert result.json()["sessions"] == 1 and result.json()["no_reward"] == 1
+
+
+def test_inspect_needs_something(cli):
+    result = cli("inspect")
+    assert result.code == 1 and "Nothing to inspect" in result.stderr
