@@ -3,7 +3,7 @@
 Seeds a fresh database with N synthetic Atlas sessions (~4.5 steps, ~20 events each), runs ANALYZE
 (as autovacuum would) and reads every table once, then times, each writing a temp file:
   (a) ours: export_traces, no filters (one query, server-side cursor), in a fresh subprocess so its
-      peak RSS (ru_maxrss) is its own: on all N sessions and with limit=--small; a subprocess that
+      peak RSS (VmHWM) is its own: on all N sessions and with limit=--small; a subprocess that
       only imports the library gives the interpreter floor;
   (b) upstream: the Atlas SDK exporter's pattern (atlas/export/jsonl.py, storage/database.py): pages
       of ORDER BY created_at DESC LIMIT 100 OFFSET k, then per session fetch_session (row + plan),
@@ -47,13 +47,17 @@ def log(message: str) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS. On Linux ru_maxrss survives execve, so a child spawned by a big parent
+    reports at least the parent's RSS; VmHWM belongs to the process's own address space."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
 
 
 def worker(mode: str, url: str, limit: int, output: str) -> None:
     """Child process: one export of ours (or only the imports) and its peak RSS, as JSON on stdout."""
     import psycopg  # noqa: F401  (export_traces imports it lazily; the floor should include it)
-
     from atlas_distill.export import export_traces
     from atlas_distill.traces import TraceFilter
 
@@ -130,15 +134,13 @@ def line_digests(path: Path) -> dict:
 
 def bench(args: argparse.Namespace, url: str, tmp: Path) -> tuple[dict, bool]:
     from atlas_distill.traces.seed import seed_database
-
     log(f"seeding {args.sessions} sessions ...")
     started = time.perf_counter()
     seeded = seed_database(url, args.sessions, progress=lambda n, total: n % 5000 == 0 and log(f"  seeded {n}"))
     seed_seconds = time.perf_counter() - started
-    with connect(url, autocommit=True) as conn:
+    with connect(url, autocommit=True) as conn:  # ANALYZE, then warm the caches for every method alike
         conn.execute("ANALYZE")
         for table in ("sessions", "plans", "step_results", "step_attempts", "guidance_notes", "trajectory_events"):
-            # warm the caches so the first method timed is not the only cold one
             conn.execute(f"SELECT sum(length(t::text)) FROM {table} t").fetchone()
     log(f"seeded {seeded.sessions} sessions, {seeded.steps} steps, {seeded.events} events in {seed_seconds:.1f}s")
     log("import floor, then (a) ours at --small and at all sessions, (b) upstream, (c) COPY ...")
@@ -151,7 +153,8 @@ def bench(args: argparse.Namespace, url: str, tmp: Path) -> tuple[dict, bool]:
     same_ids = ours["sessions"] == up["sessions"] == len(a) == len(b) and a.keys() == b.keys()
     rate = {name: m["sessions"] / m["seconds"] for name, m in (("ours", ours), ("upstream", up), ("copy", copy))}
     report = {
-        "seeded": {"sessions": seeded.sessions, "steps": seeded.steps, "events": seeded.events, "seconds": seed_seconds},
+        "seeded": {"sessions": seeded.sessions, "steps": seeded.steps, "events": seeded.events,
+                   "seconds": seed_seconds},
         "methods": {"ours": ours, "upstream": up, "copy": copy},
         "sessions_per_second": rate,
         "ratio_ours_over_upstream": rate["ours"] / rate["upstream"],
@@ -176,7 +179,8 @@ def print_table(r: dict) -> None:
     for name, m in r["methods"].items():
         print(f"{LABELS[name]:<46}{m['sessions']:>9}{m['seconds']:>9.2f}{r['sessions_per_second'][name]:>12.0f}"
               f"{m['bytes'] / 1e6:>12.1f}")
-    print(f"ratio ours/upstream: {r['ratio_ours_over_upstream']:.1f}x    ratio copy/ours: {r['ratio_copy_over_ours']:.2f}x")
+    print(f"ratio ours/upstream: {r['ratio_ours_over_upstream']:.1f}x   "
+          f"ratio copy/ours: {r['ratio_copy_over_ours']:.2f}x")
     m = r["rss_mb"]
     print(f"peak RSS: import floor {m['import_floor']:.1f} MB, ours at {m['small_sessions']} sessions "
           f"{m['small']:.1f} MB, at {m['all_sessions']} sessions {m['all']:.1f} MB "

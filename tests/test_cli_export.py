@@ -195,3 +195,16 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_stdout_pipe_ends_quietly(seeded_db, tmp_path):
+    import os
+    import sys
+
+    cli_path = os.path.join(os.path.dirname(sys.executable), "atlas-distill")
+    script = f"'{cli_path}' export --database-url \"$URL\" --all-statuses --output - | head -c 10 >/dev/null; " \
+             "echo \"rc=${PIPESTATUS[0]}\""
+    done = subprocess.run(["bash", "-c", script], env=os.environ | {"URL": seeded_db}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "rc=0", done.stderr
+    assert "Error" not in done.stderr and "Traceback" not in done.stderr

@@ -127,6 +127,8 @@ class JsonlTraceSink:
         line = (session.to_json() + "\n").encode("utf-8")
         try:
             self._handle.write(line)
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: the CLI ends quietly
         except OSError as exc:
             self.abort()
             raise OutputError(f"Writing {self.path} failed: {exc.strerror}.",
