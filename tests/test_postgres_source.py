@@ -19,20 +19,22 @@ def ids(sessions):
     return [s.session_id for s in sessions]
 
 
-def test_one_streaming_query_whatever_the_session_count(seeded_db, monkeypatch):
-    executed = []
-    for cls in (psycopg.Cursor, psycopg.ServerCursor):
-        original = cls.execute
+@pytest.mark.parametrize("limit", [3, None])
+def test_one_streaming_query_whatever_the_session_count(seeded_db, monkeypatch, limit):
+    statements = []
+    for method in ("execute", "stream"):
+        original = getattr(psycopg.Cursor, method)
 
-        def counting(self, query, *args, _original=original, **kwargs):
-            executed.append(query)
+        def counting(self, query, *args, _original=original, _method=method, **kwargs):
+            statements.append((_method, str(query)))
             return _original(self, query, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "execute", counting)
-    sessions = list(PostgresTraceSource(seeded_db, ALL, fetch_size=17))
-    assert len(sessions) == 300
-    # one count for the funnel, one streaming query for every session, step and event
-    assert len(executed) == 2
+        monkeypatch.setattr(psycopg.Cursor, method, counting)
+    sessions = list(PostgresTraceSource(seeded_db, TraceFilter(review_status=None, limit=limit), fetch_size=17))
+    assert len(sessions) == (limit or 300)
+    # SET LOCAL jit, one count for the funnel, one streamed query for every session, step and event
+    assert [m for m, _ in statements] == ["execute", "execute", "stream"]
+    assert "trajectory_events" in statements[2][1] and "OFFSET" not in statements[2][1].upper()
 
 
 def test_records_hold_steps_guidance_attempts_and_chronological_events(seeded_db):

@@ -44,7 +44,7 @@ def test_arc_atlas_record_round_trips_with_unknown_keys(tmp_path):
     sink = JsonlTraceSink(out)
     sink.write(session)
     sink.commit()
-    assert json.loads(out.read_text()) == ARC_ATLAS_LINE
+    assert json.loads(out.read_text()) == ARC_ATLAS_LINE  # compact JSON, the same values
 
 
 def test_gzip_files_are_read_and_written(tmp_path):
@@ -149,3 +149,11 @@ def test_unwritable_output_is_an_output_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputError, match="Cannot write"):
         JsonlTraceSink(blocker / "sub" / "x.jsonl")
+
+
+def test_values_orjson_cannot_hold_exactly_are_kept_exactly(tmp_path):
+    big = {"task": "t", "session_metadata": {"session_id": 123456789012345678901234567890}, "x": -(2**70)}
+    path = write_lines(tmp_path / "big.jsonl", [big])
+    session = next(iter(JsonlTraceSource(path)))
+    assert session.session_id == 123456789012345678901234567890
+    assert json.loads(session.to_json_bytes()) == big

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import InvalidTraceData, NoTracesFound, OutputError
+from ..jsonfast import loads
 from .filters import TraceFilter
 from .record import AtlasSession, RecordError
 
@@ -69,7 +70,7 @@ class JsonlTraceSource:
                 if not raw.strip():
                     continue
                 try:
-                    value = json.loads(raw.decode("utf-8"))
+                    value = loads(raw)
                     session = AtlasSession.from_json(value)
                 except UnicodeDecodeError as exc:
                     self._reject(lineno, f"not valid UTF-8 (byte {exc.start})")
@@ -124,7 +125,7 @@ class JsonlTraceSink:
         self._raw = raw
 
     def write(self, session: AtlasSession) -> None:
-        line = (session.to_json() + "\n").encode("utf-8")
+        line = session.to_json_bytes() + b"\n"
         try:
             self._handle.write(line)
         except BrokenPipeError:

@@ -1,15 +1,16 @@
 """One Atlas session in the arc-atlas JSONL format.
 
 The record keeps the exported JSON object as it is (unknown keys included, so a
-file written by arc-atlas round-trips byte for byte through our reader and
-writer) and offers typed access to the fields this tool uses.
+file written by arc-atlas round-trips through our reader and writer value for
+value) and offers typed access to the fields this tool uses.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from ..jsonfast import dumps
 
 # Keys with a fixed JSON type when present; anything else is kept unchecked.
 _EXPECTED_TYPES: dict[str, tuple[type, ...]] = {
@@ -65,8 +66,8 @@ class AtlasSession:
                 raise RecordError(f"`steps[{index}]` must be an object, got {_type_name(step)}")
         return cls(value)
 
-    def to_json(self) -> str:
-        return json.dumps(self.data, ensure_ascii=False)
+    def to_json_bytes(self) -> bytes:
+        return dumps(self.data)
 
     @property
     def metadata(self) -> dict[str, Any]:
