@@ -48,14 +48,42 @@ class DataConfig(_Strict):
     session_ids: list[int] | None = Field(None, description="Keep only these session ids.")
     limit: int | None = Field(None, ge=1, description="At most this many sessions (lowest ids first).")
     eval_split: float = Field(0.15, ge=0.0, lt=1.0, description="Fraction of sessions held out for evaluation.")
+    prompt: Literal["conversation", "task"] = Field(
+        "conversation", description="conversation: the whole multi-turn exchange before the final answer; "
+        "task: only the task (shorter, for small models and CPU runs).")
+
+
+class LoraConfig(_Strict):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of every student weight.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt, or all-linear.")
 
 
 class ModelConfig(_Strict):
     model_name_or_path: str = Field(
         "Qwen/Qwen2.5-7B-Instruct",
-        description="Student model: HF id, local directory, size alias (7b) or builtin.",
+        description="Student model: HF id, local directory, size alias (7b), builtin (smollm2-135m), "
+        "or SPEC@NL for a depth-pruned copy keeping N layers.",
+    )
+    family: str = Field(
+        "Qwen/Qwen2.5-{size}-Instruct", description="What a size alias (14b, 7b, 3b, 1.5b, 0.5b) resolves to."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto: bfloat16 on a GPU that has it, else float32."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TeacherInitConfig(_Strict):
+    """Upstream's teacher_model_init_kwargs: how the teacher is loaded."""
+
+    load_in_8bit: bool = Field(False, description="8-bit teacher (bitsandbytes; needs CUDA).")
+    load_in_4bit: bool = Field(False, description="4-bit teacher (bitsandbytes; needs CUDA).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Teacher weights dtype.")
 
 
 class TrainerConfig(_Strict):
@@ -81,6 +109,25 @@ class TrainerConfig(_Strict):
     baseline_tokens: float | Literal["auto"] | None = Field(
         "auto", description="Reference tokens per episode, auto, or null to skip the token target."
     )
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per completion (on-policy and eval).")
+    seq_kd: bool = Field(False, description="Off-policy steps train on teacher-generated completions.")
+    offpolicy_warmup_steps: int = Field(
+        0, ge=0, description="First steps off-policy (lmbda 0) at offpolicy_warmup_beta: forward KL on the traces' "
+        "own completions, which a freshly pruned student needs before on-policy JSD gives gradient.")
+    offpolicy_warmup_beta: float = Field(0.0, ge=0.0, le=1.0, description="beta during the warmup (0: forward KL).")
+    max_length: int = Field(1024, ge=16, description="Max tokens of prompt + completion; prompts are cut from the left.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    warmup_steps: int = Field(0, ge=0, description="Learning-rate warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    logging_steps: int = Field(10, ge=1, description="Log train metrics every this many steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    seed: int = Field(42, description="Seed for model init, data order and sampling.")
+    scorer: Literal["auto", "exact", "numeric", "json", "contains"] = Field(
+        "auto", description="How an eval answer is judged against the reference.")
+    eval_max_sessions: int | None = Field(
+        None, ge=1, description="Generate on at most this many eval sessions per evaluation (null: all).")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Eval sessions generated at once.")
+    report_to: list[str] = Field(["wandb"], description="Trackers; wandb runs offline without an API key. [] for none.")
     success_delta_target: float = Field(0.10, description="Success delta needed to meet target (0.10 = 10 pp).")
     token_reduction_target: float = Field(30.0, description="Token reduction (percent) needed to meet target.")
 
@@ -91,6 +138,7 @@ class Profile(_Strict):
     teacher_model_name_or_path: str = Field(
         "Qwen/Qwen2.5-14B-Instruct", description="Teacher model: HF id, local directory, size alias or builtin."
     )
+    teacher_model_init_kwargs: TeacherInitConfig = Field(default_factory=TeacherInitConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -10,6 +10,7 @@ the README:
     4  database error: unreachable, authentication failed, schema missing
     5  invalid input data: a malformed trace file or record
     6  output error: the output path cannot be written
+    7  training failed: out of memory, non-finite loss, hardware not available
 """
 
 from __future__ import annotations
@@ -67,3 +68,13 @@ class InvalidTraceData(AtlasDistillError):
 
 class OutputError(AtlasDistillError):
     exit_code = 6
+
+
+class ModelSpecError(AtlasDistillError):
+    """A model spec that does not resolve, or models that cannot be used together."""
+
+
+class TrainingError(AtlasDistillError):
+    """Training could not run or stopped: out of memory, a non-finite loss, a missing dependency."""
+
+    exit_code = 7

