@@ -23,7 +23,7 @@ def test_cli_import_does_not_load_heavy_libraries():
 
 
 def test_commands_not_yet_available_say_so(cli):
-    for name in ("train", "chain", "compare"):
+    for name in ("chain", "compare"):
         result = cli(name, "--profile", "fast", "trainer.min_reward=0.9")
         assert result.code == 1
         assert "not yet available" in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo_db, export, inspect, later, profile
+from . import demo_db, export, inspect, later, profile, train
 from ._common import PRECEDENCE
 
 app = typer.Typer(
@@ -20,7 +20,8 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 app.command("export")(export.export)
 app.command("inspect")(inspect.inspect)
-for _name in ("train", "chain", "compare"):
+app.command("train")(train.train)
+for _name in ("chain", "compare"):
     app.command(_name, context_settings=_PASS_THROUGH)(later.not_yet(_name))
 app.add_typer(profile.app, name="profile")
 app.command("demo-db")(demo_db.demo_db)

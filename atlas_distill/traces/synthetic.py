@@ -147,3 +147,26 @@ def _add_step(rng: random.Random, session: SyntheticSession, step: dict[str, Any
     if tool:
         session.events.append(_event(rng, "TOOL_START", tool, "student", inp=step.get("tool_params")))
         session.events.append(_event(rng, "TOOL_END", tool, "student", out={"ok": True}))
+
+
+def to_record(session: SyntheticSession, session_id: int) -> dict[str, Any]:
+    """The session as `export` writes it (the same shaping as rows read from Postgres)."""
+    from .postgres import session_payload
+
+    row = session.row
+    created, completed = row["created_at"], row["completed_at"]
+    guidance: dict[int, list[str]] = {}
+    for note in session.guidance:
+        guidance.setdefault(note["step_id"], []).append(note["note"])
+    attempts: dict[int, list[dict[str, Any]]] = {}
+    for attempt in session.attempts:
+        attempts.setdefault(attempt["step_id"], []).append(
+            {"attempt": attempt["attempt"], "evaluation": attempt["evaluation"]})
+    steps = [{**step, "guidance": guidance.get(step["step_id"]), "attempt_details": attempts.get(step["step_id"])}
+             for step in session.steps]
+    events = [{"id": session_id * 1000 + n, "event": event,
+               "created_at": (created + timedelta(seconds=n)).isoformat()} for n, event in enumerate(session.events)]
+    return session_payload((session_id, row["task"], row["status"], row["metadata"], row["final_answer"],
+                            row["reward"], row["reward_stats"], row["reward_audit"], row["student_learning"],
+                            row["teacher_learning"], row["review_status"], row["review_notes"], created.isoformat(),
+                            completed.isoformat(), session.plan, steps, events))
