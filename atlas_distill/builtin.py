@@ -99,3 +99,13 @@ def builtin_model_dir() -> Path:
         AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(tmp)
 
     return _publish(build, cache_dir() / "models" / BUILTIN_NAME)
+
+
+def _demo_teacher_dir() -> Path:
+    from .demo.teacher import crm_teacher_dir
+
+    return crm_teacher_dir()
+
+
+# Models that need no network: name -> function building (once) and returning the checkpoint directory.
+BUILTINS = {BUILTIN_NAME: builtin_model_dir, "smollm2-135m-crm": _demo_teacher_dir}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .builtin import BUILTIN_NAME, builtin_model_dir
+from .builtin import BUILTIN_NAME, BUILTINS
 from .errors import ModelSpecError, TrainingError
 from .pruning import check_keep_layers, pruned_copy
 
@@ -34,7 +34,7 @@ class ModelSpec:
     spec: str
     """The spec as given."""
     kind: Literal["builtin", "alias", "local", "hub", "pruned"]
-    """builtin: smollm2-135m; alias: a size in `family`; local: a directory; hub: org/name; pruned: BASE@NL."""
+    """builtin: smollm2-135m (or the demo teacher smollm2-135m-crm); alias: a size in `family`; local: a directory; hub: org/name; pruned: BASE@NL."""
     source: str
     """A Hugging Face id or a local directory; for pruned, the base's source."""
     name: str
@@ -59,8 +59,8 @@ def resolve_model_spec(spec: str, family: str = DEFAULT_FAMILY) -> ModelSpec:
     fix = _accepted_forms(family)
     text = spec.strip()
     path = Path(text).expanduser()
-    if text.lower() == BUILTIN_NAME:
-        return ModelSpec(spec, "builtin", BUILTIN_NAME, BUILTIN_NAME)
+    if text.lower() in BUILTINS:
+        return ModelSpec(spec, "builtin", text.lower(), text.lower())
     if text and path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"model spec `{spec}`: directory {path} has no config.json, so it is not "
@@ -112,7 +112,7 @@ def _layer_count(spec: ModelSpec) -> int | None:
 def materialize(spec: ModelSpec) -> str:
     """What to pass to from_pretrained; a pruned copy is built once into the cache (pruning.py)."""
     if spec.kind == "builtin":
-        return str(builtin_model_dir())
+        return str(BUILTINS[spec.source]())
     if spec.kind == "pruned":
         return str(pruned_copy(spec, materialize(spec.base)))
     return spec.source

@@ -16,9 +16,9 @@ from typing import Any
 
 from .config import Profile, profile_to_yaml
 from .errors import NoTracesFound, OutputError, TrainingError
+from .demo import DEMO_TRACES
 from .traces import TraceFilter
 
-DEMO_TRACES = Path(__file__).parent / "demo" / "crm_traces.jsonl.gz"
 Event = Callable[[str, Any], None]
 
 
@@ -142,6 +142,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         offpolicy_warmup_beta=profile.trainer.offpolicy_warmup_beta, scorer=profile.trainer.scorer,
         baseline=baseline, callbacks=[tracker],
         on_evaluation=lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"])))
+    _quiet_console(trainer)
     emit("line", f"AtlasGKDTrainer initialized with lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}")
     emit("stage", "Training")
     try:
@@ -149,9 +150,13 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     except RuntimeError as exc:
         raise _training_failure(exc) from None
 
-    emit("stage", "Final evaluation")
-    final_metrics = trainer.evaluate()
-    after = trainer.last_generation_eval["result"]
+    last = trainer.last_generation_eval
+    if last is None or last["step"] != trainer.state.global_step:  # the last step was not an eval step
+        emit("stage", "Final evaluation")
+        trainer.evaluate()
+        last = trainer.last_generation_eval
+    after = last["result"]
+    eval_loss = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     final_dir = run_dir / "final"
     _save_final(trainer, tokenizer, final_dir)
     summary = {
@@ -162,7 +167,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         "teacher_eval": {"success_rate": teacher_eval.success_rate, "avg_tokens": teacher_eval.avg_tokens},
         "student_before": {"success_rate": before.success_rate, "avg_tokens": before.avg_tokens},
         "eval": {"success_rate": after.success_rate, "avg_tokens": after.avg_tokens,
-                 "loss": final_metrics.get("eval_loss")},
+                 "loss": eval_loss},
         "baseline": compute_baseline_summary(after, baseline["success"], baseline["tokens"],
                                              success_target=baseline["success_target"],
                                              token_target=baseline["token_target"]) | {"source": baseline["source"]},
@@ -173,6 +178,16 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     (final_dir / "README.md").write_text(_model_card(summary, profile))
     emit("line", format_baseline_line(summary["baseline"]))
     return TrainResult(run_dir, final_dir, summary)
+
+
+def _quiet_console(trainer) -> None:
+    """The CLI renders progress; transformers' own printers would write log dicts to stdout."""
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    hf_logging.disable_progress_bar()
 
 
 def _save_final(trainer, tokenizer, final_dir: Path) -> None:

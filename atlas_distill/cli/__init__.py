@@ -28,4 +28,13 @@ app.command("demo-db")(demo_db.demo_db)
 
 
 def main() -> None:
+    import os
+    import warnings
+
+    # Library deprecation notices and hub progress bars are noise for operators; errors are still ours to show.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Annotated
 
 import typer
@@ -54,7 +56,8 @@ def train(
         url = None if traces else resolve_db_url(database_url, config.database.url)
         from ..training import run_training
 
-        with _live(json_out) as on_event:
+        # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.
+        with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
             result = run_training(config, profile_name=profile, db_url=url, traces=traces,
                                   skip_invalid=skip_invalid, resume=resume, on_event=on_event)
     if json_out:

@@ -141,9 +141,9 @@ class AtlasGKDTrainer(GKDTrainer):
             metrics.update({"metrics/success_delta": summary["success_delta"],
                             "metrics/token_reduction_pct": summary["token_reduction_pct"],
                             "metrics/meets_target": summary["meets_all_targets"]})
-            self.last_generation_eval = {"result": result, "summary": summary}
         else:
-            self.last_generation_eval = {"result": result, "summary": None}
+            summary = None
+        self.last_generation_eval = {"step": self.state.global_step, "result": result, "summary": summary}
         if self.on_evaluation:
-            self.on_evaluation({"step": self.state.global_step, **self.last_generation_eval})
+            self.on_evaluation(self.last_generation_eval)
         return metrics

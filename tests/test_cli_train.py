@@ -1,0 +1,104 @@
+"""`atlas-distill train` through the real console script, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
+
+FAST = ["--max-steps", "3", "trainer.max_new_tokens=6", "trainer.eval_steps=2", "trainer.eval_max_sessions=5",
+        "trainer.per_device_train_batch_size=2", "trainer.logging_steps=1", "trainer.max_length=192",
+        "data.prompt=task", "trainer.report_to=[]", "trainer.learning_rate=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def trace_file(seeded_db, tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-traces") / "traces.jsonl"
+    sink = JsonlTraceSink(path)
+    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None, min_reward=None)):
+        sink.write(session)
+    sink.commit()
+    return path
+
+
+def models(make_tiny_model):
+    return ["--teacher", str(make_tiny_model(seed=2)), "--student", str(make_tiny_model(seed=1))]
+
+
+def test_short_train_writes_checkpoint_summary_and_metrics(cli, make_tiny_model, trace_file, tmp_path):
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "tiny", *FAST,
+                 "trainer.report_to=[wandb]", "--json",
+                 env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb")})
+    assert result.code == 0, result.stderr
+    summary = result.json()
+    run = tmp_path / "outputs/gkd/tiny"
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["data"]["eval_used"] == 5
+    assert 0.0 <= summary["eval"]["success_rate"] <= 1.0 and 0 < summary["eval"]["avg_tokens"] <= 6
+    b = summary["baseline"]
+    assert b["baseline_success"] == summary["student_before"]["success_rate"]  # auto: measured before training
+    assert b["success_delta"] == pytest.approx(summary["eval"]["success_rate"] - b["baseline_success"])
+    for line in ("Loaded datasets: train=", "Starting GKD training with Baseline Comparison reference: success=",
+                 "AtlasGKDTrainer initialized with lmbda=1.0, beta=0.5", "Baseline Comparison targets"):
+        assert line in result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*records)
+    assert {"train/loss", "train/learning_rate", "eval/loss", "eval/success_rate", "eval/avg_tokens",
+            "metrics/success_delta", "metrics/token_reduction_pct", "metrics/meets_target"} <= keys
+    assert (run / "checkpoint-3").is_dir() and (run / "profile.yaml").is_file()
+    assert "eval/success_rate" in (run / "final/README.md").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run / "final")
+    AutoTokenizer.from_pretrained(run / "final")
+    before = load_file(make_tiny_model(seed=1) / "model.safetensors")
+    after = load_file(run / "final/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "W&B wrote an offline run"
+
+
+def test_postgres_and_file_training_use_the_same_sessions(cli, make_tiny_model, seeded_db, trace_file):
+    args = [*models(make_tiny_model), "--max-steps", "1", "trainer.max_new_tokens=4", "trainer.eval_max_sessions=2",
+            "trainer.report_to=[]", "data.prompt=task", "trainer.max_length=192", "--min-reward", "0.6", "--json"]
+    from_db = cli("train", *args, "--database-url", seeded_db, "--run-name", "db")
+    from_file = cli("train", *args, "--traces", str(trace_file), "--run-name", "file")
+    assert from_db.code == 0 and from_file.code == 0, from_db.stderr + from_file.stderr
+    db, file = from_db.json()["data"], from_file.json()["data"]
+    assert (db["train"], db["eval"]) == (file["train"], file["eval"]) and db["train"] > 50
+
+
+def test_no_conversations_exit_2_with_troubleshooting(cli, make_tiny_model, trace_file):
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--learning-key", "nope")
+    assert result.code == 2
+    assert "No conversations found" in result.stderr and "trainer.min_reward" in result.stderr
+
+
+def test_unknown_model_spec_exit_1(cli, trace_file):
+    result = cli("train", "--teacher", "not-a-model", "--traces", str(trace_file))
+    assert result.code == 1 and "model spec `not-a-model`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokenizer_mismatch_fails_before_training(cli, make_tiny_model, trace_file, tmp_path):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(tok_models.WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = tmp_path / "other"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(other)
+    LlamaForCausalLM(LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    result = cli("train", "--teacher", str(other), "--student", str(make_tiny_model()), "--traces", str(trace_file),
+                 "--run-name", "mismatch")
+    assert result.code == 1 and "different tokenizers" in result.stderr
+    assert not (tmp_path / "outputs/gkd/mismatch/checkpoint-1").exists()
+
+
+def test_eight_bit_teacher_on_cpu_is_a_clear_error(cli, make_tiny_model, trace_file):
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file),
+                 "teacher_model_init_kwargs.load_in_8bit=true")
+    assert result.code == 7 and "CUDA" in result.stderr and "Traceback" not in result.stderr
