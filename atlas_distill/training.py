@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Profile, profile_to_yaml
-from .errors import NoTracesFound, OutputError, TrainingError
+from .errors import NoTracesFound, OutputError, TrainingError, UsageError
 from .demo import DEMO_TRACES
 from .traces import TraceFilter
 
@@ -29,9 +29,15 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _run_dir(profile: Profile, profile_name: str) -> Path:
+def _run_dir(profile: Profile, profile_name: str, resume: bool) -> Path:
     name = profile.run_name or f"{Path(profile_name).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(profile.output_dir) / name
+    if resume and _last_checkpoint(run_dir) is None:
+        raise UsageError(f"--resume: {run_dir} holds no checkpoint to continue.",
+                         fix="Check --output-dir and --run-name, or start the run without --resume.")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UsageError(f"The run directory {run_dir} already holds a run.",
+                         fix="Pass --resume to continue it, or choose another --run-name.")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -88,11 +94,12 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     started = time.perf_counter()
     teacher_spec = models.resolve_model_spec(profile.teacher_model_name_or_path, profile.model.family)
     student_spec = models.resolve_model_spec(profile.model.model_name_or_path, profile.model.family)
-    run_dir = _run_dir(profile, profile_name)
+    run_dir = _run_dir(profile, profile_name, resume)
     (run_dir / "profile.yaml").write_text(profile_to_yaml(profile))
 
-    emit("stage", "Preparing models")
+    emit("stage", "Preparing models (first use builds converted, specialised or pruned models into the cache)")
     teacher_path, student_path = models.materialize(teacher_spec), models.materialize(student_spec)
+    timings = {"prepare_models": time.perf_counter() - started}
     trust = profile.model.trust_remote_code
     tokenizer = models.load_tokenizer(student_path, trust_remote_code=trust)
     teacher_tokenizer = models.load_tokenizer(teacher_path, trust_remote_code=trust)
@@ -124,11 +131,13 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     eval_kwargs = dict(scorer=profile.trainer.scorer, max_new_tokens=profile.trainer.max_new_tokens,
                        batch_size=profile.trainer.per_device_eval_batch_size)
     conversations, references = [r["messages"] for r in eval_rows], [r["reference"] for r in eval_rows]
+    timings["load"] = time.perf_counter() - started - sum(timings.values())
     emit("stage", "Evaluating teacher and student before training")
     teacher_eval = evaluate_conversations(teacher, tokenizer, conversations, references, **eval_kwargs)
     before = evaluate_conversations(student, tokenizer, conversations, references, **eval_kwargs)
     baseline = _baseline(profile, {"success_rate": before.success_rate, "avg_tokens": before.avg_tokens})
     emit("line", format_reference_line(baseline["success"], baseline["tokens"]))
+    timings["evaluate_before"] = time.perf_counter() - started - sum(timings.values())
 
     from .gkd import AtlasGKDTrainer
 
@@ -150,6 +159,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     except RuntimeError as exc:
         raise _training_failure(exc) from None
 
+    timings["train"] = time.perf_counter() - started - sum(timings.values())
     last = trainer.last_generation_eval
     if last is None or last["step"] != trainer.state.global_step:  # the last step was not an eval step
         emit("stage", "Final evaluation")
@@ -159,6 +169,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     eval_loss = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     final_dir = run_dir / "final"
     _save_final(trainer, tokenizer, final_dir)
+    timings["final_eval_and_save"] = time.perf_counter() - started - sum(timings.values())
     summary = {
         "run_dir": str(run_dir), "final_dir": str(final_dir), "profile": profile_name,
         "teacher": teacher_spec.name, "student": student_spec.name,
@@ -172,6 +183,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
                                              success_target=baseline["success_target"],
                                              token_target=baseline["token_target"]) | {"source": baseline["source"]},
         "steps": trainer.state.global_step, "seconds": round(time.perf_counter() - started, 1),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
         "train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
     write_json(run_dir / "summary.json", summary)
@@ -188,6 +200,7 @@ def _quiet_console(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _save_final(trainer, tokenizer, final_dir: Path) -> None:
@@ -202,7 +215,7 @@ def _save_final(trainer, tokenizer, final_dir: Path) -> None:
 def _last_checkpoint(run_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(run_dir))
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
 
 
 def _training_failure(exc: RuntimeError) -> TrainingError:

@@ -1,9 +1,12 @@
-"""`make demo`: the trace half of the main job, through the real CLI.
+"""`make demo`: the main job on builtin data and models, through the real CLI.
 
-Seeds a demo Atlas store with synthetic sessions, exports the approved
-high-reward ones to JSONL, and inspects the result. Uses the server in
-$ATLAS_DB_URL when set (in a separate `atlas_distill_demo` database, never the
-store's own), else starts an embedded PostgreSQL (pgserver) and stops it after.
+1. Traces: seeds a demo Atlas store with synthetic sessions, exports the
+   approved high-reward ones to JSONL and inspects them. Uses the server in
+   $ATLAS_DB_URL when set (in a separate `atlas_distill_demo` database, never the
+   store's own), else an embedded PostgreSQL (pgserver), stopped afterwards.
+2. Training: `atlas-distill train --profile demo`, GKD from a specialised
+   SmolLM2-135M teacher into a depth-pruned student on the bundled traces.
+   `--traces-only` skips this part.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def fresh_database(server_url: str) -> str:
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
+    traces_only = "--traces-only" in sys.argv[1:]
     with ExitStack() as stack:
         server = os.environ.get("ATLAS_DB_URL")
         if server:
@@ -54,8 +58,16 @@ def main() -> int:
         except subprocess.CalledProcessError as exc:
             print(f"demo step failed with exit code {exc.returncode}", file=sys.stderr)
             return exc.returncode
-    print(f"\nDone: {OUT / 'runtime.jsonl'} and {OUT / 'inspect.png'}. "
-          "Training (`atlas-distill train`) arrives with the next release.")
+    if traces_only:
+        print(f"\nDone: {OUT / 'runtime.jsonl'} and {OUT / 'inspect.png'}.")
+        return 0
+    try:
+        run("train", "--profile", "demo", "--output-dir", str(OUT / "gkd"))
+    except subprocess.CalledProcessError as exc:
+        print(f"demo training failed with exit code {exc.returncode}", file=sys.stderr)
+        return exc.returncode
+    print(f"\nDone: traces in {OUT / 'runtime.jsonl'} ({OUT / 'inspect.png'}); the run (final/ student, "
+          f"summary.json, metrics.jsonl) in the newest directory under {OUT / 'gkd'}.")
     return 0
 
 

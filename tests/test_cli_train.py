@@ -102,3 +102,14 @@ def test_eight_bit_teacher_on_cpu_is_a_clear_error(cli, make_tiny_model, trace_f
     result = cli("train", *models(make_tiny_model), "--traces", str(trace_file),
                  "teacher_model_init_kwargs.load_in_8bit=true")
     assert result.code == 7 and "CUDA" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(cli, make_tiny_model, trace_file,
+                                                                          tmp_path):
+    (tmp_path / "outputs/gkd/taken").mkdir(parents=True)
+    (tmp_path / "outputs/gkd/taken/summary.json").write_text("{}")
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "taken")
+    assert result.code == 1 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert (tmp_path / "outputs/gkd/taken/summary.json").read_text() == "{}"
+    resumed = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "new", "--resume")
+    assert resumed.code == 1 and "holds no checkpoint" in resumed.stderr
