@@ -83,7 +83,9 @@ def builtin_model_dir() -> Path:
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # the CLI shows its own stage line
         folder = _gguf_folder()
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
         state = quantized.state_dict()

@@ -35,8 +35,11 @@ def main() -> int:
         f"student before {before:.1%} is >= 30 pp below the teacher": teacher - before >= 0.30,
         f"student after {after:.1%} >= before + 20 pp": after - before >= 0.20,
     }
-    print(f"run {s['run_dir']}: {s['steps']} steps; GKD run (train command) {s['seconds']:.0f} s, "
-          f"whole command incl. first-time preparation {wall:.0f} s; eval sessions {s['data']['eval_used']}")
+    prep = s["timings"]["prepare_models"]
+    print(f"run {s['run_dir']}: {s['steps']} steps, {s['data']['eval_used']} eval sessions; GKD run "
+          f"{s['seconds'] - prep:.0f} s (evaluation before {s['timings']['evaluate_before']:.0f} s, training and "
+          f"final evaluation {s['timings']['train']:.0f} s); model preparation {prep:.0f} s (first use only); "
+          f"whole command {wall:.0f} s")
     for text, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     return 0 if all(checks.values()) else 3

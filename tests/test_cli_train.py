@@ -113,3 +113,36 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(cli, m
     assert (tmp_path / "outputs/gkd/taken/summary.json").read_text() == "{}"
     resumed = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "new", "--resume")
     assert resumed.code == 1 and "holds no checkpoint" in resumed.stderr
+
+
+def test_lora_student_is_merged_into_a_plain_final_checkpoint(cli, make_tiny_model, trace_file, tmp_path):
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "lora",
+                 "--max-steps", "2", "trainer.max_new_tokens=4", "trainer.eval_max_sessions=2", "trainer.report_to=[]",
+                 "data.prompt=task", "trainer.max_length=192", "model.lora.enabled=true", "model.lora.r=4",
+                 "--database-url", "postgresql://atlas:Pw-In-Profile-9@127.0.0.1:1/atlas")
+    assert result.code == 1 and "--traces and --database-url" in result.stderr  # one source only
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "lora",
+                 "--max-steps", "2", "trainer.max_new_tokens=4", "trainer.eval_max_sessions=2", "trainer.report_to=[]",
+                 "data.prompt=task", "trainer.max_length=192", "model.lora.enabled=true", "model.lora.r=4",
+                 "database.url=postgresql://atlas:Pw-In-Profile-9@127.0.0.1:1/atlas")
+    assert result.code == 0, result.stderr
+    final = tmp_path / "outputs/gkd/lora/final"
+    assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    written = "".join(p.read_text(errors="ignore") for p in (tmp_path / "outputs/gkd/lora").rglob("*")
+                      if p.is_file() and p.suffix in {".json", ".yaml", ".md", ".jsonl"})
+    assert "Pw-In-Profile-9" not in written + result.stdout + result.stderr
+    assert "postgresql://atlas:***@127.0.0.1:1/atlas" in (tmp_path / "outputs/gkd/lora/profile.yaml").read_text()
+
+
+def test_out_of_memory_becomes_advice():
+    from atlas_distill.training import _training_failure
+
+    error = _training_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert error.exit_code == 7 and "Out of memory" in error.message
+    for advice in ("per_device_train_batch_size=2", "gradient_accumulation_steps=8", "gradient_checkpointing",
+                   "load_in_8bit=true", "smaller teacher"):
+        assert advice in error.fix

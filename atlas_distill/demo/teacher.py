@@ -8,6 +8,7 @@ the same hash split `train` uses) and caches the result like any builtin.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..builtin import _publish, builtin_model_dir, cache_dir
@@ -36,10 +37,13 @@ def sft_rows() -> list[dict]:
 def crm_teacher_dir() -> Path:
     def build(tmp: Path) -> None:
         import torch
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from datasets import Dataset, disable_progress_bars
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback
         from transformers.utils import logging as hf_logging
         from trl import SFTConfig, SFTTrainer
+
+        disable_progress_bars()  # the CLI shows a stage line; dataset and step bars would garble it
+        hf_logging.disable_progress_bar()
 
         base = builtin_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -50,12 +54,11 @@ def crm_teacher_dir() -> Path:
                          use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows()),
                              processing_class=tokenizer)
-        hf_logging.disable_progress_bar()
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
         trainer.train()
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
-        import shutil
-
         shutil.rmtree(tmp / "sft", ignore_errors=True)
 
     return _publish(build, cache_dir() / "models" / DEMO_TEACHER)
