@@ -11,6 +11,7 @@ the README:
     5  invalid input data: a malformed trace file or record
     6  output error: the output path cannot be written
     7  training failed: out of memory, non-finite loss, hardware not available
+    8  invalid run: a RUN given to compare has no summary.json, or it is not valid
 """
 
 from __future__ import annotations
@@ -78,3 +79,9 @@ class TrainingError(AtlasDistillError):
     """Training could not run or stopped: out of memory, a non-finite loss, a missing dependency."""
 
     exit_code = 7
+
+
+class InvalidRunSummary(AtlasDistillError):
+    """A run (directory or summary.json) that `compare` cannot read: missing, not JSON, fields missing or ill-typed."""
+
+    exit_code = 8

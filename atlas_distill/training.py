@@ -154,8 +154,16 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     _quiet_console(trainer)
     emit("line", f"AtlasGKDTrainer initialized with lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}")
     emit("stage", "Training")
+    checkpoint = _last_checkpoint(run_dir) if resume else None
     try:
-        trainer.train(resume_from_checkpoint=_last_checkpoint(run_dir) if resume else None)
+        if checkpoint and _finished(checkpoint, trainer.args.max_steps):
+            # transformers resumes a finished run with one step too many; restore it instead
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
     except RuntimeError as exc:
         raise _training_failure(exc) from None
 
@@ -216,6 +224,13 @@ def _last_checkpoint(run_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def _finished(checkpoint: str, max_steps: int) -> bool:
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
 def _training_failure(exc: RuntimeError) -> TrainingError:

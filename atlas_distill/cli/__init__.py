@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo_db, export, inspect, later, profile, train
+from . import chain, compare, demo_db, export, inspect, profile, train
 from ._common import PRECEDENCE
 
 app = typer.Typer(
@@ -16,13 +16,12 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals would show database URLs with passwords
     rich_markup_mode=None,
 )
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 app.command("export")(export.export)
 app.command("inspect")(inspect.inspect)
 app.command("train")(train.train)
-for _name in ("chain", "compare"):
-    app.command(_name, context_settings=_PASS_THROUGH)(later.not_yet(_name))
+app.command("chain")(chain.chain)
+app.command("compare")(compare.compare)
 app.add_typer(profile.app, name="profile")
 app.command("demo-db")(demo_db.demo_db)
 
