@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Profile, load_profile
-from .errors import AtlasDistillError, ModelSpecError, OutputError, UsageError
+from .errors import AtlasDistillError, ModelSpecError, UsageError
 from .models import ModelSpec, resolve_model_spec
+from .outputs import ensure_writable_dir, write_json
 
 _STAGE_OVERRIDE = re.compile(r"stage(\d+)\.(.+=.*)", re.DOTALL)
 
@@ -132,14 +133,7 @@ def plan_chain(spec: str, profile_name: str, overrides: list[str], flags: dict[s
         stage_profile(plan, stage, teacher="previous-stage")
     if check_models:
         check_tokenizers(specs, profile.model.trust_remote_code)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"Cannot write the chain directory {root}: {exc.strerror}.",
-                          fix="Choose a writable --output-dir or free disk space.") from None
+    ensure_writable_dir(root, "chain directory", fix="Choose a writable --output-dir or free disk space.")
     return plan
 
 
@@ -189,8 +183,6 @@ def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None 
             raise ChainStageFailed(stage.index, exc) from None
         rows.append(_row(stage, result.summary, skipped=False, seconds=time.perf_counter() - started))
     summary = {"name": plan.name, "root": str(plan.root), "chain": [s.spec for s in plan.specs], "stages": rows}
-    from .tracking import write_json
-
     write_json(plan.root / "summary.json", summary)
     return summary
 

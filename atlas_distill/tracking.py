@@ -68,9 +68,3 @@ class RunTracker(TrainerCallback):
                 wandb.log(baseline | {"train/global_step": state.global_step})
         if self.on_log_event:
             self.on_log_event(record)
-
-
-def write_json(path: Path, document: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Profile, profile_to_yaml
-from .errors import NoTracesFound, OutputError, TrainingError, UsageError
+from .errors import NoTracesFound, TrainingError, UsageError
+from .outputs import ensure_writable_dir, write_json
 from .demo import DEMO_TRACES
 from .traces import TraceFilter
 
@@ -38,15 +39,8 @@ def _run_dir(profile: Profile, profile_name: str, resume: bool) -> Path:
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"The run directory {run_dir} already holds a run.",
                          fix="Pass --resume to continue it, or choose another --run-name.")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"Cannot write the run directory {run_dir}: {exc.strerror}.",
-                          fix="Choose a writable output_dir (--output-dir) or free disk space.") from None
-    return run_dir
+    return ensure_writable_dir(run_dir, "run directory",
+                               fix="Choose a writable output_dir (--output-dir) or free disk space.")
 
 
 def _gkd_args(profile: Profile, run_dir: Path, report_to: list[str]):
@@ -88,7 +82,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     from .data import load_prepared
     from .evaluate import (compute_baseline_summary, evaluate_conversations, format_baseline_line,
                            format_reference_line)
-    from .tracking import RunTracker, prepare_wandb, write_json
+    from .tracking import RunTracker, prepare_wandb
 
     emit = on_event or (lambda kind, data: None)
     started = time.perf_counter()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from ..errors import AtlasDistillError
+from ..errors import AtlasDistillError, OutputError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -108,3 +108,12 @@ def progress_bar(label: str, unit: str = "sessions") -> Iterator[Callable[[int, 
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+def save_plot(draw: Callable[[str], None], path: str) -> None:
+    """Run a plotting function into `path`; an unwritable path is an output error (exit 6)."""
+    try:
+        draw(path)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the plot to {path}: {exc.strerror}.", fix="Choose a writable --plot path.") \
+            from None

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ..config import load_profile
-from ..errors import OutputError, TargetsNotMet, UsageError
-from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, split_args
+from ..errors import TargetsNotMet, UsageError
+from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, save_plot, split_args
 
 Opt = typer.Option
 COLUMNS = ("run", "success", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
@@ -53,11 +53,7 @@ def compare(
             comparison = compare_runs(runs, profile=config, baseline=baseline, models=model or [], traces=traces,
                                       skip_invalid=skip_invalid, on_event=on_event)
         if plot:
-            try:
-                plot_comparison(comparison, plot)
-            except OSError as exc:
-                raise OutputError(f"Cannot write the plot to {plot}: {exc.strerror}.",
-                                  fix="Choose a writable --plot path.") from None
+            save_plot(lambda path: plot_comparison(comparison, path), plot)
     if json_out:
         print_json(comparison.to_dict() | {"plot": plot})
     elif markdown:

@@ -9,10 +9,10 @@ from rich.table import Table
 
 from ..config import load_profile
 from ..db import require_db_url
-from ..errors import NoTracesFound, OutputError, UsageError
+from ..errors import NoTracesFound, UsageError
 from ..inspect import inspect_sessions, plot_report
 from ..traces import JsonlTraceSource, PostgresTraceSource, TraceFilter
-from ._common import (DbUrlOpt, JsonOpt, OverridesArg, ProfileOpt, out, print_json, progress_bar,
+from ._common import (DbUrlOpt, JsonOpt, ProfileOpt, out, print_json, progress_bar, save_plot,
                       reporting_errors, split_args)
 
 BAR_WIDTH = 40
@@ -57,11 +57,7 @@ def inspect(
             raise NoTracesFound(f"No session in {path} passed the filters.",
                                 fix="Drop --filtered, or lower trainer.min_reward / clear trainer.learning_key.")
         if plot:
-            try:
-                plot_report(report, plot)
-            except OSError as exc:
-                raise OutputError(f"Cannot write the plot to {plot}: {exc.strerror}.",
-                                  fix="Choose a writable --plot path.") from None
+            save_plot(lambda path: plot_report(report, path), plot)
     if json_out:
         print_json(report.to_dict() | {"plot": plot})
         return
