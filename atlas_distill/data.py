@@ -122,8 +122,11 @@ def load_prepared(*, db_url: str | None = None, traces: str | None = None, filte
     funnel = getattr(source, "funnel", [])
     prepared.stats.funnel = [{"filter": s.label, "remaining": s.remaining} for s in funnel]
     if prepared.stats.train == 0:
-        where = " -> ".join(f"{s.label}: {s.remaining}" for s in funnel) or f"{prepared.stats.sessions} sessions read"
-        raise NoTracesFound(f"No conversations found in database: no training conversation is left ({where}; "
+        where = " -> ".join(f"{s.label}: {s.remaining}" for s in funnel) or (
+            f"{getattr(source, 'valid', prepared.stats.sessions)} sessions in {traces}, "
+            f"{getattr(source, 'filtered_out', 0)} removed by the filters")
+        origin = "database" if db_url else str(traces)
+        raise NoTracesFound(f"No conversations found in {origin}: no training conversation is left ({where}; "
                             f"{prepared.stats.eval} went to evaluation).", fix=NO_MATCH_FIX)
     return prepared
 
