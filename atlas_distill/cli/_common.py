@@ -14,8 +14,10 @@ from rich.console import Console
 
 from ..errors import AtlasDistillError, OutputError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output (logs, CI) is not squeezed into 80 columns; a terminal uses its own width.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
+out = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 
 DEBUG_ENV = "ATLAS_DISTILL_DEBUG"
 INTERNAL_ERROR_EXIT = 70
