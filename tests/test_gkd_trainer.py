@@ -88,3 +88,18 @@ def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
     result = trainer.last_generation_eval["result"]
     assert result.count == 3 and metrics["eval_avg_tokens"] == pytest.approx(result.avg_tokens)
     assert metrics["metrics/token_reduction_pct"] == pytest.approx((10.0 - result.avg_tokens) / 10.0 * 100)
+
+
+def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_model, seeded_db):
+    """AtlasGKDTrainer(model=..., teacher_model=..., args=GKDConfig(...), db_url=..., min_reward=...)."""
+    from helpers import db_ids
+
+    student_dir, teacher_dir = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = AtlasGKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student_dir),
+        teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
+        args=GKDConfig(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_length=512),
+        db_url=seeded_db, min_reward=0.7, processing_class=AutoTokenizer.from_pretrained(student_dir))
+    matching = db_ids(seeded_db, "review_status = 'approved' AND (reward_stats->>'score')::float >= 0.7")
+    assert len(trainer.train_dataset) + len(trainer.eval_dataset) == len(matching)
+    assert set(trainer.train_dataset["session_id"]).isdisjoint(trainer.eval_dataset["session_id"])

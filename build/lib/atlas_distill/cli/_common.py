@@ -1,0 +1,121 @@
+"""What every subcommand shares: option types, error rendering, JSON output, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from ..errors import AtlasDistillError, OutputError
+
+# Piped output (logs, CI) is not squeezed into 80 columns; a terminal uses its own width.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
+out = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+
+DEBUG_ENV = "ATLAS_DISTILL_DEBUG"
+INTERNAL_ERROR_EXIT = 70
+PRECEDENCE = "Precedence: built-in defaults < --profile < KEY=VALUE overrides < explicit flags."
+
+ProfileOpt = Annotated[
+    str, typer.Option("--profile", "-p", help="Profile name (./profiles, then packaged) or a YAML path.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+DbUrlOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", help="Atlas Postgres URL; default: profile database.url, then $ATLAS_DB_URL.",
+                 show_default=False),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted overrides such as trainer.min_reward=0.9 trainer.learning_key=null.",
+                   show_default=False),
+]
+
+
+def split_args(args: list[str] | None) -> tuple[list[str], list[str]]:
+    """Positional arguments and KEY=VALUE overrides, given in any order."""
+    positionals, overrides = [], []
+    for arg in args or []:
+        (overrides if "=" in arg and not arg.startswith(("/", ".")) else positionals).append(arg)
+    return positionals, overrides
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def fail(exc: AtlasDistillError, *, json_mode: bool) -> NoReturn:
+    if json_mode:
+        print_json({"error": {"type": type(exc).__name__, "message": exc.message, "fix": exc.fix},
+                    "exit_code": exc.exit_code})
+    err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+    if exc.fix:
+        err.print(f"[bold]Fix:[/] {exc.fix}", markup=True, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def reporting_errors(json_mode: bool = False) -> Iterator[None]:
+    """Typed errors become a message, a fix and their exit code; never a traceback."""
+    try:
+        yield
+    except AtlasDistillError as exc:
+        fail(exc, json_mode=json_mode)
+    except KeyboardInterrupt:
+        err.print("Interrupted; nothing partial was left behind.")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`); not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = f"Internal error: {type(exc).__name__}: {exc}"
+        err.print(f"[bold red]{message}[/]\nThis is a bug; rerun with {DEBUG_ENV}=1 for the traceback and "
+                  "report it.", markup=True, highlight=False)
+        raise typer.Exit(INTERNAL_ERROR_EXIT) from None
+
+
+@contextmanager
+def progress_bar(label: str, unit: str = "sessions") -> Iterator[Callable[[int, int | None], None]]:
+    """A Rich progress bar on stderr (only on a terminal); yields update(done, total)."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else "")
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               SpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def save_plot(draw: Callable[[str], None], path: str) -> None:
+    """Run a plotting function into `path`; an unwritable path is an output error (exit 6)."""
+    try:
+        draw(path)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the plot to {path}: {exc.strerror}.", fix="Choose a writable --plot path.") \
+            from None

@@ -1,0 +1,89 @@
+"""`atlas-distill chain`: teacher -> student -> smaller student ..., one GKD stage per arrow."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..db import resolve_db_url
+from ..errors import UsageError
+from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, split_args
+from .train import _live
+
+Opt = typer.Option
+
+
+def chain(
+    args: Annotated[list[str], typer.Argument(
+        help="SPEC (models largest first, separated by `:`, e.g. 14b:7b:3b:1.5b), then KEY=VALUE overrides; "
+        "stageN.KEY=VALUE applies to stage N only.", show_default=False)],
+    family: Annotated[str | None, Opt(help="What size aliases resolve to [model.family], e.g. "
+                                           "Qwen/Qwen2.5-{size}-Instruct.", show_default=False)] = None,
+    name: Annotated[str | None, Opt(help="Chain directory name (default: derived from SPEC, so rerunning the "
+                                         "same command resumes).", show_default=False)] = None,
+    output_dir: Annotated[str, Opt(help="Chains are written under this directory.")] = "outputs/chain",
+    traces: Annotated[str | None, Opt(help="Train every stage on this JSONL trace file.", show_default=False)] = None,
+    database_url: Annotated[str | None, Opt("--database-url", help="Atlas Postgres URL; default: profile "
+                                            "database.url, then $ATLAS_DB_URL.", show_default=False)] = None,
+    max_steps: Annotated[int | None, Opt(help="[trainer.max_steps] for every stage.", show_default=False)] = None,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Validate the chain and print the plan; train nothing.")] = False,
+    profile: ProfileOpt = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Distill a chain of models: stage k trains model k+1 from model k (from stage k-1's final/ for k > 1)."""
+    with reporting_errors(json_out):
+        positionals, overrides = split_args(args)
+        if len(positionals) != 1:
+            raise UsageError(f"chain takes one SPEC, got {len(positionals)}: {' '.join(positionals) or 'none'}.",
+                             fix="Write the models as one argument: atlas-distill chain 14b:7b:3b:1.5b")
+        if traces and database_url:
+            raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
+        from ..chain import plan_chain, run_chain
+
+        flags = {"--family": ("model.family", family), "--max-steps": ("trainer.max_steps", max_steps)}
+        plan = plan_chain(positionals[0], profile, overrides, flags, name=name, output_dir=output_dir)
+        if dry_run:
+            document = {"name": plan.name, "root": str(plan.root), "stages": [
+                {"stage": s.index, "teacher": s.teacher_name, "student": s.student.name, "run_dir": str(s.run_dir),
+                 "overrides": s.overrides} for s in plan.stages]}
+            if json_out:
+                print_json(document)
+            else:
+                out.print(_plan_table(document))
+            return
+        url = None if traces else resolve_db_url(database_url, plan.database_url)
+        with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
+            summary = run_chain(plan, db_url=url, traces=traces, on_event=on_event)
+    if json_out:
+        print_json(summary)
+        return
+    out.print(_result_table(summary))
+    err.print(f"Chain summary: {summary['root']}/summary.json", highlight=False)
+
+
+def _plan_table(document: dict) -> Table:
+    table = Table(title=f"Chain {document['name']} (dry run: nothing trained)")
+    for column in ("stage", "teacher", "student", "output", "stage overrides"):
+        table.add_column(column)
+    for s in document["stages"]:
+        table.add_row(str(s["stage"]), s["teacher"], s["student"], s["run_dir"], " ".join(s["overrides"]) or "-")
+    return table
+
+
+def _result_table(summary: dict) -> Table:
+    table = Table(title=f"Chain {summary['name']}")
+    for column in ("stage", "teacher", "student", "params", "success", "Δ vs baseline", "avg tokens",
+                   "token reduction", "meets target", "wall time"):
+        table.add_column(column, justify="right" if column not in ("teacher", "student") else "left")
+    for r in summary["stages"]:
+        reduction = "n/a" if r["token_reduction_pct"] is None else f"{r['token_reduction_pct']:.1f}%"
+        params = f"{r['student_parameters'] / 1e6:.1f}M" if r["student_parameters"] else "?"
+        wall = f"{r['seconds']:.0f} s" + (" (done before)" if r["skipped"] else "")
+        table.add_row(str(r["stage"]), r["teacher"], r["student"], params, f"{r['success_rate']:.1%}",
+                      f"{r['success_delta'] * 100:+.1f} pp", f"{r['avg_tokens']:.1f}", reduction,
+                      "✅" if r["meets_target"] else "❌", wall)
+    return table

@@ -1,0 +1,99 @@
+"""`atlas-distill export`: Postgres -> JSONL in the arc-atlas format."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..config import load_profile
+from ..db import mask_url, require_db_url
+from ..errors import UsageError
+from ..export import NoSessionsMatched, export_traces
+from ..traces import TraceFilter
+from ._common import DbUrlOpt, JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, progress_bar, reporting_errors
+
+
+def export(
+    overrides: OverridesArg = None,
+    database_url: DbUrlOpt = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="JSONL file to write (.gz compresses; - is stdout).")]
+    = "traces/runtime.jsonl",
+    min_reward: Annotated[float | None, typer.Option(help="Keep sessions with reward_stats.score >= this "
+                                                      "[profile: trainer.min_reward].", show_default=False)] = None,
+    learning_key: Annotated[str | None, typer.Option(help="Keep one metadata.learning_key "
+                                                     "[profile: trainer.learning_key].", show_default=False)] = None,
+    include_status: Annotated[list[str] | None, typer.Option(
+        "--include-status", help="Also keep this review status (repeatable); approved is kept by default.",
+        show_default=False)] = None,
+    all_statuses: Annotated[bool, typer.Option("--all-statuses", help="Drop the review-status filter.")] = False,
+    status: Annotated[list[str] | None, typer.Option(
+        "--status", help="Keep only this session status: succeeded, failed, running (repeatable).",
+        show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many sessions.", show_default=False)] = None,
+    session_id: Annotated[list[int] | None, typer.Option(help="Only this session id (repeatable).",
+                                                         show_default=False)] = None,
+    created_after: Annotated[datetime | None, typer.Option(help="Only sessions created after this time.",
+                                                           show_default=False)] = None,
+    profile: ProfileOpt = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Export Atlas sessions from Postgres to JSONL (arc-atlas format), streamed with one query."""
+    with reporting_errors(json_out):
+        if json_out and output == "-":
+            raise UsageError("--json and --output - both want stdout.", fix="Write the JSONL to a file with --output.")
+        if all_statuses and include_status:
+            raise UsageError("--all-statuses and --include-status contradict each other.", fix="Pass only one.")
+        config = load_profile(profile, overrides, {
+            "--min-reward": ("trainer.min_reward", min_reward),
+            "--learning-key": ("trainer.learning_key", learning_key),
+            "--status": ("data.status", status or None),
+            "--limit": ("data.limit", limit),
+            "--session-id": ("data.session_ids", session_id or None),
+            "--created-after": ("data.created_after", created_after),
+        })
+        if all_statuses:
+            config.data.review_status = None
+        elif include_status and config.data.review_status is not None:
+            config.data.review_status = sorted(set(config.data.review_status) | set(include_status))
+        url = require_db_url(database_url, config.database.url)
+        filters = TraceFilter.from_profile(config)
+        try:
+            with progress_bar("Exporting") as update:
+                result = export_traces(url, filters, output, progress=update)
+        except NoSessionsMatched as exc:
+            if not json_out:
+                err.print(_funnel_table(exc.funnel))
+            raise
+    summary = {
+        "output": output, "database": mask_url(url), "exported": result.exported, "steps": result.steps,
+        "events": result.events, "bytes": result.bytes, "seconds": round(result.seconds, 3),
+        "sessions_per_second": round(result.sessions_per_second, 1),
+        "funnel": [{"filter": s.label, "remaining": s.remaining} for s in result.funnel],
+        "skipped": dict(result.skipped()),
+    }
+    if json_out:
+        print_json(summary)
+        return
+    table = Table(title=f"Exported {result.exported} sessions", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in [("output", output), ("database", summary["database"]), ("sessions", result.exported),
+                         ("steps", result.steps), ("trajectory events", result.events),
+                         ("bytes", f"{result.bytes:,}"), ("seconds", f"{result.seconds:.2f}"),
+                         ("sessions/s", f"{result.sessions_per_second:,.0f}")]:
+        table.add_row(label, str(value))
+    for label, count in result.skipped():
+        table.add_row(f"skipped by {label}", str(count))
+    (err if output == "-" else out).print(table)
+
+
+def _funnel_table(funnel) -> Table:
+    table = Table(title="Sessions remaining after each filter")
+    table.add_column("filter")
+    table.add_column("remaining", justify="right")
+    for stage in funnel:
+        table.add_row(stage.label, str(stage.remaining), style="bold red" if stage.remaining == 0 else None)
+    return table

@@ -1,0 +1,91 @@
+"""`atlas-distill inspect`: reward, learning_key, status, turn and length histograms."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..config import load_profile
+from ..db import require_db_url
+from ..errors import NoTracesFound, UsageError
+from ..inspect import inspect_sessions, plot_report
+from ..traces import JsonlTraceSource, PostgresTraceSource, TraceFilter
+from ._common import (DbUrlOpt, JsonOpt, ProfileOpt, out, print_json, progress_bar, save_plot,
+                      reporting_errors, split_args)
+
+BAR_WIDTH = 40
+
+
+def inspect(
+    args: Annotated[list[str] | None, typer.Argument(
+        help="A JSONL or .jsonl.gz trace file (- for stdin), then optional KEY=VALUE overrides.",
+        show_default=False)] = None,
+    database_url: DbUrlOpt = None,
+    filtered: Annotated[bool, typer.Option(
+        "--filtered", help="Apply the profile's filters (min_reward, learning_key, review status) first; "
+        "by default every session is counted.")] = False,
+    top: Annotated[int, typer.Option(min=1, help="learning_key rows to show; the rest are grouped.")] = 10,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed lines and count them.")] = False,
+    plot: Annotated[str | None, typer.Option(help="Also draw the histograms into this PNG file.",
+                                             show_default=False)] = None,
+    profile: ProfileOpt = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Show what a trace file (or the database) holds: reward histogram, learning keys, statuses, lengths."""
+    with reporting_errors(json_out):
+        positionals, overrides = split_args(args)
+        if len(positionals) > 1:
+            raise UsageError(f"inspect takes one trace file, got {len(positionals)}: {' '.join(positionals)}.",
+                             fix="Inspect one file at a time.")
+        config = load_profile(profile, overrides)
+        filters = TraceFilter.from_profile(config) if filtered else TraceFilter(review_status=None)
+        if positionals:
+            path = positionals[0]
+            source = JsonlTraceSource(path, filters, skip_invalid=skip_invalid)
+        elif database_url or config.database.url:
+            path = "database"
+            source = PostgresTraceSource(require_db_url(database_url, config.database.url), filters)
+        else:
+            raise UsageError("Nothing to inspect.", fix="Pass a trace file, e.g. `atlas-distill inspect "
+                             "traces/runtime.jsonl`, or --database-url.")
+        with progress_bar("Reading") as update:
+            report = inspect_sessions(source, source=path, top=top, progress=lambda n: update(n, None))
+        report.invalid_skipped = getattr(source, "invalid", 0)
+        if report.sessions == 0:
+            raise NoTracesFound(f"No session in {path} passed the filters.",
+                                fix="Drop --filtered, or lower trainer.min_reward / clear trainer.learning_key.")
+        if plot:
+            save_plot(lambda path: plot_report(report, path), plot)
+    if json_out:
+        print_json(report.to_dict() | {"plot": plot})
+        return
+    mean = f", mean reward {report.reward_mean:.3f}" if report.reward_mean is not None else ""
+    skipped = f", {report.invalid_skipped} invalid lines skipped" if report.invalid_skipped else ""
+    out.print(f"[bold]{path}[/]: {report.sessions} sessions{mean}{skipped}")
+    out.print(_histogram("Reward (reward_stats.score)", report.reward + _no_reward(report)))
+    out.print(_histogram("learning_key", report.learning_keys))
+    out.print(_histogram("Session status", report.status))
+    out.print(_histogram("Review status", report.review_status))
+    out.print(_histogram("Turns per conversation", report.turns))
+    out.print(_histogram("Approx. tokens per conversation (chars/4)", report.approx_tokens))
+    if plot:
+        out.print(f"Plot written to {plot}")
+
+
+def _no_reward(report) -> list:
+    from ..inspect import Bin
+
+    return [Bin("no reward", report.no_reward)]
+
+
+def _histogram(title: str, bins) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("bin")
+    table.add_column("sessions", justify="right")
+    table.add_column("")
+    peak = max((b.count for b in bins), default=0) or 1
+    for b in bins:
+        table.add_row(b.label, str(b.count), "█" * round(BAR_WIDTH * b.count / peak))
+    return table

@@ -1,0 +1,135 @@
+"""`atlas-distill train`: one GKD run with the baseline comparison."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..config import load_profile
+from ..db import resolve_db_url
+from ..errors import UsageError
+from ._common import JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, reporting_errors
+
+Opt = typer.Option
+
+
+def train(
+    overrides: OverridesArg = None,
+    teacher: Annotated[str | None, Opt(help="Teacher model spec [teacher_model_name_or_path].",
+                                       show_default=False)] = None,
+    student: Annotated[str | None, Opt(help="Student model spec [model.model_name_or_path].",
+                                       show_default=False)] = None,
+    traces: Annotated[str | None, Opt(help="Train on this JSONL trace file instead of the database.",
+                                      show_default=False)] = None,
+    database_url: Annotated[str | None, Opt("--database-url", help="Atlas Postgres URL; default: profile "
+                                            "database.url, then $ATLAS_DB_URL.", show_default=False)] = None,
+    min_reward: Annotated[float | None, Opt(help="[trainer.min_reward]", show_default=False)] = None,
+    learning_key: Annotated[str | None, Opt(help="[trainer.learning_key]", show_default=False)] = None,
+    max_steps: Annotated[int | None, Opt(help="[trainer.max_steps]", show_default=False)] = None,
+    output_dir: Annotated[str | None, Opt(help="[output_dir]", show_default=False)] = None,
+    run_name: Annotated[str | None, Opt(help="[run_name]", show_default=False)] = None,
+    resume: Annotated[bool, Opt(help="Continue the run directory's last checkpoint.")] = False,
+    skip_invalid: Annotated[bool, Opt(help="Skip malformed trace file lines and count them.")] = False,
+    profile: ProfileOpt = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Distill the teacher into the student with GKD on Atlas traces, then compare with the baseline.
+
+    Data: --traces FILE when given, else Postgres when a database URL is given (flag, profile or
+    ATLAS_DB_URL), else the bundled demo traces.
+    """
+    with reporting_errors(json_out):
+        if traces and database_url:
+            raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
+        config = load_profile(profile, overrides, {
+            "--teacher": ("teacher_model_name_or_path", teacher), "--student": ("model.model_name_or_path", student),
+            "--min-reward": ("trainer.min_reward", min_reward), "--learning-key": ("trainer.learning_key", learning_key),
+            "--max-steps": ("trainer.max_steps", max_steps), "--output-dir": ("output_dir", output_dir),
+            "--run-name": ("run_name", run_name),
+        })
+        if resume and not config.run_name:
+            raise UsageError("--resume needs the run to continue.", fix="Pass --run-name NAME of the run directory.")
+        url = None if traces else resolve_db_url(database_url, config.database.url)
+        from ..training import run_training
+
+        # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.
+        with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
+            result = run_training(config, profile_name=profile, db_url=url, traces=traces,
+                                  skip_invalid=skip_invalid, resume=resume, on_event=on_event)
+    if json_out:
+        print_json(result.summary)
+        return
+    out.print(_summary_table(result.summary))
+
+
+class _live:
+    """Startup lines and the per-step progress bar on stderr, the upstream lines as they come."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+        self.last: dict = {}
+
+    def __enter__(self):
+        if err.is_terminal and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                                     console=err, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("Preparing", total=None, metrics="")
+        return self.event
+
+    def event(self, kind: str, data) -> None:
+        if kind == "line":
+            (self.progress.console if self.progress else err).print(data, markup=False, highlight=False)
+        elif kind == "stage" and self.progress:
+            self.progress.update(self.task, description=data)
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, completed=data[0], total=data[1], metrics=self._metrics())
+        elif kind == "log":
+            self.last.update({k: v for k, v in data.items() if isinstance(v, int | float)})
+            if not self.progress and "train/loss" in data:
+                err.print(f"  Step {data['step']}: loss={data['train/loss']:.4f}", highlight=False)
+
+    def _metrics(self) -> str:
+        parts = [f"loss={self.last['train/loss']:.4f}" if "train/loss" in self.last else "",
+                 f"lr={self.last['train/learning_rate']:.2e}" if "train/learning_rate" in self.last else "",
+                 f"eval_loss={self.last['eval/loss']:.4f}" if "eval/loss" in self.last else "",
+                 f"success={self.last['eval/success_rate']:.0%}" if "eval/success_rate" in self.last else ""]
+        return " ".join(p for p in parts if p)
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+
+def _summary_table(summary: dict) -> Table:
+    b = summary["baseline"]
+    table = Table(title=f"GKD run {summary['run_dir']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:.1f}%"
+    rows = [("teacher", f"{summary['teacher']} ({summary['teacher_parameters'] / 1e6:.1f}M)"),
+            ("student", f"{summary['student']} ({summary['student_parameters'] / 1e6:.1f}M)"),
+            ("train / eval conversations", f"{summary['data']['train']} / {summary['data']['eval_used']}"),
+            ("truncated / dropped", f"{summary['data']['truncated']} / "
+                                    f"{summary['data']['dropped_too_long'] + summary['data']['dropped_no_answer']}"),
+            ("steps", summary["steps"]), ("seconds", summary["seconds"]),
+            ("teacher success", f"{summary['teacher_eval']['success_rate']:.1%}"),
+            ("student success before", f"{summary['student_before']['success_rate']:.1%}"),
+            ("eval/success_rate", f"{summary['eval']['success_rate']:.1%}"),
+            ("eval/avg_tokens", f"{summary['eval']['avg_tokens']:.1f}"),
+            ("metrics/success_delta", f"{b['success_delta'] * 100:+.1f} pp"),
+            ("metrics/token_reduction_pct", reduction),
+            ("metrics/meets_target", "✅" if b["meets_all_targets"] else "❌"),
+            ("final model", summary["final_dir"])]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    return table

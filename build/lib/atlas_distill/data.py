@@ -1,0 +1,144 @@
+"""Atlas sessions -> GKD train/eval datasets of chat conversations (DESIGN §3).
+
+Each row: `messages` (system, the exchange, and the final answer as the last
+assistant turn: the completion), plus `session_id`, `learning_key`, `reward` and
+`reference` (the final answer, for evaluation). The split is a hash of the
+session id, so a growing database never moves an eval session into training.
+Conversations longer than `max_length` tokens are cut from the left of the
+prompt by the collator and counted here; a completion that alone does not fit
+is dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import NoTracesFound, UsageError
+from .export import NO_MATCH_FIX
+from .traces import AtlasSession, JsonlTraceSource, PostgresTraceSource, TraceFilter
+from .traces.conversation import session_to_messages, system_prompt
+
+_SPLIT_SCALE = float(2**64)
+
+
+@dataclass
+class DatasetStats:
+    source: str
+    sessions: int = 0
+    train: int = 0
+    eval: int = 0
+    truncated: int = 0
+    dropped_no_answer: int = 0
+    dropped_too_long: int = 0
+    funnel: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    stats: DatasetStats
+
+
+def split_of(session: AtlasSession, eval_split: float) -> str:
+    """'eval' or 'train', fixed per session: a hash of its id (or of its content when it has none)."""
+    key = str(session.session_id) if session.session_id is not None else session.task + session.final_answer
+    fraction = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / _SPLIT_SCALE
+    return "eval" if fraction < eval_split else "train"
+
+
+def session_messages(session: AtlasSession, prompt: str = "conversation") -> list[dict[str, str]]:
+    if prompt == "task":
+        return [{"role": "system", "content": system_prompt(session)},
+                {"role": "user", "content": session.task.strip()},
+                {"role": "assistant", "content": session.final_answer.strip()}]
+    return session_to_messages(session)
+
+
+def conversation_row(session: AtlasSession, prompt: str = "conversation") -> dict[str, Any]:
+    return {"messages": session_messages(session, prompt), "session_id": str(session.session_id),
+            "learning_key": session.learning_key, "reward": session.reward, "reference": session.final_answer.strip()}
+
+
+def _token_lengths(tokenizer, messages: list[dict[str, str]]) -> tuple[int, int]:
+    """(prompt tokens, full conversation tokens) as the chat template renders them."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    encode = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return encode(prompt), encode(full)
+
+
+def prepare_conversations(sessions: Iterable[AtlasSession], *, source: str, eval_split: float = 0.15,
+                          prompt: str = "conversation", tokenizer=None, max_length: int | None = None,
+                          seed: int = 42, progress: Callable[[int], None] | None = None) -> PreparedData:
+    stats = DatasetStats(source=source)
+    train, evaluation = [], []
+    for session in sessions:
+        stats.sessions += 1
+        if not session.final_answer.strip():
+            stats.dropped_no_answer += 1
+            continue
+        row = conversation_row(session, prompt)
+        if tokenizer is not None and max_length is not None:
+            prompt_tokens, full_tokens = _token_lengths(tokenizer, row["messages"])
+            if full_tokens - prompt_tokens >= max_length:
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += full_tokens > max_length
+        (evaluation if split_of(session, eval_split) == "eval" else train).append(row)
+        if progress and stats.sessions % 200 == 0:
+            progress(stats.sessions)
+    random.Random(seed).shuffle(train)
+    stats.train, stats.eval = len(train), len(evaluation)
+    return PreparedData(train, evaluation, stats)
+
+
+def trace_source(*, db_url: str | None = None, traces: str | None = None, filters: TraceFilter,
+                 skip_invalid: bool = False):
+    if (db_url is None) == (traces is None):
+        raise UsageError("Give exactly one data source: a database URL or a trace file.",
+                         fix="Pass --database-url (or set ATLAS_DB_URL) or --traces FILE, not both.")
+    if db_url is not None:
+        return PostgresTraceSource(db_url, filters)
+    return JsonlTraceSource(traces, filters, skip_invalid=skip_invalid)
+
+
+def load_prepared(*, db_url: str | None = None, traces: str | None = None, filters: TraceFilter,
+                  eval_split: float = 0.15, prompt: str = "conversation", tokenizer=None,
+                  max_length: int | None = None, seed: int = 42, skip_invalid: bool = False,
+                  progress: Callable[[int], None] | None = None) -> PreparedData:
+    """Read, convert and split; NoTracesFound (with the filter funnel for Postgres) when nothing is left."""
+    source = trace_source(db_url=db_url, traces=traces, filters=filters, skip_invalid=skip_invalid)
+    prepared = prepare_conversations(source, source="database" if db_url else str(traces), eval_split=eval_split,
+                                     prompt=prompt, tokenizer=tokenizer, max_length=max_length, seed=seed,
+                                     progress=progress)
+    funnel = getattr(source, "funnel", [])
+    prepared.stats.funnel = [{"filter": s.label, "remaining": s.remaining} for s in funnel]
+    if prepared.stats.train == 0:
+        where = " -> ".join(f"{s.label}: {s.remaining}" for s in funnel) or (
+            f"{getattr(source, 'valid', prepared.stats.sessions)} sessions in {traces}, "
+            f"{getattr(source, 'filtered_out', 0)} removed by the filters")
+        origin = "database" if db_url else str(traces)
+        raise NoTracesFound(f"No conversations found in {origin}: no training conversation is left ({where}; "
+                            f"{prepared.stats.eval} went to evaluation).", fix=NO_MATCH_FIX)
+    return prepared
+
+
+def build_gkd_dataset(db_url: str | None = None, *, traces: str | None = None, min_reward: float | None = 0.8,
+                      learning_key: str | None = None, eval_split: float = 0.15, limit: int | None = None,
+                      seed: int = 42, review_status: tuple[str, ...] | None = ("approved",),
+                      prompt: str = "conversation", tokenizer=None, max_length: int | None = None):
+    """(train, eval) `datasets.Dataset`s, as upstream's `trainers.gkd_dataset.build_gkd_dataset`."""
+    from datasets import Dataset
+
+    filters = TraceFilter(min_reward=min_reward, learning_key=learning_key, review_status=review_status, limit=limit)
+    prepared = load_prepared(db_url=db_url, traces=traces, filters=filters, eval_split=eval_split, prompt=prompt,
+                             tokenizer=tokenizer, max_length=max_length, seed=seed)
+    return Dataset.from_list(prepared.train), Dataset.from_list(prepared.eval)

@@ -1,0 +1,250 @@
+"""Model specs and loading: what a spec names, where its files are, how it is loaded.
+
+A spec is resolved without touching weights (chain validation resolves every
+stage first); `materialize` turns it into what `from_pretrained` takes, building
+a pruned copy once into the cache; the loaders map every failure to a typed error
+that says the fix. Heavy libraries are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .builtin import BUILTIN_NAME, BUILTINS
+from .errors import ModelSpecError, TrainingError
+from .pruning import check_keep_layers, pruned_copy
+
+if TYPE_CHECKING:
+    from .config import LoraConfig
+
+DEFAULT_FAMILY = "Qwen/Qwen2.5-{size}-Instruct"
+_ALIAS = re.compile(r"(\d+(?:\.\d+)?)b", re.IGNORECASE)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_LAYERS = re.compile(r"(\d+)L", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model spec: what it names, before anything is loaded or built."""
+
+    spec: str
+    """The spec as given."""
+    kind: Literal["builtin", "alias", "local", "hub", "pruned"]
+    """builtin: smollm2-135m (or the demo teacher smollm2-135m-crm); alias: a size in `family`; local: a directory; hub: org/name; pruned: BASE@NL."""
+    source: str
+    """A Hugging Face id or a local directory; for pruned, the base's source."""
+    name: str
+    """Short display name: smollm2-135m@15L, Qwen2.5-7B-Instruct."""
+    base: ModelSpec | None = None
+    """The model a pruned spec keeps layers of."""
+    keep_layers: int | None = None
+    """How many decoder layers a pruned spec keeps."""
+
+
+def _accepted_forms(family: str) -> str:
+    return (f"Use one of: `{BUILTIN_NAME}` (builtin, no network); a size alias 14b, 7b, 3b, 1.5b, 0.5b "
+            f"(-> {family.format(size='<N>B')}); a local directory holding config.json; a Hugging Face id "
+            f"`org/name`; or `SPEC@NL`, a copy of SPEC keeping N decoder layers (e.g. `{BUILTIN_NAME}@15L`).")
+
+
+def resolve_model_spec(spec: str, family: str = DEFAULT_FAMILY) -> ModelSpec:
+    """Parse a model spec into what it names. Reads at most a config.json; never loads weights."""
+    if "{size}" not in family:
+        raise ModelSpecError(f"model family `{family}` has no `{{size}}` placeholder.",
+                             fix="Set `model.family` to e.g. Qwen/Qwen2.5-{size}-Instruct.")
+    fix = _accepted_forms(family)
+    text = spec.strip()
+    path = Path(text).expanduser()
+    if text.lower() in BUILTINS:
+        return ModelSpec(spec, "builtin", text.lower(), text.lower())
+    if text and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"model spec `{spec}`: directory {path} has no config.json, so it is not "
+                                 "a saved model.", fix="Point at the directory save_pretrained wrote.")
+        return ModelSpec(spec, "local", str(path.resolve()), path.resolve().name)
+    if "@" in text:
+        return _resolve_pruned(spec, text, family)
+    if _ALIAS.fullmatch(text):
+        source = family.format(size=text[:-1] + "B")
+        return ModelSpec(spec, "alias", source, source.rsplit("/", 1)[-1])
+    if text.startswith(("/", "./", "../", "~")):
+        raise ModelSpecError(f"model spec `{spec}`: no directory {path} exists.", fix=fix)
+    if _HUB_ID.fullmatch(text):
+        return ModelSpec(spec, "hub", text, text.split("/")[1])
+    raise ModelSpecError(f"model spec `{spec}` is not a model spec this tool understands.", fix=fix)
+
+
+def _resolve_pruned(spec: str, text: str, family: str) -> ModelSpec:
+    base_text, _, layers = text.rpartition("@")
+    match = _LAYERS.fullmatch(layers)
+    if not base_text or not match or int(match.group(1)) < 1:
+        raise ModelSpecError(f"model spec `{spec}`: a pruned copy is written BASE@NL with a base model and "
+                             "N >= 1 layers to keep.", fix=_accepted_forms(family))
+    keep = int(match.group(1))
+    try:
+        base = resolve_model_spec(base_text, family)
+    except ModelSpecError as exc:
+        raise ModelSpecError(f"in `{spec}`: {exc.message}", fix=exc.fix) from None
+    pruned = ModelSpec(spec, "pruned", base.source, f"{base.name}@{keep}L", base=base, keep_layers=keep)
+    check_keep_layers(pruned, _layer_count(base))
+    return pruned
+
+
+def _layer_count(spec: ModelSpec) -> int | None:
+    """The number of decoder layers, when it is known without loading or building anything."""
+    if spec.kind == "pruned":
+        return spec.keep_layers
+    if spec.kind == "local":
+        import json
+
+        try:
+            config = json.loads((Path(spec.source) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # left to from_pretrained, which says what is wrong with the file
+        return config.get("num_hidden_layers") if isinstance(config, dict) else None
+    return None
+
+
+def materialize(spec: ModelSpec) -> str:
+    """What to pass to from_pretrained; a pruned copy is built once into the cache (pruning.py)."""
+    if spec.kind == "builtin":
+        return str(BUILTINS[spec.source]())
+    if spec.kind == "pruned":
+        return str(pruned_copy(spec, materialize(spec.base)))
+    return spec.source
+
+
+def load_pretrained(auto_class, path_or_id: str, spec: str | None = None, **kwargs):
+    """auto_class.from_pretrained; a missing model (or no network) becomes a ModelSpecError naming `spec`."""
+    try:
+        return auto_class.from_pretrained(path_or_id, **kwargs)
+    except OSError as exc:
+        looks_local = path_or_id.startswith(("/", ".", "~")) and not Path(path_or_id).expanduser().exists()
+        reason = f"no directory {path_or_id} exists" if looks_local else str(exc).splitlines()[0].rstrip(".")
+        where = "" if spec in (None, path_or_id) else f" from {path_or_id}"
+        raise ModelSpecError(
+            f"cannot load model `{spec or path_or_id}`{where}: {reason}.",
+            fix=f"This machine may be offline: use a local directory, the builtin `{BUILTIN_NAME}`, "
+            "or download the model first (`hf download ORG/NAME`) where the hub is reachable.",
+        ) from None
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token (EOS if it has none). Callers set padding_side for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, str(path_or_id), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(dtype: str = "auto"):
+    """auto: bfloat16 on a GPU that supports it, else float32; otherwise the named torch dtype."""
+    import torch
+
+    if dtype == "auto":
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, dtype)
+
+
+def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
+    import importlib.util
+
+    import torch
+
+    if load_in_8bit and load_in_4bit:
+        raise ModelSpecError("`load_in_8bit` and `load_in_4bit` are both set.", fix="Set only one of them.")
+    if not torch.cuda.is_available():
+        raise TrainingError("8-bit/4-bit loading needs bitsandbytes on a CUDA GPU; none here.",
+                            fix="Set `teacher_model_init_kwargs.load_in_8bit` (and `load_in_4bit`) to false, "
+                            "or use a smaller teacher that fits in memory unquantized.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError("8-bit/4-bit loading needs bitsandbytes, which is not installed.",
+                            fix="pip install 'atlas-distill[cuda]'")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+
+
+def load_model(path_or_id: str, *, dtype: str = "auto", trust_remote_code: bool = False,
+               load_in_8bit: bool = False, load_in_4bit: bool = False, for_training: bool = False):
+    """AutoModelForCausalLM, optionally 8/4-bit. Not for training: eval mode, weights frozen."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if load_in_8bit or load_in_4bit:
+        kwargs["quantization_config"] = _quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
+        # each process holds its own quantized copy on its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = load_pretrained(AutoModelForCausalLM, str(path_or_id), **kwargs)
+    if for_training:
+        model.config.use_cache = False  # no KV cache in training forward passes (and none with checkpointing)
+    else:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap the model in LoRA adapters (peft) when `lora.enabled`; otherwise return it unchanged."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vocab_difference(student: dict[str, int], teacher: dict[str, int], limit: int = 2) -> list[str]:
+    examples = []
+    for token, idx in sorted(student.items(), key=lambda item: item[1]):
+        if teacher.get(token) != idx:
+            where = f"id {teacher[token]}" if token in teacher else "absent"
+            examples.append(f"{token!r} is id {idx} in the student, {where} in the teacher")
+            if len(examples) == limit:
+                break
+    return examples or [f"the teacher has tokens the student lacks, e.g. {sorted(set(teacher) - set(student))[0]!r}"]
+
+
+def _embedding_rows(model) -> int:
+    head = model.get_output_embeddings()
+    rows = head.weight.shape[0] if head is not None else model.get_input_embeddings().num_embeddings
+    return min(rows, model.get_input_embeddings().num_embeddings)
+
+
+def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_model=None, teacher_model=None) -> int:
+    """The number of logits GKD compares: the real tokens of the tokenizer both models share.
+
+    Models may pad their embeddings differently (Qwen2.5 7B has 152,064 rows, 3B 151,936,
+    one tokenizer); the divergence is taken over the first `shared` logits of each.
+    """
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        names = f"student {student_tokenizer.name_or_path or '?'}, teacher {teacher_tokenizer.name_or_path or '?'}"
+        raise ModelSpecError(
+            f"The teacher and student use different tokenizers ({names}: {len(student_tokenizer)} vs "
+            f"{len(teacher_tokenizer)} tokens; {'; '.join(_vocab_difference(student_vocab, teacher_vocab))}). "
+            "GKD compares their next-token distributions token by token, so they must share one.",
+            fix="Choose a student from the teacher's family (e.g. a smaller size alias), "
+            "or a pruned copy of the teacher: TEACHER@NL.")
+    shared = len(student_tokenizer)
+    for role, model in (("student", student_model), ("teacher", teacher_model)):
+        if model is not None and _embedding_rows(model) < shared:
+            raise ModelSpecError(f"The {role} model has {_embedding_rows(model)} embedding rows, fewer than "
+                                 f"the {shared} tokens of its tokenizer.", fix="Use the tokenizer saved with it.")
+    return shared
