@@ -16,10 +16,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
 from atlas_distill.db import connect, embedded_postgres, mask_url, with_database
+
+# pgserver asks platformdirs for a runtime directory; without XDG_RUNTIME_DIR it warns and uses /tmp, which is fine
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 DEMO_DB = "atlas_distill_demo"
 OUT = Path("demo-output")
