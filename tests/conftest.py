@@ -64,6 +64,19 @@ def seeded_db(pg_server) -> str:
     _drop_database(pg_server, name)
 
 
+@pytest.fixture(scope="module")
+def trace_file(seeded_db, tmp_path_factory) -> Path:
+    """Every session of `seeded_db`, exported to a JSONL file (as `export --all-statuses` would)."""
+    from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
+
+    path = tmp_path_factory.mktemp("traces") / "all.jsonl"
+    sink = JsonlTraceSink(path)
+    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None, min_reward=None)):
+        sink.write(session)
+    sink.commit()
+    return path
+
+
 @dataclass
 class CliResult:
     code: int

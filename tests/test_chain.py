@@ -9,20 +9,9 @@ import pytest
 
 from atlas_distill.chain import default_chain_name, parse_chain, split_stage_overrides
 from atlas_distill.errors import ModelSpecError, UsageError
-from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
 
 STAGE = ["trainer.max_new_tokens=4", "trainer.eval_max_sessions=2", "trainer.report_to=[]", "data.prompt=task",
          "trainer.max_length=192", "trainer.per_device_train_batch_size=2", "trainer.save_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def trace_file(seeded_db, tmp_path_factory):
-    path = tmp_path_factory.mktemp("chain-traces") / "traces.jsonl"
-    sink = JsonlTraceSink(path)
-    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None, min_reward=None)):
-        sink.write(session)
-    sink.commit()
-    return path
 
 
 def test_spec_parsing_and_errors():

@@ -7,17 +7,6 @@ from collections import Counter
 
 import pytest
 
-from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
-
-
-@pytest.fixture(scope="module")
-def trace_file(seeded_db, tmp_path_factory):
-    path = tmp_path_factory.mktemp("traces") / "all.jsonl"
-    sink = JsonlTraceSink(path)
-    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None)):
-        sink.write(session)
-    sink.commit()
-    return path
 
 
 def records(path):

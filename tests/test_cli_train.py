@@ -8,21 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
 
 FAST = ["--max-steps", "3", "trainer.max_new_tokens=6", "trainer.eval_steps=2", "trainer.eval_max_sessions=5",
         "trainer.per_device_train_batch_size=2", "trainer.logging_steps=1", "trainer.max_length=192",
         "data.prompt=task", "trainer.report_to=[]", "trainer.learning_rate=1e-2"]
-
-
-@pytest.fixture(scope="module")
-def trace_file(seeded_db, tmp_path_factory):
-    path = tmp_path_factory.mktemp("train-traces") / "traces.jsonl"
-    sink = JsonlTraceSink(path)
-    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None, min_reward=None)):
-        sink.write(session)
-    sink.commit()
-    return path
 
 
 def models(make_tiny_model):

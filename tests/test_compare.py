@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from atlas_distill.traces import JsonlTraceSink, PostgresTraceSource, TraceFilter
 
 # name: (eval/success_rate, eval/avg_tokens, eval/loss, student_parameters)
 RUNS = {"run-a": (0.60, 100.0, 0.5, 134_515_008), "run-b": (0.75, 60.0, 0.25, 99_100_000),
@@ -175,16 +174,6 @@ def test_same_named_runs_are_told_apart_and_plot_is_written(cli, tmp_path):
     assert [row["name"] for row in result.json()["rows"]] == ["old/run", "new/run"]
     assert result.json()["plot"] == "cmp.png"
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def trace_file(seeded_db, tmp_path_factory):
-    path = tmp_path_factory.mktemp("compare-traces") / "traces.jsonl"
-    sink = JsonlTraceSink(path)
-    for session in PostgresTraceSource(seeded_db, TraceFilter(review_status=None, min_reward=None)):
-        sink.write(session)
-    sink.commit()
-    return path
 
 
 def test_models_are_evaluated_on_the_spot_beside_a_run(cli, make_tiny_model, trace_file, runs):
