@@ -15,12 +15,15 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import NoTracesFound, UsageError
 from .export import NO_MATCH_FIX
 from .traces import AtlasSession, JsonlTraceSource, PostgresTraceSource, TraceFilter
 from .traces.conversation import session_to_messages, system_prompt
+
+if TYPE_CHECKING:
+    from .config import Profile
 
 _SPLIT_SCALE = float(2**64)
 
@@ -45,6 +48,10 @@ class PreparedData:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     stats: DatasetStats
+
+    def eval_sample(self, limit: int | None) -> list[dict[str, Any]]:
+        """The eval conversations generated on: the first `limit` of the split (all when None)."""
+        return self.eval[:limit] if limit else self.eval
 
 
 def split_of(session: AtlasSession, eval_split: float) -> str:
@@ -128,6 +135,19 @@ def load_prepared(*, db_url: str | None = None, traces: str | None = None, filte
         origin = "database" if db_url else str(traces)
         raise NoTracesFound(f"No conversations found in {origin}: no training conversation is left ({where}; "
                             f"{prepared.stats.eval} went to evaluation).", fix=NO_MATCH_FIX)
+    return prepared
+
+
+def prepare_for_profile(profile: Profile, *, db_url: str | None = None, traces: str | None = None, tokenizer=None,
+                        skip_invalid: bool = False) -> PreparedData:
+    """`train`'s split of the sessions a profile selects; `compare --model` uses it to evaluate alike."""
+    t = profile.trainer
+    prepared = load_prepared(db_url=db_url, traces=traces, filters=TraceFilter.from_profile(profile),
+                             eval_split=profile.data.eval_split, prompt=profile.data.prompt, tokenizer=tokenizer,
+                             max_length=t.max_length, seed=t.seed, skip_invalid=skip_invalid)
+    if not prepared.eval:
+        raise NoTracesFound("No conversations left for evaluation after the split.",
+                            fix="Raise data.eval_split or widen the filters so that more sessions match.")
     return prepared
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Profile
-from .errors import InvalidTraceData, NoTracesFound
+from .errors import InvalidTraceData
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
@@ -49,9 +49,8 @@ def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_inv
     import gc
 
     from . import models
-    from .data import load_prepared
+    from .data import prepare_for_profile
     from .evaluate import evaluate_conversations
-    from .traces import TraceFilter
 
     emit = on_event or (lambda kind, data: None)
     trust, t = profile.model.trust_remote_code, profile.trainer
@@ -63,14 +62,9 @@ def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_inv
     paths = [models.materialize(spec) for spec in resolved]
     emit("stage", f"Loading traces from {traces}")
     # train measures lengths with the student's tokenizer; here the first model's stands in for it.
-    prepared = load_prepared(traces=traces, filters=TraceFilter.from_profile(profile),
-                             eval_split=profile.data.eval_split, prompt=profile.data.prompt,
-                             tokenizer=models.load_tokenizer(paths[0], trust_remote_code=trust),
-                             max_length=t.max_length, seed=t.seed, skip_invalid=skip_invalid)
-    if not prepared.eval:
-        raise NoTracesFound("No conversations left for evaluation after the split.",
-                            fix="Raise data.eval_split or widen the filters so that more sessions match.")
-    eval_rows = prepared.eval[: t.eval_max_sessions] if t.eval_max_sessions else prepared.eval
+    prepared = prepare_for_profile(profile, traces=traces, skip_invalid=skip_invalid,
+                                   tokenizer=models.load_tokenizer(paths[0], trust_remote_code=trust))
+    eval_rows = prepared.eval_sample(t.eval_max_sessions)
     conversations, references = [r["messages"] for r in eval_rows], [r["reference"] for r in eval_rows]
     evaluations = []
     for spec, path in zip(resolved, paths):

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Profile, profile_to_yaml
-from .errors import NoTracesFound, TrainingError, UsageError
+from .errors import TrainingError, UsageError
 from .outputs import ensure_writable_dir, write_json
 from .demo import DEMO_TRACES
-from .traces import TraceFilter
 
 Event = Callable[[str, Any], None]
 
@@ -79,7 +78,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
                  traces: str | None = None, skip_invalid: bool = False, resume: bool = False,
                  on_event: Event | None = None) -> TrainResult:
     from . import models
-    from .data import load_prepared
+    from .data import prepare_for_profile
     from .evaluate import (compute_baseline_summary, evaluate_conversations, format_baseline_line,
                            format_reference_line)
     from .tracking import RunTracker, prepare_wandb
@@ -102,13 +101,8 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     emit("stage", "Loading traces")
     if db_url is None and traces is None:
         traces = str(DEMO_TRACES)
-    prepared = load_prepared(db_url=db_url, traces=traces, filters=TraceFilter.from_profile(profile),
-                             eval_split=profile.data.eval_split, prompt=profile.data.prompt, tokenizer=tokenizer,
-                             max_length=profile.trainer.max_length, seed=profile.trainer.seed,
-                             skip_invalid=skip_invalid)
-    if not prepared.eval:
-        raise NoTracesFound("No conversations left for evaluation after the split.",
-                            fix="Raise data.eval_split or widen the filters so that more sessions match.")
+    prepared = prepare_for_profile(profile, db_url=db_url, traces=traces, tokenizer=tokenizer,
+                                   skip_invalid=skip_invalid)
     emit("line", f"Loaded datasets: train={len(prepared.train)}, eval={len(prepared.eval)} conversations")
 
     emit("stage", "Loading models")
@@ -121,7 +115,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
 
     from datasets import Dataset
 
-    eval_rows = prepared.eval[: profile.trainer.eval_max_sessions] if profile.trainer.eval_max_sessions else prepared.eval
+    eval_rows = prepared.eval_sample(profile.trainer.eval_max_sessions)
     eval_kwargs = dict(scorer=profile.trainer.scorer, max_new_tokens=profile.trainer.max_new_tokens,
                        batch_size=profile.trainer.per_device_eval_batch_size)
     conversations, references = [r["messages"] for r in eval_rows], [r["reference"] for r in eval_rows]
