@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -159,7 +160,7 @@ def profile_paths() -> list[tuple[str, Path]]:
 def resolve_profile_path(name_or_path: str) -> Path:
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
         path = Path(name_or_path)
-        if not path.is_file():
+        if not os.path.isfile(path):  # unlike Path.is_file, False (not OSError) for a name too long
             raise ProfileError([f"profile file {name_or_path} does not exist"], fix="Check the path.")
         return path
     known = dict(profile_paths())
@@ -176,8 +177,12 @@ def resolve_profile_path(name_or_path: str) -> Path:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ProfileError([f"{path}: cannot be read as YAML: {exc}"], fix="Fix the file's syntax.") from None
+    except RecursionError:
+        raise ProfileError([f"{path}: nested too deeply to read (about 1,000 levels)"],
+                           fix="A profile is a few levels of keys; see `atlas-distill profile show`.") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, a date 2024-13-45, 5000 digits
+        raise ProfileError([f"{path}: cannot be read as YAML: {exc}"],
+                           fix="Fix the file's syntax or that value.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -219,7 +224,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not a YAML value (e.g. 2024-13-45): the text as given
         value = raw
     return key, value
 

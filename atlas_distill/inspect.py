@@ -75,10 +75,11 @@ def inspect_sessions(sessions: Iterable[AtlasSession], *, source: str, top: int 
         tokens.append(sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN)
         if progress and report.sessions % 500 == 0:
             progress(report.sessions)
-    # Fixed bins of 0.1; a score outside [0, 1] counts in the nearest end bin.
-    per_bin = Counter(min(max(int(r * REWARD_BINS), 0), REWARD_BINS - 1) for r in rewards)
+    # Fixed bins of 0.1; a score outside [0, 1] counts in the nearest end bin (clamped before int(): 1e308 * 10
+    # is inf). The mean divides before it adds, so huge scores cannot overflow it either.
+    per_bin = Counter(int(min(max(r * REWARD_BINS, 0), REWARD_BINS - 1)) for r in rewards)
     report.reward = [Bin(f"{i / REWARD_BINS:.1f}-{(i + 1) / REWARD_BINS:.1f}", per_bin[i]) for i in range(REWARD_BINS)]
-    report.reward_mean = sum(rewards) / len(rewards) if rewards else None
+    report.reward_mean = sum(r / len(rewards) for r in rewards) if rewards else None
     report.learning_keys = _counts(keys, top)
     report.status = _counts(status)
     report.review_status = _counts(review)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import InvalidTraceData
 from .record import AtlasSession
 
 _USER_EVENTS = {"LLM_START", "TASK_START"}
@@ -27,13 +28,33 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
+def _items(value: Any) -> list[Any]:
+    """A list as is, null as none, one value as a list of one: a malformed trace still converts."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _nested_too_deeply(session: AtlasSession) -> InvalidTraceData:
+    """json.dumps and str() give up on a value about 1,000 levels deep (orjson reads up to 1,024)."""
+    name = f"Session {session.session_id}" if session.session_id is not None else (
+        f"The session with task {session.task[:60]!r}")
+    return InvalidTraceData(
+        f"{name}: a plan step, step or trajectory event holds a value nested too deeply (about 1,000 levels of "
+        "lists or objects) to write as conversation text.",
+        fix="Flatten that value where the session is stored, or leave the session out.")
+
+
 def system_prompt(session: AtlasSession) -> str:
     lines = [f"Task: {session.task.strip()}"]
     plan = session.data.get("plan") or {}
-    steps = [s for s in plan.get("steps") or [] if isinstance(s, dict) and s.get("description")]
+    steps = [s for s in _items(plan.get("steps")) if isinstance(s, dict) and s.get("description")]
     if steps:
         lines.append("Plan:")
-        lines += [f"{n}. {step['description']}" for n, step in enumerate(steps, start=1)]
+        try:
+            lines += [f"{n}. {step['description']}" for n, step in enumerate(steps, start=1)]
+        except RecursionError:
+            raise _nested_too_deeply(session) from None
     return "\n".join(lines)
 
 
@@ -42,7 +63,7 @@ def _event_turn(entry: Any) -> tuple[str, str] | None:
     payload = event.get("payload") if isinstance(event, dict) else None
     if not isinstance(payload, dict):
         return None
-    kind = payload.get("event_type")
+    kind = payload.get("event_type") if isinstance(payload.get("event_type"), str) else None
     metadata = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
     data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
     actor = metadata.get("actor")
@@ -60,7 +81,7 @@ def _step_turns(steps: list[dict[str, Any]]) -> list[tuple[str, str]]:
     turns: list[tuple[str, str]] = []
     for step in steps:
         turns.append(("user", _text(step.get("description"))))
-        turns += [("assistant", f"Guidance: {_text(note)}") for note in step.get("guidance") or []]
+        turns += [("assistant", f"Guidance: {_text(note)}") for note in _items(step.get("guidance"))]
         turns.append(("assistant", _text(step.get("output"))))
     return turns
 
@@ -80,9 +101,12 @@ def _merge(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 def session_to_messages(session: AtlasSession) -> list[dict[str, str]]:
     """[system, user, assistant, ..., assistant(final answer)]; roles alternate after the system turn."""
-    turns = [t for t in map(_event_turn, session.trajectory_events) if t is not None]
-    if not any(role == "assistant" for role, _ in turns):
-        turns = _step_turns(session.steps)
+    try:
+        turns = [t for t in map(_event_turn, session.trajectory_events) if t is not None]
+        if not any(role == "assistant" for role, _ in turns):
+            turns = _step_turns(session.steps)
+    except RecursionError:
+        raise _nested_too_deeply(session) from None
     exchange = _merge(turns)
     final = session.final_answer.strip()
     if exchange and exchange[-1]["role"] == "assistant" and final:

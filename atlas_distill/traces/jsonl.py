@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -89,7 +90,7 @@ class JsonlTraceSource:
                 kept += 1
                 if limit is not None and kept >= limit:
                     return
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
             raise InvalidTraceData(f"{self.path}: cannot be read to the end: {exc}.",
                                    fix="The file is damaged or truncated; export it again.") from None
         finally:
@@ -125,7 +126,13 @@ class JsonlTraceSink:
         self._raw = raw
 
     def write(self, session: AtlasSession) -> None:
-        line = session.to_json_bytes() + b"\n"
+        try:
+            line = session.to_json_bytes() + b"\n"
+        except RecursionError:
+            raise InvalidTraceData(f"Session {session.session_id} holds a value nested too deeply (about 1,000 "
+                                   "levels of lists or objects) to write as JSON.",
+                                   fix="Flatten that value where the session is stored, or leave the session "
+                                   "out.") from None
         try:
             self._handle.write(line)
         except BrokenPipeError:

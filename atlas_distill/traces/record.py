@@ -7,6 +7,7 @@ value) and offers typed access to the fields this tool uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,14 @@ def _type_name(value: Any) -> str:
 
 
 def _score(value: Any) -> float | None:
+    """A finite number as a float; anything else (NaN, Infinity, an integer beyond any float) is no score."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        score = float(value)
+    except OverflowError:
+        return None
+    return score if math.isfinite(score) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,9 @@ class AtlasSession:
 
     @property
     def session_id(self) -> Any:
-        return self.metadata.get("session_id")
+        """The id as exported (a number, usually); a list or object there is no id."""
+        value = self.metadata.get("session_id")
+        return None if isinstance(value, dict | list) else value
 
     @property
     def task(self) -> str:
