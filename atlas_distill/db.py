@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from .errors import DatabaseError, UsageError
 
@@ -27,9 +27,11 @@ def mask_url(url: str) -> str:
 
 
 def url_password(url: str) -> str | None:
+    """The password a URL carries: in its user info, a `?password=` parameter, or key=value form."""
     if "://" in url:
         try:
-            return urlsplit(url).password or None
+            parts = urlsplit(url)
+            return parts.password or next(iter(parse_qs(parts.query).get("password", [])), None) or None
         except ValueError:
             return None
     match = _KV_PASSWORD.search(url)
@@ -42,6 +44,12 @@ def scrub(text: str, url: str | None) -> str:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return mask_url(text)
+
+
+def masked_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with every password masked: what may be shown to libraries that record
+    sys.argv (W&B stores it in its run files)."""
+    return [mask_url(arg) for arg in argv]
 
 
 def resolve_db_url(flag: str | None, profile_url: str | None) -> str | None:
@@ -75,11 +83,12 @@ def _diagnose(exc: Exception, url: str) -> DatabaseError:
     return DatabaseError(f"Cannot connect to the database at {where}: {detail}.", fix=fix)
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = False, application_name: str = "atlas-distill") -> psycopg.Connection:
+    """A connection; `application_name` is what pg_stat_activity shows (and what a DBA terminates by)."""
     import psycopg
 
     try:
-        return psycopg.connect(url, connect_timeout=10, autocommit=autocommit, application_name="atlas-distill")
+        return psycopg.connect(url, connect_timeout=10, autocommit=autocommit, application_name=application_name)
     except psycopg.ProgrammingError as exc:
         raise UsageError(
             f"The database URL {mask_url(url)} is not valid: {scrub(str(exc), url)}.",

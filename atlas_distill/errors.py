@@ -61,6 +61,17 @@ class DatabaseError(AtlasDistillError):
     exit_code = 4
 
 
+class DatabaseConnectionLost(DatabaseError):
+    """The connection dropped mid-read and every reconnection attempt failed; says how far the read got."""
+
+    def __init__(self, message: str, *, sessions_read: int, attempts: int, last_error: str,
+                 fix: str | None = None) -> None:
+        self.sessions_read = sessions_read
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(message, fix=fix)
+
+
 class InvalidTraceData(AtlasDistillError):
     """A trace file line or record that is not a valid Atlas session."""
 

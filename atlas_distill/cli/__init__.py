@@ -36,4 +36,10 @@ def main() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    import sys
+
+    from ..db import masked_argv
+
+    args = sys.argv[1:]
+    sys.argv[1:] = masked_argv(args)  # W&B records sys.argv in its run files; a URL's password must not go there
+    app(args=args)

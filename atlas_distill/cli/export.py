@@ -13,6 +13,7 @@ from ..db import mask_url, require_db_url
 from ..errors import UsageError
 from ..export import NoSessionsMatched, export_traces
 from ..traces import TraceFilter
+from ..traces.postgres import Reconnect
 from ._common import DbUrlOpt, JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, progress_bar, reporting_errors
 
 
@@ -37,6 +38,9 @@ def export(
                                                          show_default=False)] = None,
     created_after: Annotated[datetime | None, typer.Option(help="Only sessions created after this time.",
                                                            show_default=False)] = None,
+    retries: Annotated[int, typer.Option(
+        min=0, help="When the connection drops mid-export, reconnect this many times (waiting 0.5 s, 1 s, 2 s, "
+        "...) and resume after the last session written.")] = 3,
     profile: ProfileOpt = "default",
     json_out: JsonOpt = False,
 ) -> None:
@@ -62,7 +66,8 @@ def export(
         filters = TraceFilter.from_profile(config)
         try:
             with progress_bar("Exporting") as update:
-                result = export_traces(url, filters, output, progress=update)
+                result = export_traces(url, filters, output, retries=retries, progress=update,
+                                       on_reconnect=_warn_reconnect)
         except NoSessionsMatched as exc:
             if not json_out:
                 err.print(_funnel_table(exc.funnel))
@@ -70,7 +75,7 @@ def export(
     summary = {
         "output": output, "database": mask_url(url), "exported": result.exported, "steps": result.steps,
         "events": result.events, "bytes": result.bytes, "seconds": round(result.seconds, 3),
-        "sessions_per_second": round(result.sessions_per_second, 1),
+        "sessions_per_second": round(result.sessions_per_second, 1), "reconnects": result.reconnects,
         "funnel": [{"filter": s.label, "remaining": s.remaining} for s in result.funnel],
         "skipped": dict(result.skipped()),
     }
@@ -85,6 +90,8 @@ def export(
                          ("bytes", f"{result.bytes:,}"), ("seconds", f"{result.seconds:.2f}"),
                          ("sessions/s", f"{result.sessions_per_second:,.0f}")]:
         table.add_row(label, str(value))
+    if result.reconnects:
+        table.add_row("reconnects", str(result.reconnects))
     for label, count in result.skipped():
         table.add_row(f"skipped by {label}", str(count))
     (err if output == "-" else out).print(table)
@@ -97,3 +104,13 @@ def _funnel_table(funnel) -> Table:
     for stage in funnel:
         table.add_row(stage.label, str(stage.remaining), style="bold red" if stage.remaining == 0 else None)
     return table
+
+
+def _warn_reconnect(event: Reconnect) -> None:
+    then = f"in {event.delay:g} s (attempt {event.attempt} of {event.retries})"
+    if event.attempt == 1:
+        text = f"lost the database connection after {event.sessions_read} sessions ({event.reason}); " \
+               f"reconnecting {then}"
+    else:
+        text = f"reconnection attempt {event.attempt - 1} failed ({event.reason.rstrip('.')}); trying again {then}"
+    err.print(f"Warning: {text}.", markup=False, highlight=False)

@@ -5,19 +5,25 @@ sessions with OFFSET. Here steps (with guidance notes and attempts) and
 trajectory events are aggregated server-side per session by LATERAL subqueries,
 rows are streamed in chunks in id order (keyset: resuming is `id > last id`,
 never OFFSET), and everything runs in one READ ONLY REPEATABLE READ transaction
-so the funnel counts and the rows agree.
+so the funnel counts and the rows agree. A connection lost mid-read is reopened
+and the read resumes after the last session (see PostgresTraceSource).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..db import connect, query_error
+from ..db import connect, mask_url, query_error, scrub
+from ..errors import DatabaseConnectionLost, DatabaseError
 from ..jsonfast import loads
 from .filters import TraceFilter
 from .record import AtlasSession
+
+if TYPE_CHECKING:
+    import psycopg
 
 _COLUMNS = (
     "s.id, s.task, s.status, s.metadata, s.final_answer, s.reward, s.reward_stats, s.reward_audit, "
@@ -64,24 +70,53 @@ class FunnelStage:
     remaining: int
 
 
-class PostgresTraceSource:
-    """Sessions matching a filter, streamed from an Atlas Postgres store."""
+@dataclass(frozen=True)
+class Reconnect:
+    """A lost connection about to be retried: attempt `attempt` of `retries`, after `delay` seconds."""
 
-    def __init__(self, url: str, filters: TraceFilter, *, after_id: int | None = None, fetch_size: int = 250):
+    attempt: int
+    retries: int
+    delay: float
+    sessions_read: int
+    reason: str
+
+
+class PostgresTraceSource:
+    """Sessions matching a filter, streamed from an Atlas Postgres store.
+
+    A connection lost mid-read (server restart, failover, a terminated backend) is
+    reconnected up to `retries` times, after `backoff`, 2x, 4x ... seconds, and the read
+    resumes after the last session handed out (keyset `id > last id`): none is read twice
+    or skipped. The new connection reads a new snapshot, so sessions committed meanwhile
+    with higher ids are included, and the funnel is recounted in it. Only a connection
+    that was established and then lost is retried; one that cannot be opened at the start
+    fails at once.
+    """
+
+    def __init__(self, url: str, filters: TraceFilter, *, after_id: int | None = None, fetch_size: int = 250,
+                 retries: int = 3, backoff: float = 0.5, application_name: str = "atlas-distill",
+                 on_reconnect: Callable[[Reconnect], None] | None = None):
         self.url = url
         self.filters = filters
         self.after_id = after_id
         self.fetch_size = fetch_size
+        self.retries = retries
+        self.backoff = backoff
+        self.application_name = application_name
+        self.on_reconnect = on_reconnect
         self.funnel: list[FunnelStage] = []
+        self.read = 0
+        self.reconnects = 0
+        self._last_id = after_id
 
     def _where(self) -> tuple[str, dict[str, Any]]:
         conditions, params = ["true"], {}
         for _label, sql, values in self.filters.stages():
             conditions.append(sql)
             params.update(values)
-        if self.after_id is not None:
+        if self._last_id is not None:
             conditions.append("s.id > %(after_id)s")
-            params["after_id"] = self.after_id
+            params["after_id"] = self._last_id
         return " AND ".join(conditions), params
 
     def _count_funnel(self, cur) -> list[FunnelStage]:
@@ -101,33 +136,82 @@ class PostgresTraceSource:
 
     def __iter__(self) -> Iterator[AtlasSession]:
         import psycopg
+
+        self.read, self.reconnects, self._last_id = 0, 0, self.after_id
+        failures = 0  # reconnection attempts since a session was last read
+        conn = connect(self.url, application_name=self.application_name)
+        try:
+            while True:
+                read_before = self.read
+                try:
+                    yield from self._stream(conn)
+                    return
+                except psycopg.Error as exc:
+                    if not conn.broken:
+                        raise query_error(exc, self.url) from None
+                    reason = _first_line(exc, self.url)
+                conn.close()
+                if self.read > read_before:
+                    failures = 0
+                conn, failures = self._reconnect(reason, failures)
+                self.reconnects += 1
+        finally:
+            conn.close()
+
+    def _reconnect(self, reason: str, failures: int) -> tuple[psycopg.Connection, int]:
+        """A new connection after a loss, waiting longer before each attempt; gives up after `retries`."""
+        while failures < self.retries:
+            delay = self.backoff * 2 ** failures
+            failures += 1
+            if self.on_reconnect:
+                self.on_reconnect(Reconnect(failures, self.retries, delay, self.read, reason))
+            time.sleep(delay)
+            try:
+                return connect(self.url, application_name=self.application_name), failures
+            except DatabaseError as exc:
+                reason = exc.message
+        tried = f"{failures} reconnection attempts failed" if failures else "no reconnection was attempted (retries 0)"
+        raise DatabaseConnectionLost(
+            f"Lost the connection to the database at {mask_url(self.url)} after reading {self.read} sessions, "
+            f"and {tried}. Last error: {reason.rstrip('.')}.",
+            sessions_read=self.read, attempts=failures, last_error=reason,
+            fix="Check that the server is up and reachable, then run it again; more retries wait out a longer "
+            "outage.")
+
+    def _stream(self, conn: psycopg.Connection) -> Iterator[AtlasSession]:
+        """Sessions after the last one read, in id order, in one READ ONLY REPEATABLE READ transaction."""
+        import psycopg
         from psycopg.types.json import set_json_loads
 
         where, params = self._where()
         limit = ""
         if self.filters.limit is not None:
-            limit, params["limit"] = "LIMIT %(limit)s", self.filters.limit
-        conn = connect(self.url)
-        try:
-            conn.read_only = True
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            set_json_loads(loads, conn)
-            with conn.transaction(), conn.cursor() as cur:
-                # JIT compiling this query costs more than it saves at any export size measured.
-                cur.execute("SET LOCAL jit = off")
-                self.funnel = self._count_funnel(cur)
-                # Streamed in chunks (one query, bounded memory): unlike FETCH on a named cursor,
-                # the server keeps producing rows while we encode the previous ones.
-                for row in cur.stream(_QUERY.format(where=where, limit=limit), params, size=_chunk(self.fetch_size)):
-                    yield AtlasSession(session_payload(row))
-        except psycopg.Error as exc:
-            raise query_error(exc, self.url) from None
-        finally:
-            conn.close()
+            if self.read >= self.filters.limit:
+                return
+            limit, params["limit"] = "LIMIT %(limit)s", self.filters.limit - self.read
+        conn.read_only = True
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        set_json_loads(loads, conn)
+        with conn.transaction(), conn.cursor() as cur:
+            # JIT compiling this query costs more than it saves at any export size measured.
+            cur.execute("SET LOCAL jit = off")
+            self.funnel = self._count_funnel(cur)
+            # Streamed in chunks (one query, bounded memory): unlike FETCH on a named cursor,
+            # the server keeps producing rows while we encode the previous ones.
+            for row in cur.stream(_QUERY.format(where=where, limit=limit), params, size=_chunk(self.fetch_size)):
+                session = AtlasSession(session_payload(row))
+                self._last_id = row[0]
+                self.read += 1
+                yield session
 
     @property
     def expected(self) -> int | None:
         return self.funnel[-1].remaining if self.funnel else None
+
+
+def _first_line(exc: Exception, url: str) -> str:
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0] if text else type(exc).__name__, url)
 
 
 def _chunk(size: int) -> int:
