@@ -117,6 +117,16 @@ class TrainerConfig(_Strict):
         "own completions, which a freshly pruned student needs before on-policy JSD gives gradient.")
     offpolicy_warmup_beta: float = Field(0.0, ge=0.0, le=1.0, description="beta during the warmup (0: forward KL).")
     max_length: int = Field(1024, ge=16, description="Max tokens of prompt + completion; prompts are cut from the left.")
+    kv_cache_generation: bool = Field(True, description="On-policy generation uses the KV cache, also under gradient "
+                                      "checkpointing (TRL generates without one then).")
+    chunked_loss: bool = Field(True, description="Divergence from hidden states through lm_head in tiles, completion "
+                               "positions only; false: both models' full logits, as TRL.")
+    teacher_cache_topk: int = Field(256, ge=0, description="Off-policy batches keep the teacher's top-k log-probs and a "
+                                    "tail bucket; a repeated example (next epoch) skips the teacher. 0: off.")
+    group_by_length: bool = Field(True, description="Batches of similar-length examples (less padding).")
+    generation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="On-policy samples from a copy of the student in this dtype; auto: bfloat16 for an fp32 "
+        "student on a CPU with native bf16 (decoding 2.2x faster), else the student itself.")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Learning-rate warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

@@ -10,6 +10,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .errors import OutputError
+from .outputs import FREE_SPACE_FIX
+
 # Trainer log keys -> the names upstream documents (and W&B shows).
 _RENAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
             "eval_loss": "eval/loss", "eval_success_rate": "eval/success_rate", "eval_avg_tokens": "eval/avg_tokens"}
@@ -58,8 +61,11 @@ class RunTracker(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, **rename(logs)}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise OutputError(f"Cannot write {self.path}: {exc.strerror}.", fix=FREE_SPACE_FIX) from None
         baseline = {k: v for k, v in record.items() if k.startswith("metrics/")}
         if baseline and "wandb" in (args.report_to or []):
             import wandb
@@ -68,3 +74,22 @@ class RunTracker(TrainerCallback):
                 wandb.log(baseline | {"train/global_step": state.global_step})
         if self.on_log_event:
             self.on_log_event(record)
+
+
+def rewind_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records logged after `step`, the checkpoint a resumed run continues from: they are logged again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+    tmp = path.with_suffix(".jsonl.partial")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill mid-write counts as past every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")

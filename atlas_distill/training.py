@@ -3,6 +3,12 @@
 `run_training` is what `atlas-distill train` calls. It never prints: it reports
 through `on_event(kind, data)` (kinds: "line" for the upstream console lines,
 "log" for each metrics record, "stage" for phases) and returns a TrainResult.
+
+Under `torchrun` / `accelerate launch` every process runs all of it: each trains on its
+share of every batch and generates on its share of the eval sessions; only the main
+process reports events and writes files (run directory, profile.yaml, summary.json,
+final/, the model card); checks that only it makes are shared with the others (`_on_main`),
+so that every process stops with the same error.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import Profile, profile_to_yaml
-from .errors import TrainingError, UsageError
-from .outputs import ensure_writable_dir, write_json
 from .demo import DEMO_TRACES
+from .errors import AtlasDistillError, OutputError, TrainingError, UsageError
+from .outputs import (FREE_SPACE_FIX, check_free_space, ensure_writable_dir, last_complete_checkpoint,
+                      remove_incomplete_checkpoints, write_json)
 
 Event = Callable[[str, Any], None]
 
@@ -29,17 +36,61 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _run_dir(profile: Profile, profile_name: str, resume: bool) -> Path:
+def _prepare_run_dir(profile: Profile, profile_name: str, resume: bool, emit: Event) -> tuple[Path, str | None]:
+    """(run directory, checkpoint to resume from); main process only. Half-written checkpoints are removed."""
+    from .tracking import rewind_metrics
+
     name = profile.run_name or f"{Path(profile_name).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(profile.output_dir) / name
-    if resume and _last_checkpoint(run_dir) is None:
-        raise UsageError(f"--resume: {run_dir} holds no checkpoint to continue.",
-                         fix="Check --output-dir and --run-name, or start the run without --resume.")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+    checkpoint = None
+    if resume:
+        for removed in remove_incomplete_checkpoints(run_dir):
+            emit("line", f"Removed the incomplete checkpoint {removed} (the run stopped while writing it)")
+        checkpoint = _last_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UsageError(f"--resume: {run_dir} holds no checkpoint to continue.",
+                             fix="Check --output-dir and --run-name, or start the run without --resume.")
+        rewind_metrics(run_dir, _state(checkpoint)["global_step"])
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"The run directory {run_dir} already holds a run.",
                          fix="Pass --resume to continue it, or choose another --run-name.")
-    return ensure_writable_dir(run_dir, "run directory",
-                               fix="Choose a writable output_dir (--output-dir) or free disk space.")
+    ensure_writable_dir(run_dir, "run directory", fix="Choose a writable output_dir (--output-dir) or free disk space.")
+    (run_dir / "profile.yaml").write_text(profile_to_yaml(profile))
+    return run_dir, checkpoint
+
+
+def _on_main(state, work: Callable[[], Any]) -> Any:
+    """Run `work` on the main process only and hand its result, or the error it raised, to every process."""
+    if state.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("ok", work())]
+        except AtlasDistillError as exc:
+            outcome = [("error", (type(exc), exc.args, exc.__dict__))]
+        except BaseException as exc:
+            message = f"The main process failed: {exc!r}"
+            broadcast_object_list([("error", (TrainingError, (message,), {"message": message, "fix": None}))])
+            raise
+    kind, value = broadcast_object_list(outcome)[0]
+    if kind == "ok":
+        return value
+    cls, args, attributes = value
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(attributes)
+    raise error
+
+
+def _process_state():
+    """accelerate's PartialState: under torchrun / accelerate launch this joins the process group (gloo on CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _gkd_args(profile: Profile, run_dir: Path, report_to: list[str]):
@@ -79,19 +130,20 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
                  on_event: Event | None = None) -> TrainResult:
     from . import models
     from .data import prepare_for_profile
-    from .evaluate import (compute_baseline_summary, evaluate_conversations, format_baseline_line,
-                           format_reference_line)
+    from .evaluate import compute_baseline_summary, format_baseline_line, format_reference_line
     from .tracking import RunTracker, prepare_wandb
 
-    emit = on_event or (lambda kind, data: None)
     started = time.perf_counter()
+    state = _process_state()
+    emit = (on_event or (lambda kind, data: None)) if state.is_main_process else (lambda kind, data: None)
     teacher_spec = models.resolve_model_spec(profile.teacher_model_name_or_path, profile.model.family)
     student_spec = models.resolve_model_spec(profile.model.model_name_or_path, profile.model.family)
-    run_dir = _run_dir(profile, profile_name, resume)
-    (run_dir / "profile.yaml").write_text(profile_to_yaml(profile))
+    run_dir, checkpoint = _on_main(state, lambda: _prepare_run_dir(profile, profile_name, resume, emit))
+    run_dir = Path(run_dir)
 
     emit("stage", "Preparing models (first use builds converted, specialised or pruned models into the cache)")
-    teacher_path, student_path = models.materialize(teacher_spec), models.materialize(student_spec)
+    with state.main_process_first():  # the main process builds into the cache, the others then read it
+        teacher_path, student_path = models.materialize(teacher_spec), models.materialize(student_spec)
     timings = {"prepare_models": time.perf_counter() - started}
     trust = profile.model.trust_remote_code
     tokenizer = models.load_tokenizer(student_path, trust_remote_code=trust)
@@ -112,23 +164,16 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     student = models.load_model(student_path, dtype=profile.model.dtype, trust_remote_code=trust, for_training=True)
     models.shared_vocab_size(tokenizer, teacher_tokenizer, student, teacher)
     student = models.apply_lora(student, profile.model.lora)
+    warning = _on_main(state, lambda: check_free_space(run_dir, student, profile.trainer.save_total_limit))
+    if warning:
+        emit("line", warning)
 
     from datasets import Dataset
 
-    eval_rows = prepared.eval_sample(profile.trainer.eval_max_sessions)
-    eval_kwargs = dict(scorer=profile.trainer.scorer, max_new_tokens=profile.trainer.max_new_tokens,
-                       batch_size=profile.trainer.per_device_eval_batch_size)
-    conversations, references = [r["messages"] for r in eval_rows], [r["reference"] for r in eval_rows]
-    timings["load"] = time.perf_counter() - started - sum(timings.values())
-    emit("stage", "Evaluating teacher and student before training")
-    teacher_eval = evaluate_conversations(teacher, tokenizer, conversations, references, **eval_kwargs)
-    before = evaluate_conversations(student, tokenizer, conversations, references, **eval_kwargs)
-    baseline = _baseline(profile, {"success_rate": before.success_rate, "avg_tokens": before.avg_tokens})
-    emit("line", format_reference_line(baseline["success"], baseline["tokens"]))
-    timings["evaluate_before"] = time.perf_counter() - started - sum(timings.values())
-
     from .gkd import AtlasGKDTrainer
 
+    eval_rows = prepared.eval_sample(profile.trainer.eval_max_sessions)
+    timings["load"] = time.perf_counter() - started - sum(timings.values())
     report_to = prepare_wandb(run_dir, list(profile.trainer.report_to))
     tracker = RunTracker(run_dir, on_log=lambda record: emit("log", record),
                          on_step=lambda step, total: emit("step", (step, total)))
@@ -137,12 +182,26 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         train_dataset=Dataset.from_list(prepared.train), eval_dataset=Dataset.from_list(eval_rows),
         processing_class=tokenizer, offpolicy_warmup_steps=profile.trainer.offpolicy_warmup_steps,
         offpolicy_warmup_beta=profile.trainer.offpolicy_warmup_beta, scorer=profile.trainer.scorer,
-        baseline=baseline, callbacks=[tracker],
+        kv_cache_generation=profile.trainer.kv_cache_generation, chunked_loss=profile.trainer.chunked_loss,
+        teacher_cache_topk=profile.trainer.teacher_cache_topk, group_by_length=profile.trainer.group_by_length,
+        generation_dtype=profile.trainer.generation_dtype,
+        callbacks=[tracker],
         on_evaluation=lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"])))
     _quiet_console(trainer)
+
+    emit("stage", "Evaluating teacher and student before training")
+    teacher_eval, before = _before_training(trainer, state, run_dir, eval_rows, resume=checkpoint is not None,
+                                            key={"teacher": teacher_spec.name, "student": student_spec.name,
+                                                 "max_new_tokens": profile.trainer.max_new_tokens,
+                                                 "scorer": profile.trainer.scorer})
+    baseline = _baseline(profile, before)
+    trainer.baseline = baseline
+    emit("line", format_reference_line(baseline["success"], baseline["tokens"]))
+    # upstream's order: the reference line, then this one
     emit("line", f"AtlasGKDTrainer initialized with lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}")
+    timings["evaluate_before"] = time.perf_counter() - started - sum(timings.values())
+
     emit("stage", "Training")
-    checkpoint = _last_checkpoint(run_dir) if resume else None
     try:
         if checkpoint and _finished(checkpoint, trainer.args.max_steps):
             # transformers resumes a finished run with one step too many; restore it instead
@@ -151,6 +210,9 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
             trainer._load_from_checkpoint(checkpoint)
             trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         else:
+            if checkpoint:
+                emit("line", f"Resuming from {Path(checkpoint).name} (step {_state(checkpoint)['global_step']} "
+                             f"of {trainer.args.max_steps if trainer.args.max_steps > 0 else 'the epochs'})")
             trainer.train(resume_from_checkpoint=checkpoint)
     except RuntimeError as exc:
         raise _training_failure(exc) from None
@@ -164,28 +226,52 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     after = last["result"]
     eval_loss = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     final_dir = run_dir / "final"
-    _save_final(trainer, tokenizer, final_dir)
+    _save_final(trainer, tokenizer, final_dir, state)
     timings["final_eval_and_save"] = time.perf_counter() - started - sum(timings.values())
     summary = {
         "run_dir": str(run_dir), "final_dir": str(final_dir), "profile": profile_name,
         "teacher": teacher_spec.name, "student": student_spec.name,
         "teacher_parameters": models.count_parameters(teacher), "student_parameters": models.count_parameters(student),
         "data": prepared.stats.to_dict() | {"eval_used": len(eval_rows)},
-        "teacher_eval": {"success_rate": teacher_eval.success_rate, "avg_tokens": teacher_eval.avg_tokens},
-        "student_before": {"success_rate": before.success_rate, "avg_tokens": before.avg_tokens},
+        "teacher_eval": teacher_eval, "student_before": before,
         "eval": {"success_rate": after.success_rate, "avg_tokens": after.avg_tokens,
                  "loss": eval_loss},
         "baseline": compute_baseline_summary(after, baseline["success"], baseline["tokens"],
                                              success_target=baseline["success_target"],
                                              token_target=baseline["token_target"]) | {"source": baseline["source"]},
-        "steps": trainer.state.global_step, "seconds": round(time.perf_counter() - started, 1),
+        "steps": trainer.state.global_step, "processes": state.num_processes,
+        "seconds": round(time.perf_counter() - started, 1),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
-    write_json(run_dir / "summary.json", summary)
-    (final_dir / "README.md").write_text(_model_card(summary, profile))
+    if state.is_main_process:
+        write_json(run_dir / "summary.json", summary)
+        _write(final_dir / "README.md", _model_card(summary, profile))
+    state.wait_for_everyone()
     emit("line", format_baseline_line(summary["baseline"]))
     return TrainResult(run_dir, final_dir, summary)
+
+
+def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume: bool,
+                     key: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """(teacher, student) success_rate and avg_tokens before training; a resumed run reads them back from
+    before_training.json rather than generating again (the student is loaded from its checkpoint later)."""
+    import json
+
+    path = run_dir / "before_training.json"
+    key = key | {"sessions": [row["session_id"] for row in rows]}
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["teacher_eval"], saved["student_before"]
+    conversations, references = [r["messages"] for r in rows], [r["reference"] for r in rows]
+    measured = []
+    for model in (trainer.teacher_model, trainer.model):
+        result = trainer.evaluate_model(model, conversations, references)
+        measured.append({"success_rate": result.success_rate, "avg_tokens": result.avg_tokens})
+    if state.is_main_process:
+        write_json(path, {"key": key, "teacher_eval": measured[0], "student_before": measured[1]})
+    return measured[0], measured[1]
 
 
 def _quiet_console(trainer) -> None:
@@ -199,26 +285,47 @@ def _quiet_console(trainer) -> None:
     hf_logging.set_verbosity_error()
 
 
-def _save_final(trainer, tokenizer, final_dir: Path) -> None:
-    """A plain checkpoint that AutoModelForCausalLM loads: LoRA adapters are merged first."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(final_dir, safe_serialization=True)
-    tokenizer.save_pretrained(final_dir)
+def _save_final(trainer, tokenizer, final_dir: Path, state) -> None:
+    """A plain checkpoint that AutoModelForCausalLM loads: LoRA adapters are merged first. Written once: by
+    the main process, or through trainer.save_model where FSDP / DeepSpeed must gather the sharded weights."""
+    from .outputs import write_failure
+
+    try:
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            trainer.save_model(str(final_dir))
+        elif state.is_main_process:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            model.save_pretrained(final_dir, safe_serialization=True)
+        if state.is_main_process:
+            tokenizer.save_pretrained(final_dir)
+    except Exception as exc:  # noqa: BLE001 - a full disk is an OutputError, anything else stays itself
+        raise (write_failure(exc, final_dir) or exc) from None
+    state.wait_for_everyone()
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OutputError(f"Cannot write {path}: {exc.strerror}.", fix=FREE_SPACE_FIX) from None
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest whole checkpoint (one with trainer_state.json, which transformers writes last)."""
+    last = last_complete_checkpoint(Path(run_dir))
+    return str(last) if last else None
 
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+def _state(checkpoint: str) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:
-    import json
-
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+    return max_steps > 0 and _state(checkpoint).get("global_step", 0) >= max_steps
 
 
 def _training_failure(exc: RuntimeError) -> TrainingError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -11,10 +13,11 @@ from rich.table import Table
 
 from ..config import load_profile
 from ..db import resolve_db_url
-from ..errors import UsageError
+from ..errors import AtlasDistillError, UsageError
 from ._common import JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, reporting_errors
 
 Opt = typer.Option
+_REPORT_GRACE = 2.0  # seconds another process waits, on an error, for the main process to report it
 
 
 def train(
@@ -42,7 +45,8 @@ def train(
     Data: --traces FILE when given, else Postgres when a database URL is given (flag, profile or
     ATLAS_DB_URL), else the bundled demo traces.
     """
-    with reporting_errors(json_out):
+    main = _is_main_process()
+    with reporting_errors(json_out), _replica(main):
         if traces and database_url:
             raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
         config = load_profile(profile, overrides, {
@@ -57,13 +61,36 @@ def train(
         from ..training import run_training
 
         # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.
-        with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
+        with _live(json_out or not main) as on_event, contextlib.redirect_stdout(sys.stderr if main else sys.stdout):
             result = run_training(config, profile_name=profile, db_url=url, traces=traces,
                                   skip_invalid=skip_invalid, resume=resume, on_event=on_event)
+    if not main:
+        return
     if json_out:
         print_json(result.summary)
         return
     out.print(_summary_table(result.summary))
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or mpirun) job, or a plain single process."""
+    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "0")
+    return int(rank) == 0
+
+
+@contextlib.contextmanager
+def _replica(main: bool):
+    """On the other processes of a multi-process run: nothing on stdout, and no second copy of an error that
+    the main process reports (every process raises the same one); a crash of their own still shows."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        try:
+            yield
+        except AtlasDistillError as exc:
+            time.sleep(_REPORT_GRACE)  # the launcher stops every process once one has exited
+            raise typer.Exit(exc.exit_code) from None
 
 
 class _live:

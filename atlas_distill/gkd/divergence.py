@@ -1,0 +1,142 @@
+"""The generalized JSD without full logits: from hidden states, and from a teacher's cached top-k.
+
+`chunked_divergence` projects only the completion positions' hidden states through both models'
+`lm_head`, TOKEN_CHUNK positions at a time, and takes the divergence chunk by chunk, so no B x L x V
+logits tensor exists and the prompt positions are never projected. With more than one chunk, each is
+recomputed in the backward pass (activation checkpointing), so at most one chunk's [TOKEN_CHUNK, V]
+tiles are alive. (TRL's ChunkedDivergenceFunction, trl/kernels/chunked_divergence.py, does the same on
+vocabulary tiles too; without Triton, on this CPU, it took 1.7x longer for 200 positions x 49,152
+tokens: it projects twice for the JSD and again in backward.)
+
+`teacher_topk` and `topk_divergence` are the off-policy cache: the teacher's distribution at a position
+is kept as its k most likely tokens plus one tail bucket holding the rest of the mass, and the student's
+distribution is folded onto the same k + 1 outcomes. The divergence of the folded pair never exceeds the
+exact one (data processing inequality), equals it when k covers the vocabulary, and for forward KL falls
+short by exactly tail_mass x KL(teacher tail || student tail); tests check all three.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+TOKEN_CHUNK = 256  # positions projected at once: a [TOKEN_CHUNK, V] fp32 tile is 50 MB at V = 49,152
+TAIL_FLOOR = -1e4  # log-probability standing for "no mass": exp() is 0 in fp32 and 0 * TAIL_FLOOR is 0, not NaN
+
+# Config attributes that rescale logits after lm_head; a model using one takes the full-logits path.
+_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
+                     "final_logit_softcapping")
+
+
+def plain_head(model) -> bool:
+    """Whether the model's logits are exactly lm_head(hidden), which the chunked paths assume."""
+    config = model.config.get_text_config()
+    return all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS)
+
+
+def backbone(model):
+    """The decoder stack without lm_head (PEFT's wrapper unwrapped; its adapters stay active inside)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def completion_hidden(model, inputs, mask: torch.Tensor) -> torch.Tensor:
+    """[N, H] last hidden states at the positions where `mask` (B x L-1, next-token aligned) is set."""
+    out = backbone(model)(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+    return out.last_hidden_state[:, :-1][mask]
+
+
+def _head(model, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    bias = head.bias[:vocab] if getattr(head, "bias", None) is not None else None
+    return head.weight[:vocab], bias
+
+
+def generalized_jsd(student_log_probs, teacher_log_probs, beta: float) -> torch.Tensor:
+    """Per-position generalized JSD of normalized log-probs [..., V] -> [...]; TRL's formula (beta 0 is
+    KL(teacher || student), 1 is KL(student || teacher), the mixture is (1 - beta) student + beta teacher)."""
+    s, t = student_log_probs, teacher_log_probs
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    mixture = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))
+    return beta * (t.exp() * (t - mixture)).sum(-1) + (1 - beta) * (s.exp() * (s - mixture)).sum(-1)
+
+
+def _chunk_divergence(student_hidden, teacher_hidden, s_weight, s_bias, t_weight, t_bias, beta: float,
+                      temperature: float) -> torch.Tensor:
+    student = _log_probs(student_hidden, s_weight, s_bias, temperature)
+    with torch.no_grad():
+        teacher = _log_probs(teacher_hidden, t_weight, t_bias, temperature)
+    return generalized_jsd(student, teacher, beta)
+
+
+def chunked_divergence(student_hidden, teacher_hidden, student, teacher, *, vocab: int, beta: float,
+                       temperature: float) -> torch.Tensor:
+    """Per-position generalized JSD [N] over the first `vocab` tokens, TOKEN_CHUNK positions at a time."""
+    s_weight, s_bias = _head(student, vocab)
+    t_weight, t_bias = _head(teacher, vocab)
+    n = student_hidden.shape[0]
+    if n <= TOKEN_CHUNK:
+        return _chunk_divergence(student_hidden, teacher_hidden, s_weight, s_bias, t_weight, t_bias, beta, temperature)
+    return torch.cat([checkpoint(_chunk_divergence, student_hidden[start:start + TOKEN_CHUNK],
+                                 teacher_hidden[start:start + TOKEN_CHUNK], s_weight, s_bias, t_weight, t_bias, beta,
+                                 temperature, use_reentrant=False) for start in range(0, n, TOKEN_CHUNK)])
+
+
+def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    logits = hidden.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+    """log of the mass outside `top_indices`, exactly (logsumexp over the rest), floored at TAIL_FLOOR."""
+    rest = log_probs.scatter(-1, top_indices, float("-inf"))
+    return torch.logsumexp(rest, dim=-1).clamp_min(TAIL_FLOOR)
+
+
+@torch.no_grad()
+def teacher_topk(teacher_hidden, teacher, *, vocab: int, k: int, temperature: float):
+    """The teacher's k most likely tokens per position: (indices int32 [N, k], log-probs [N, k], tail [N])."""
+    weight, bias = _head(teacher, vocab)
+    k = min(k, vocab)
+    indices, values, tails = [], [], []
+    for start in range(0, teacher_hidden.shape[0], TOKEN_CHUNK):
+        log_probs = _log_probs(teacher_hidden[start:start + TOKEN_CHUNK], weight, bias, temperature)
+        top = log_probs.topk(k, dim=-1)
+        indices.append(top.indices.to(torch.int32))
+        values.append(top.values)
+        tails.append(_tail(log_probs, top.indices))
+    return torch.cat(indices), torch.cat(values), torch.cat(tails)
+
+
+def _folded_divergence(hidden, weight, bias, indices, teacher_values, teacher_tail, beta: float,
+                       temperature: float) -> torch.Tensor:
+    log_probs = _log_probs(hidden, weight, bias, temperature)
+    student = torch.cat([log_probs.gather(-1, indices), _tail(log_probs, indices).unsqueeze(-1)], dim=-1)
+    teacher = torch.cat([teacher_values, teacher_tail.unsqueeze(-1)], dim=-1)
+    return generalized_jsd(student, teacher, beta)
+
+
+def topk_divergence(student_hidden, student, *, vocab: int, beta: float, temperature: float, indices,
+                    teacher_values, teacher_tail) -> torch.Tensor:
+    """Per-position generalized JSD [N] between the student and a cached top-k teacher, over k + 1 outcomes.
+
+    The student is projected TOKEN_CHUNK positions at a time, each chunk recomputed in the backward pass
+    (activation checkpointing), so at most one [TOKEN_CHUNK, V] tile exists at a time.
+    """
+    weight, bias = _head(student, vocab)
+    indices = indices.long()
+    parts = []
+    for start in range(0, student_hidden.shape[0], TOKEN_CHUNK):
+        end = start + TOKEN_CHUNK
+        parts.append(checkpoint(_folded_divergence, student_hidden[start:end], weight, bias, indices[start:end],
+                                teacher_values[start:end], teacher_tail[start:end], beta, temperature,
+                                use_reentrant=False))
+    return torch.cat(parts) if parts else student_hidden.new_zeros(0)

@@ -1,0 +1,256 @@
+"""GKD step benchmark: TRL's GKDTrainer against AtlasGKDTrainer on the identical setup.
+
+Setup (issue 5): teacher = the builtin SmolLM2-135M-Instruct in fp32; student = a copy of it keeping its
+15 even-numbered decoder layers (0, 2, ..., 28); the bundled demo CRM traces (task prompts of 148-203
+tokens, reference answers of 44-55); batch 4, max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5,
+seed 42. For every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a
+fresh subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after
+the first (the first pays one-off costs: allocator warm-up, the optimizer state).
+
+    python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--json]
+    python benchmarks/train_bench.py --learning 30   # 30 steps of each, then both students' held-out loss
+
+--json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
+peak_rss_mb, final_loss} on stdout; progress goes to stderr. Without it, a table with the ratios.
+`--atlas-off` runs ours with all its speedups switched off (a check that the switches work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 4
+SETTINGS = {"max_new_tokens": 32, "beta": 0.5, "temperature": 0.9, "learning_rate": 1e-5, "seed": 42,
+            "max_length": 512}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM); ru_maxrss would include a parent's across execve."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def _models():
+    import torch
+
+    from atlas_distill.builtin import builtin_model_dir, builtin_tokenizer_dir
+    from atlas_distill.models import load_model, load_tokenizer
+    from atlas_distill.pruning import prune_layers
+
+    torch.manual_seed(SETTINGS["seed"])
+    tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))
+    teacher = load_model(str(builtin_model_dir()), dtype="float32")
+    student = load_model(str(builtin_model_dir()), dtype="float32", for_training=True)
+    prune_layers(student, list(range(0, student.config.num_hidden_layers, 2)))
+    return tokenizer, teacher, student
+
+
+def _datasets(tokenizer):
+    from atlas_distill.data import build_gkd_dataset
+    from atlas_distill.demo import DEMO_TRACES
+
+    return build_gkd_dataset(traces=str(DEMO_TRACES), min_reward=None, prompt="task", tokenizer=tokenizer,
+                             max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
+
+
+def _config(output_dir: str, steps: int, gc: bool, lmbda: float):
+    import torch
+
+    from atlas_distill.gkd import GKDConfig
+
+    return GKDConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=BATCH, lmbda=lmbda,
+        beta=SETTINGS["beta"], temperature=SETTINGS["temperature"], max_new_tokens=SETTINGS["max_new_tokens"],
+        learning_rate=SETTINGS["learning_rate"], seed=SETTINGS["seed"], max_length=SETTINGS["max_length"],
+        gradient_checkpointing=gc, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+
+
+def heldout_loss(student, teacher, tokenizer, rows, temperature: float, beta: float) -> float:
+    """The generalized JSD (TRL's formula, at `temperature`) on the reference answers of held-out sessions."""
+    import torch
+    from trl.experimental.gkd import GKDTrainer
+    from trl.experimental.utils import DataCollatorForChatML
+
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=SETTINGS["max_length"])
+    total, count = 0.0, 0
+    student.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), BATCH):
+            batch = collator([{"messages": m} for m in rows[start:start + BATCH]])
+            s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            n = int((labels != -100).sum())
+            loss = GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels=labels, beta=beta,
+                                                   temperature=temperature)
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
+    """The top-k cache's error: exact vs folded generalized JSD of the untrained student on held-out answers."""
+    import torch
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from atlas_distill.gkd import divergence
+
+    tokenizer, teacher, student = _models()
+    _train, held_out = _datasets(tokenizer)
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=SETTINGS["max_length"])
+    beta, temperature, vocab = SETTINGS["beta"], SETTINGS["temperature"], len(tokenizer)
+    exact, folded = [], {k: [] for k in ks}
+    with torch.inference_mode():
+        for start in range(0, sessions, BATCH):
+            batch = collator([{"messages": m} for m in held_out["messages"][start:start + BATCH]])
+            mask = batch["labels"][:, 1:] != -100
+            h_s = divergence.completion_hidden(student, batch, mask)
+            h_t = divergence.completion_hidden(teacher, batch, mask)
+            exact.append(divergence.chunked_divergence(h_s, h_t, student, teacher, vocab=vocab, beta=beta,
+                                                       temperature=temperature))
+            for k in ks:
+                indices, values, tail = divergence.teacher_topk(h_t, teacher, vocab=vocab, k=k, temperature=temperature)
+                folded[k].append(divergence.topk_divergence(h_s, student, vocab=vocab, beta=beta,
+                                                            temperature=temperature, indices=indices,
+                                                            teacher_values=values, teacher_tail=tail))
+    exact_mean = float(torch.cat(exact).mean())
+    return [{"k": k, "exact_loss": round(exact_mean, 5), "topk_loss": round(float(torch.cat(folded[k]).mean()), 5),
+             "relative_error": round(1 - float(torch.cat(folded[k]).mean()) / exact_mean, 5)} for k in ks]
+
+
+def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool) -> dict:
+    """Child process: one training run; its timings, loss and peak RSS."""
+    from transformers import TrainerCallback
+
+    from trl.experimental.gkd import GKDTrainer
+
+    from atlas_distill.gkd import AtlasGKDTrainer
+
+    tokenizer, teacher, student = _models()
+    train, held_out = _datasets(tokenizer)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+            log(f"  [{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}] step {state.global_step}/{steps} "
+                f"{stamps[-1] - stamps[-2]:.2f} s")
+
+    heldout_rows = list(held_out["messages"][:32])
+    before = heldout_loss(student, teacher, tokenizer, heldout_rows, SETTINGS["temperature"],
+                          SETTINGS["beta"]) if learning else None
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _config(tmp, steps, gc, lmbda)
+        common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
+                  "processing_class": tokenizer, "callbacks": [Clock()]}
+        if trainer_name == "trl":
+            trainer = GKDTrainer(**common)
+        else:
+            switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
+                         "group_by_length": False, "generation_dtype": "float32"} if atlas_off else {})
+            trainer = AtlasGKDTrainer(**common, **switches)
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = times[1:] or times
+    row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
+           "s_per_step": round(sum(timed) / len(timed), 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+           "final_loss": round(losses[-1], 5) if losses else None}
+    if learning:
+        row["heldout_loss_before"] = round(before, 5)
+        row["heldout_loss_after"] = round(heldout_loss(student, teacher, tokenizer, heldout_rows,
+                                                       SETTINGS["temperature"], SETTINGS["beta"]), 5)
+        row["losses"] = [round(x, 5) for x in losses]
+    return row
+
+
+def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool) -> dict:
+    command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
+               "on" if gc else "off", "--lmbda", str(lmbda)]
+    command += ["--learning-worker"] if learning else []
+    command += ["--atlas-off"] if atlas_off else []
+    log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps")
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    if done.returncode != 0:
+        raise SystemExit(f"the {trainer_name} worker failed (exit {done.returncode}); its stderr is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ratio_table(rows: list[dict]) -> str:
+    lines = ["| gc | lmbda | TRL s/step | ours s/step | speed-up | TRL peak RSS MB | ours peak RSS MB | RSS ratio "
+             "| TRL final loss | ours final loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    keyed = {(r["trainer"], r["gradient_checkpointing"], r["lmbda"]): r for r in rows}
+    for (name, gc, lmbda), trl_row in keyed.items():
+        ours = keyed.get(("atlas", gc, lmbda))
+        if name != "trl" or ours is None:
+            continue
+        lines.append(
+            f"| {'on' if gc else 'off'} | {lmbda:g} | {trl_row['s_per_step']:.2f} | {ours['s_per_step']:.2f} "
+            f"| {trl_row['s_per_step'] / ours['s_per_step']:.2f}x | {trl_row['peak_rss_mb']:.0f} "
+            f"| {ours['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / trl_row['peak_rss_mb']:.2f}x "
+            f"| {trl_row['final_loss']} | {ours['final_loss']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--gc", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--lmbda", default="0,0.5,1", help="comma-separated lmbda values")
+    parser.add_argument("--json", action="store_true", help="one JSON list of rows on stdout")
+    parser.add_argument("--learning", type=int, metavar="STEPS",
+                        help="instead: STEPS steps of each trainer (gc off, the first lmbda), held-out loss before/after")
+    parser.add_argument("--topk-error", metavar="K,K,...",
+                        help="instead: the top-k cache's divergence error vs the exact loss for these k")
+    parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
+    parser.add_argument("--worker", choices=["trl", "atlas"], help=argparse.SUPPRESS)
+    parser.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    lmbdas = [float(x) for x in args.lmbda.split(",")]
+    if args.worker:
+        with contextlib.redirect_stdout(sys.stderr):
+            row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off)
+        print(json.dumps(row), flush=True)
+        return
+    if args.topk_error:
+        rows = topk_error([int(k) for k in args.topk_error.split(",")])
+        print(json.dumps(rows) if args.json else "\n".join(
+            f"k={r['k']}: exact {r['exact_loss']}, top-k {r['topk_loss']}, relative error {r['relative_error']:.2%}"
+            for r in rows))
+        return
+    if args.learning:
+        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off)
+                for name in ("trl", "atlas")]
+    else:
+        gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off)
+                for gc in gcs for lmbda in lmbdas for name in ("trl", "atlas")]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(_ratio_table(rows))
+    for row in rows:
+        if "heldout_loss_before" in row:
+            print(f"{row['trainer']}: held-out loss {row['heldout_loss_before']} -> {row['heldout_loss_after']}; "
+                  f"train losses {row['losses']}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

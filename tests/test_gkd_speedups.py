@@ -1,0 +1,196 @@
+"""The speedups of AtlasGKDTrainer change the cost, not the result.
+
+- the chunked divergence equals TRL's generalized_jsd_loss on identical logits (value and gradient);
+- the trainer's chunked loss equals its full-logits loss on tiny models;
+- the top-k teacher cache: never above the exact divergence, exact when k covers the vocabulary, and
+  for forward KL short by exactly tail mass x KL of the tails;
+- KV-cache generation under gradient checkpointing gives the tokens no-cache generation gives (greedy).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gkd_trainer import batch, make_trainer
+
+from atlas_distill.gkd import divergence
+from atlas_distill.gkd.trainer import GKDTrainer
+
+V, H, N = 300, 24, 40
+
+
+class Head(torch.nn.Module):
+    """Just an lm_head, the part of a model the divergence functions read."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.lm_head.weight.data.copy_(weight)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def heads(seed: int = 0, sharpness: float = 3.0):
+    generator = torch.Generator().manual_seed(seed)
+    student = Head(torch.randn(V, H, generator=generator) * sharpness / H ** 0.5)
+    teacher = Head(torch.randn(V, H, generator=generator) * sharpness / H ** 0.5)
+    hidden_s = torch.randn(N, H, generator=generator, requires_grad=True)
+    hidden_t = torch.randn(N, H, generator=generator)
+    return student, teacher, hidden_s, hidden_t
+
+
+def trl_loss(hidden_s, hidden_t, student, teacher, beta, temperature):
+    s_logits = (hidden_s @ student.lm_head.weight.t()).unsqueeze(0)
+    t_logits = (hidden_t @ teacher.lm_head.weight.t()).unsqueeze(0)
+    return GKDTrainer.generalized_jsd_loss(s_logits, t_logits, labels=torch.zeros(1, N, dtype=torch.long), beta=beta,
+                                           temperature=temperature)
+
+
+@pytest.mark.parametrize("chunk", [256, 16])  # one chunk; three chunks, each recomputed in backward
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_chunked_divergence_equals_trl_generalized_jsd(beta, temperature, chunk, monkeypatch):
+    monkeypatch.setattr(divergence, "TOKEN_CHUNK", chunk)
+    student, teacher, hidden_s, hidden_t = heads()
+    expected = trl_loss(hidden_s, hidden_t, student, teacher, beta, temperature)
+    (expected_grad,) = torch.autograd.grad(expected, hidden_s)
+    ours = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=beta,
+                                         temperature=temperature).mean()
+    (our_grad,) = torch.autograd.grad(ours, hidden_s)
+    assert expected.item() > 1e-3  # a real divergence, not two equal distributions
+    assert abs(ours.item() - expected.item()) < 1e-5
+    assert torch.allclose(our_grad, expected_grad, atol=1e-6)
+
+
+def test_chunked_divergence_over_a_shared_prefix_of_the_vocabulary():
+    student, teacher, hidden_s, hidden_t = heads()
+    shared = V - 37  # a teacher with padded rows: only the first `shared` tokens are compared
+    s_logits = (hidden_s @ student.lm_head.weight[:shared].t()).unsqueeze(0)
+    t_logits = (hidden_t @ teacher.lm_head.weight[:shared].t()).unsqueeze(0)
+    expected = GKDTrainer.generalized_jsd_loss(s_logits, t_logits, labels=torch.zeros(1, N, dtype=torch.long), beta=0.5)
+    ours = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=0.5,
+                                         temperature=1.0).mean()
+    assert abs(ours.item() - expected.item()) < 1e-5
+
+
+def folded_and_exact(k, beta, temperature=1.0, seed=0):
+    student, teacher, hidden_s, hidden_t = heads(seed)
+    exact = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=beta,
+                                          temperature=temperature)
+    indices, values, tail = divergence.teacher_topk(hidden_t, teacher, vocab=V, k=k, temperature=temperature)
+    folded = divergence.topk_divergence(hidden_s, student, vocab=V, beta=beta, temperature=temperature,
+                                        indices=indices, teacher_values=values, teacher_tail=tail)
+    return folded, exact, (hidden_s, hidden_t, student, teacher, indices, tail)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_topk_cache_never_exceeds_the_exact_divergence_and_is_exact_at_full_k(beta):
+    errors = []
+    for k in (4, 16, 64, 256):
+        folded, exact, _ = folded_and_exact(k, beta, temperature=0.9)
+        assert torch.all(folded <= exact + 1e-5), f"k={k}: folded above exact"
+        errors.append((exact - folded).mean().item())
+    assert errors == sorted(errors, reverse=True), f"error should shrink as k grows: {errors}"
+    folded, exact, _ = folded_and_exact(V, beta)
+    assert torch.allclose(folded, exact, atol=1e-5)
+
+
+def test_topk_cache_forward_kl_error_is_the_tail_term():
+    """KL(t||s) - KL(t_folded||s_folded) = T_tail * KL(t restricted to the tail || s restricted to the tail)."""
+    folded, exact, (hidden_s, hidden_t, student, teacher, indices, tail) = folded_and_exact(16, beta=0.0)
+    log_s = torch.log_softmax(hidden_s @ student.lm_head.weight.t(), dim=-1)
+    log_t = torch.log_softmax(hidden_t @ teacher.lm_head.weight.t(), dim=-1)
+    in_tail = torch.ones_like(log_t, dtype=torch.bool).scatter(-1, indices.long(), False)
+    t_tail = torch.where(in_tail, log_t - tail.unsqueeze(-1), float("-inf"))  # teacher, renormalized on the tail
+    s_tail = torch.where(in_tail, log_s - torch.logsumexp(log_s.masked_fill(~in_tail, float("-inf")), -1,
+                                                          keepdim=True), float("-inf"))
+    kl_tails = torch.where(in_tail, t_tail.exp() * (t_tail - s_tail), 0.0).sum(-1)
+    assert torch.allclose(exact - folded, tail.exp() * kl_tails, atol=1e-5)
+
+
+def test_topk_divergence_gradient_flows_to_the_student():
+    folded, _, (hidden_s, *_rest) = folded_and_exact(16, beta=0.5)
+    (grad,) = torch.autograd.grad(folded.sum(), hidden_s)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_trainer_chunked_loss_equals_full_logits_loss(tmp_path, make_tiny_model, beta):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(layers=3, seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, args={"beta": beta, "temperature": 0.9},
+                           teacher_cache_topk=0)
+    assert trainer.chunked_loss
+    inputs = batch(trainer)
+    chunked = trainer.compute_loss(trainer.model, inputs)
+    chunked_grads = torch.autograd.grad(chunked, list(trainer.model.parameters()))
+    full = trainer._logits_loss(trainer.model, inputs)
+    full_grads = torch.autograd.grad(full, list(trainer.model.parameters()))
+    assert abs(chunked.item() - full.item()) < 1e-5
+    for a, b in zip(chunked_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_trainer_second_epoch_reads_the_teacher_cache(tmp_path, make_tiny_model):
+    """lmbda 0, 8 examples, batch 2: steps 5-8 are the second epoch, all served from the cache."""
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, teacher_cache_topk=64, group_by_length=False,
+                           args={"lmbda": 0.0, "max_steps": 8})
+    calls = []
+    decoder = trainer.teacher_model.model  # the chunked loss runs the teacher's decoder, not its lm_head
+    forward = decoder.forward
+    decoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    trainer.train()
+    assert (trainer.teacher_cache.misses, trainer.teacher_cache.hits) == (4, 4)
+    assert len(trainer.teacher_cache.entries) == 8
+    assert len(calls) == 4  # the teacher ran for the first epoch only
+    inputs = batch(trainer)
+    mask = inputs["labels"][:, 1:] != -100
+    cached = trainer.teacher_cache.lookup(trainer.teacher_cache.keys(inputs, mask), "cpu")
+    assert cached is not None and cached[0].shape == (int(mask.sum()), 64)
+
+
+def test_kv_cache_generation_matches_no_cache_generation(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(layers=3, seed=1), make_tiny_model(seed=2)
+    outputs = {}
+    for kv in (True, False):
+        trainer = make_trainer(tmp_path, student, teacher, kv_cache_generation=kv, generation_dtype="float32",
+                               args={"gradient_checkpointing": True, "max_new_tokens": 12})
+        assert trainer.generation_config.use_cache is kv
+        trainer.generation_config.do_sample = False  # greedy, so the two must agree token for token
+        trainer.model.train()
+        trainer.model.gradient_checkpointing_enable()  # as Trainer.train does before the first step
+        inputs = batch(trainer)
+        trainer._generate_into(trainer.model, inputs)
+        outputs[kv] = inputs["input_ids"]
+        assert trainer.model.is_gradient_checkpointing  # switched back on after generating
+    assert outputs[True].shape[1] > batch(trainer)["prompts"].shape[1]
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_bf16_sampling_copy_follows_the_student_after_each_step(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16",
+                           args={"lmbda": 1.0, "max_steps": 2, "learning_rate": 1e-2})
+    assert trainer.generation_dtype == torch.bfloat16
+    trainer.train()
+    copy = trainer._sampler
+    assert copy is not None and copy is not trainer.model and copy.dtype == torch.bfloat16
+    assert trainer._sampler_step == 1  # sampled for step 2 with the weights after step 1
+    inputs = batch(trainer)
+    trainer._generate_into(trainer.model, inputs)  # a later step refreshes the copy from the trained student
+    for target, source in zip(copy.parameters(), trainer.model.parameters()):
+        assert torch.equal(target, source.detach().to(torch.bfloat16))
+    assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]
+
+
+def test_every_speedup_can_be_switched_off(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, kv_cache_generation=False, chunked_loss=False,
+                           teacher_cache_topk=0, group_by_length=False, generation_dtype="float32",
+                           args={"gradient_checkpointing": True})
+    assert trainer.generation_config.use_cache is False and trainer.generation_dtype is None
+    assert not trainer.chunked_loss and trainer.teacher_cache is None
+    assert trainer.args.train_sampling_strategy == "random"
+    on = make_trainer(tmp_path, student, teacher)
+    assert on.args.train_sampling_strategy == "group_by_length" and "length" in on.train_dataset.column_names

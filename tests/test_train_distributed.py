@@ -1,0 +1,170 @@
+"""`train` under torchrun / accelerate launch (2 CPU processes, gloo) against one process, and the shipped
+accelerate configs.
+
+Same global batches in both runs: transformers hands the train dataloader to accelerate, which cuts the
+sampler's order (the same seeded order in every process) into per-process batches of b and gives process i
+batches i, i+2, ...; so at step k the two processes hold together the 2b conversations that one process
+with batch 2b holds. The dataset is 20 training conversations seen once each (5 steps x 4): nothing
+repeats, so the teacher cache (which keeps per-process entries for repeated examples) never answers in
+either run, and every loss is computed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOSS_RTOL = 1e-5  # observed: <= 3e-7 relative (float32 all-reduce and summation order)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_DB_URL", "PGPASSWORD")}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def demo_session_ids(train: int, evaluation: int) -> list[int]:
+    """The first `train` training and `evaluation` eval sessions of the bundled demo traces (default filters)."""
+    from atlas_distill.config import load_profile
+    from atlas_distill.data import split_of
+    from atlas_distill.demo import DEMO_TRACES
+    from atlas_distill.traces import JsonlTraceSource, TraceFilter
+
+    profile = load_profile("default", [], {})
+    sessions = list(JsonlTraceSource(str(DEMO_TRACES), TraceFilter.from_profile(profile)))
+    split = {name: [s.session_id for s in sessions if split_of(s, profile.data.eval_split) == name]
+             for name in ("train", "eval")}
+    return split["train"][:train] + split["eval"][:evaluation]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert len(steps) == len(set(steps)), "every step is logged once"
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(cli, make_tiny_model, tmp_path):
+    ids = ",".join(map(str, demo_session_ids(20, 4)))
+    common = ["--teacher", str(make_tiny_model(seed=2)), "--student", str(make_tiny_model(seed=1)),
+              "--max-steps", "5", "trainer.lmbda=0", "trainer.logging_steps=1", "trainer.eval_steps=100",
+              "trainer.max_new_tokens=6", "trainer.max_length=192", "trainer.learning_rate=1e-2",
+              "trainer.report_to=[]", "data.prompt=task", f"data.session_ids=[{ids}]", "--json"]
+    one = cli("train", *common, "trainer.per_device_train_batch_size=4", "--run-name", "one")
+    assert one.code == 0, one.stderr
+    two = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "atlas_distill.cli", "train", *common, "trainer.per_device_train_batch_size=2",
+               "--run-name", "two"], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    summary = json.loads(two.stdout)  # exactly one JSON document: the main process's
+    run_dir = tmp_path / "outputs/gkd/two"
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 5 and summary["data"]["train"] == 20
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-5"]
+    assert not (run_dir / ".checkpoint-staging").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoint-5").glob("rng_state_*.pth")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]
+    assert two.stderr.count("Loaded datasets:") == 1 and two.stderr.count("Step 5: loss=") == 1
+
+    single, double = losses(tmp_path / "outputs/gkd/one"), losses(run_dir)
+    assert list(single) == list(double) == [1, 2, 3, 4, 5]
+    for step in single:
+        assert double[step] == pytest.approx(single[step], rel=LOSS_RTOL), step
+    assert double[5] < double[1]
+    reference = one.json()
+    for key in ("success_rate", "avg_tokens"):  # generated on 2 + 2 sessions, gathered
+        assert summary["eval"][key] == reference["eval"][key]
+        assert summary["student_before"][key] == reference["student_before"][key]
+    assert summary["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_sharded_generation_gives_every_process_the_whole_result(make_tiny_model, tmp_path):
+    """AtlasGKDTrainer.evaluate_model on 2 processes and 5 sessions (uneven shares): each process gets the same
+    EvalResult as one process generating on all 5."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import json, sys, types
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+from atlas_distill.gkd import AtlasGKDTrainer
+from atlas_distill.models import load_tokenizer
+from atlas_distill.evaluate import evaluate_conversations
+
+accelerator = Accelerator(cpu=True)
+model = AutoModelForCausalLM.from_pretrained({str(make_tiny_model(seed=1))!r})
+tokenizer = load_tokenizer({str(make_tiny_model(seed=1))!r})
+conversations = [[{{"role": "system", "content": "Answer."}},
+                  {{"role": "user", "content": f"Question {{i}}" * (i + 1)}},
+                  {{"role": "assistant", "content": "x"}}] for i in range(5)]
+references = ["x"] * 5
+fake = types.SimpleNamespace(accelerator=accelerator, processing_class=tokenizer, scorer="exact",
+                             args=types.SimpleNamespace(max_new_tokens=5, per_device_eval_batch_size=2))
+result = AtlasGKDTrainer.evaluate_model(fake, model, conversations, references)
+alone = evaluate_conversations(model, tokenizer, conversations, references, scorer="exact", max_new_tokens=5,
+                               batch_size=2)
+with open(sys.argv[1] + f"/rank{{accelerator.process_index}}.json", "w") as handle:
+    json.dump({{"sharded": result.to_dict(include_episodes=True), "alone": alone.to_dict(include_episodes=True)}},
+              handle)
+""")
+    done = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker),
+                str(tmp_path)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["sharded"] == ranks[1]["sharded"] == ranks[0]["alone"]
+    assert ranks[0]["sharded"]["count"] == 5
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_module_with_the_shipped_ddp_config(make_tiny_model, tmp_path):
+    done = run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"),
+                "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "atlas_distill.cli", "train",
+                "--teacher", str(make_tiny_model(seed=2)), "--student", str(make_tiny_model(seed=1)),
+                "--max-steps", "2", "trainer.per_device_train_batch_size=1", "trainer.max_new_tokens=4",
+                "trainer.eval_max_sessions=3", "trainer.max_length=192", "trainer.report_to=[]", "data.prompt=task",
+                "--run-name", "acc", "--json"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert (tmp_path / "outputs/gkd/acc/final/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, distributed_type, extra", [
+    ("ddp", "MULTI_GPU", {}),
+    ("fsdp", "FSDP", {"fsdp_config": {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT",
+                                      "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}),
+    ("deepspeed_zero3", "DEEPSPEED", {"deepspeed_config": {"zero_stage": 3, "zero3_save_16bit_model": True,
+                                                           "zero3_init_flag": False}}),
+])
+def test_shipped_accelerate_configs_load_with_accelerates_parser(name, distributed_type, extra):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
+    assert isinstance(config, ClusterConfig)  # unknown keys would have raised
+    assert config.distributed_type == DistributedType[distributed_type]
+    assert config.num_machines == 1 and config.num_processes >= 2 and not config.use_cpu
+    assert config.mixed_precision == "no"  # the profile's model.dtype decides
+    for section, expected in extra.items():
+        assert expected.items() <= getattr(config, section).items()
+
+
+def test_readme_shows_how_to_launch_each_shipped_config():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("ddp", "fsdp", "deepspeed_zero3"):
+        assert f"accelerate launch --config_file accelerate_configs/{name}.yaml -m atlas_distill.cli train" in readme
+    assert "torchrun --nproc_per_node" in readme
