@@ -194,3 +194,12 @@ def test_every_speedup_can_be_switched_off(tmp_path, make_tiny_model):
     assert trainer.args.train_sampling_strategy == "random"
     on = make_trainer(tmp_path, student, teacher)
     assert on.args.train_sampling_strategy == "group_by_length" and "length" in on.train_dataset.column_names
+
+
+def test_teacher_cache_stops_storing_at_its_memory_budget():
+    from atlas_distill.gkd.trainer import TeacherCache
+
+    cache = TeacherCache(k=4, max_bytes=3 * 5 * (4 * 4 + 4 * 4 + 4))  # room for three rows of 5 positions
+    topk = (torch.zeros(25, 4, dtype=torch.int32), torch.zeros(25, 4), torch.zeros(25))
+    cache.store([bytes([i]) for i in range(5)], [5] * 5, topk)
+    assert len(cache.entries) == 3 and cache.bytes == cache.max_bytes

@@ -79,8 +79,10 @@ class TeacherCache:
     padded differently in another batch finds its entry. Entries are kept on the CPU, in fp32.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, max_bytes: int = 2 * 2**30) -> None:
         self.k = k
+        self.max_bytes = max_bytes  # a large dataset keeps its first examples only, not all RAM
+        self.bytes = 0
         self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
@@ -109,7 +111,11 @@ class TeacherCache:
     def store(self, keys: list[bytes], counts: list[int], topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         splits = [part.detach().cpu().split(counts) for part in topk]
         for key, *parts in zip(keys, *splits):
+            size = sum(part.numel() * part.element_size() for part in parts)
+            if self.bytes + size > self.max_bytes:
+                return
             self.entries[key] = tuple(part.clone() for part in parts)
+            self.bytes += size
 
 
 class AtlasGKDTrainer(GKDTrainer):
@@ -150,7 +156,7 @@ class AtlasGKDTrainer(GKDTrainer):
         if kv_cache_generation:  # unwrap_model_for_generation switches checkpointing off around generate
             self.generation_config.use_cache = self.generation_kwargs["use_cache"] = True
         self.chunked_loss = chunked_loss and divergence.plain_head(self.model) and divergence.plain_head(teacher_model)
-        self.teacher_cache = TeacherCache(teacher_cache_topk) if chunked_loss and teacher_cache_topk > 0 else None
+        self.teacher_cache = TeacherCache(teacher_cache_topk) if self.chunked_loss and teacher_cache_topk > 0 else None
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
         self.generation_dtype = self._sampling_dtype(generation_dtype)
