@@ -99,6 +99,7 @@ def prepare_conversations(sessions: Iterable[AtlasSession], *, source: str, eval
                 stats.dropped_too_long += 1
                 continue
             stats.truncated += full_tokens > max_length
+            row["length"] = full_tokens  # what the trainer's length-grouped sampler sorts by
         (evaluation if split_of(session, eval_split) == "eval" else train).append(row)
         if progress and stats.sessions % 200 == 0:
             progress(stats.sessions)

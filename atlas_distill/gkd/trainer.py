@@ -64,7 +64,8 @@ def _declared_vocab_matching(student, teacher):
 
 
 def _with_lengths(dataset, tokenizer):
-    """The dataset with a `length` column (prompt + answer tokens) for the length-grouped sampler."""
+    """The dataset with a `length` column (prompt + answer tokens) for the length-grouped sampler; data.py's
+    prepare_conversations already counts them when it has a tokenizer, so this is for datasets built without."""
     if "length" in dataset.column_names or tokenizer is None or "messages" not in dataset.column_names:
         return dataset
     lengths = [len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
