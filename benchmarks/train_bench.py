@@ -3,12 +3,14 @@
 Setup (issue 5): teacher = the builtin SmolLM2-135M-Instruct in fp32; student = a copy of it keeping its
 15 even-numbered decoder layers (0, 2, ..., 28); the bundled demo CRM traces (task prompts of 148-203
 tokens, reference answers of 44-55); batch 4, max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5,
-seed 42. For every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a
+seed 42; both trainers in fp32 (bf16=False: TRL's GKDConfig defaults to bf16 autocast, which on a CPU
+without native bf16 made TRL's step 7x slower here; `--bf16` turns it on for both). For every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a
 fresh subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after
 the first (the first pays one-off costs: allocator warm-up, the optimizer state).
 
     python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--json]
-    python benchmarks/train_bench.py --learning 30   # 30 steps of each, then both students' held-out loss
+    python benchmarks/train_bench.py --learning 30 --seeds 42,1,2   # 30 steps of each, per training seed,
+                                                                    # then both students' held-out loss
 
 --json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
 peak_rss_mb, final_loss} on stdout; progress goes to stderr. Without it, a table with the ratios.
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +68,7 @@ def _datasets(tokenizer):
                              max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
 
 
-def _config(output_dir: str, steps: int, gc: bool, lmbda: float):
+def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16: bool):
     import torch
 
     from atlas_distill.gkd import GKDConfig
@@ -73,8 +76,8 @@ def _config(output_dir: str, steps: int, gc: bool, lmbda: float):
     return GKDConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=BATCH, lmbda=lmbda,
         beta=SETTINGS["beta"], temperature=SETTINGS["temperature"], max_new_tokens=SETTINGS["max_new_tokens"],
-        learning_rate=SETTINGS["learning_rate"], seed=SETTINGS["seed"], max_length=SETTINGS["max_length"],
-        gradient_checkpointing=gc, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        learning_rate=SETTINGS["learning_rate"], seed=seed, max_length=SETTINGS["max_length"],
+        gradient_checkpointing=gc, bf16=bf16, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
 
 
@@ -130,7 +133,8 @@ def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
              "relative_error": round(1 - float(torch.cat(folded[k]).mean()) / exact_mean, 5)} for k in ks]
 
 
-def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool) -> dict:
+def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
+           seed: int, bf16: bool) -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
     from transformers import TrainerCallback
 
@@ -156,7 +160,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     before = heldout_loss(student, teacher, tokenizer, heldout_rows, SETTINGS["temperature"],
                           SETTINGS["beta"]) if learning else None
     with tempfile.TemporaryDirectory() as tmp:
-        args = _config(tmp, steps, gc, lmbda)
+        args = _config(tmp, steps, gc, lmbda, seed, bf16)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer, "callbacks": [Clock()]}
         if trainer_name == "trl":
@@ -171,7 +175,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     timed = times[1:] or times
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(sum(timed) / len(timed), 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "final_loss": round(losses[-1], 5) if losses else None}
+           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed}
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, teacher, tokenizer, heldout_rows,
@@ -180,16 +184,21 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     return row
 
 
-def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool) -> dict:
+def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
+              seed: int, bf16: bool) -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
-               "on" if gc else "off", "--lmbda", str(lmbda)]
+               "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed)]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
-    log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps")
+    command += ["--bf16"] if bf16 else []
+    log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps, "
+        f"seed {seed}")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if done.returncode != 0:
         raise SystemExit(f"the {trainer_name} worker failed (exit {done.returncode}); its stderr is above")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"  {json.dumps(row)}")
+    return row
 
 
 def _ratio_table(rows: list[dict]) -> str:
@@ -218,14 +227,22 @@ def main() -> None:
                         help="instead: STEPS steps of each trainer (gc off, the first lmbda), held-out loss before/after")
     parser.add_argument("--topk-error", metavar="K,K,...",
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
+    parser.add_argument("--seeds", default=str(SETTINGS["seed"]),
+                        help="comma-separated training seeds (data order, sampling, on/off-policy draws); "
+                             "--learning runs each trainer once per seed; the held-out split stays seed 42's")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
+                             "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
     parser.add_argument("--worker", choices=["trl", "atlas"], help=argparse.SUPPRESS)
     parser.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     lmbdas = [float(x) for x in args.lmbda.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
-            row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off)
+            row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
+                         seeds[0], args.bf16)
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
@@ -235,20 +252,25 @@ def main() -> None:
             for r in rows))
         return
     if args.learning:
-        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off)
-                for name in ("trl", "atlas")]
+        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16)
+                for seed in seeds for name in ("trl", "atlas")]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
-        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off)
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16)
                 for gc in gcs for lmbda in lmbdas for name in ("trl", "atlas")]
     if args.json:
         print(json.dumps(rows))
         return
-    print(_ratio_table(rows))
+    if not args.learning:
+        print(_ratio_table(rows))
+        return
     for row in rows:
-        if "heldout_loss_before" in row:
-            print(f"{row['trainer']}: held-out loss {row['heldout_loss_before']} -> {row['heldout_loss_after']}; "
-                  f"train losses {row['losses']}")
+        print(f"{row['trainer']} seed {row['seed']}: held-out loss {row['heldout_loss_before']} -> "
+              f"{row['heldout_loss_after']}; {row['s_per_step']} s/step; train losses {row['losses']}")
+    for name in ("trl", "atlas"):
+        after = [row["heldout_loss_after"] for row in rows if row["trainer"] == name]
+        spread = f" +- {statistics.stdev(after):.4f} (sd over {len(after)} seeds)" if len(after) > 1 else ""
+        print(f"{name}: held-out loss after {statistics.mean(after):.4f}{spread}")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,10 @@ def test_a_terminated_backend_is_reconnected_and_the_export_resumes_exactly(big_
     assert proc.returncode == 0, stderr
     summary = json.loads(stdout)
     assert summary["reconnects"] == 1 and summary["exported"] == SESSIONS
-    assert "terminating connection due to administrator command" in stderr
+    # The reason is the server's FATAL message or, when the socket closes before the client reads it,
+    # libpq's "server closed the connection unexpectedly"; both were seen here.
+    assert re.search(r"lost the database connection after \d+ sessions \((.*administrator command|.*server closed "
+                     r"the connection unexpectedly)", stderr), stderr
     assert "reconnecting in 0.5 s (attempt 1 of 3)" in stderr
     ids = exported_ids(tmp_path / "big.jsonl")
     assert len(ids) == len(set(ids))  # no session twice

@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_gkd_trainer import batch, make_trainer
 
 from atlas_distill.gkd import divergence
+from atlas_distill.gkd import trainer as trainer_module
 from atlas_distill.gkd.trainer import GKDTrainer
 
 V, H, N = 300, 24, 40
@@ -182,6 +185,26 @@ def test_bf16_sampling_copy_follows_the_student_after_each_step(tmp_path, make_t
     for target, source in zip(copy.parameters(), trainer.model.parameters()):
         assert torch.equal(target, source.detach().to(torch.bfloat16))
     assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(tmp_path, make_tiny_model,
+                                                                                monkeypatch, fast_bf16):
+    monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: fast_bf16)
+    trainer = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2))
+    assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None)
+
+
+def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: False)
+    with pytest.warns(UserWarning, match=r"7x slower.*GKDConfig\(bf16=False\)"):
+        make_trainer(tmp_path, student, teacher, args={"bf16": True})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*bf16 autocast.*")
+        make_trainer(tmp_path, student, teacher, args={"bf16": False})
+        monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: True)
+        make_trainer(tmp_path, student, teacher, args={"bf16": True})
 
 
 def test_every_speedup_can_be_switched_off(tmp_path, make_tiny_model):

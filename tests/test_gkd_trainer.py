@@ -21,7 +21,7 @@ def make_trainer(tmp_path, student_dir, teacher_dir, **overrides):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     settings = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, report_to=[],
                     max_new_tokens=4, use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                    max_length=128, seed=3)
+                    max_length=128, seed=3, bf16=False)
     settings.update(overrides.pop("args", {}))
     return AtlasGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),
@@ -98,7 +98,7 @@ def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_mode
     trainer = AtlasGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),
         teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
-        args=GKDConfig(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_length=512),
+        args=GKDConfig(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_length=512, bf16=False),
         db_url=seeded_db, min_reward=0.7, processing_class=AutoTokenizer.from_pretrained(student_dir))
     matching = db_ids(seeded_db, "review_status = 'approved' AND (reward_stats->>'score')::float >= 0.7")
     assert len(trainer.train_dataset) + len(trainer.eval_dataset) == len(matching)

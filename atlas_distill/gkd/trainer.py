@@ -22,14 +22,16 @@ Each speedup is on by default and has a switch to turn it off:
   bucket per position; when the same example comes back (the next epoch) the teacher does not run;
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
-  optimizer step) on a CPU with native bf16, where decoding, which reads every weight per token, runs
-  2.2x faster; "float32" samples from the student itself.
+  optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
+  per token, ran 2.2x faster; without native bf16 (plain AVX2) bf16 is slower than fp32, so "auto"
+  samples from the student itself there, as "float32" always does.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +49,12 @@ from ..models import shared_vocab_size  # noqa: E402
 from . import divergence  # noqa: E402
 
 __all__ = ["AtlasGKDTrainer", "GKDConfig"]
+
+
+def bf16_cpu() -> bool:
+    """Whether oneDNN has a fast bf16 matmul on this CPU (AVX512-BF16, AMX, AVX512). On a plain AVX2 CPU a
+    bf16 matmul ran 6x slower than fp32 here, and a GKD step under bf16 autocast 7x slower."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextmanager
@@ -161,6 +169,11 @@ class AtlasGKDTrainer(GKDTrainer):
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
         self.generation_dtype = self._sampling_dtype(generation_dtype)
+        if self.args.bf16 and self.args.device.type == "cpu" and not bf16_cpu():
+            warnings.warn("bf16=True (GKDConfig's default) trains this CPU run under bf16 autocast, but this CPU "
+                          "has no fast bf16 matmul (AVX512 or AMX): a GKD step measured 7x slower than in fp32. "
+                          "Pass GKDConfig(bf16=False) to train in fp32 (`atlas-distill train` does on a CPU).",
+                          stacklevel=2)
         self._sampler: torch.nn.Module | None = None
         self._sampler_step = -1
 
@@ -233,8 +246,9 @@ class AtlasGKDTrainer(GKDTrainer):
         """The dtype of the student's sampling copy, or None to sample from the student itself.
 
         Decoding is memory-bound: every new token reads all the weights. On a CPU with native bf16
-        (AVX512-BF16 / AMX) a bf16 copy decodes 2.2x faster than fp32 here; "auto" uses one for an fp32
-        student on such a CPU, trained alone (no LoRA wrapper, one process, no FSDP/DeepSpeed sharding).
+        (AVX512-BF16 / AMX) a bf16 copy decoded 2.2x faster than fp32; on a plain AVX2 CPU bf16 is slower
+        (`bf16_cpu`). "auto" uses a copy for an fp32 student on a CPU with fast bf16, trained alone (no LoRA
+        wrapper, one process, no FSDP/DeepSpeed sharding).
         """
         if setting == "float32":
             return None
@@ -243,8 +257,8 @@ class AtlasGKDTrainer(GKDTrainer):
                  and not self.is_fsdp_enabled and not self.is_deepspeed_enabled)
         if setting == "bfloat16":
             return torch.bfloat16 if plain else None
-        native_bf16 = next(student.parameters()).device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if plain and native_bf16 and student.dtype == torch.float32 else None
+        fast_bf16 = next(student.parameters()).device.type == "cpu" and bf16_cpu()
+        return torch.bfloat16 if plain and fast_bf16 and student.dtype == torch.float32 else None
 
     def _sampling_copy(self) -> torch.nn.Module:
         """The student cast to generation_dtype, its weights refreshed once per optimizer step."""
