@@ -71,6 +71,14 @@ def test_malformed_line_exit_5_names_the_line(cli, trace_file, tmp_path):
     assert skipped.code == 0 and skipped.json()["sessions"] == 10 and skipped.json()["invalid_skipped"] == 1
 
 
+def test_a_file_of_only_invalid_lines_says_so_with_skip_invalid(cli, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('x\n{"task": 1\n[]\n')
+    result = cli("inspect", "bad.jsonl", "--skip-invalid")
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert "No valid session in bad.jsonl: all 3 lines were invalid and skipped." in result.stderr
+    assert "passed the filters" not in result.stderr
+
+
 def test_empty_file_exit_2(cli, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     result = cli("inspect", "empty.jsonl")

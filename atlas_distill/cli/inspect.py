@@ -53,6 +53,11 @@ def inspect(
         with progress_bar("Reading") as update:
             report = inspect_sessions(source, source=path, top=top, progress=lambda n: update(n, None))
         report.invalid_skipped = getattr(source, "invalid", 0)
+        if report.sessions == 0 and report.invalid_skipped and not filtered:
+            raise NoTracesFound(f"No valid session in {path}: all {report.invalid_skipped} lines were invalid and "
+                                "skipped.", fix="Check that it is an Atlas trace export (one JSON session per line, "
+                                "as `atlas-distill export` writes); without --skip-invalid the error names the "
+                                "first bad line.")
         if report.sessions == 0:
             raise NoTracesFound(f"No session in {path} passed the filters.",
                                 fix="Drop --filtered, or lower trainer.min_reward / clear trainer.learning_key.")
