@@ -3,17 +3,19 @@
 Setup (issue 5): teacher = the builtin SmolLM2-135M-Instruct in fp32; student = a copy of it keeping its
 15 even-numbered decoder layers (0, 2, ..., 28); the bundled demo CRM traces (task prompts of 148-203
 tokens, reference answers of 44-55); batch 4, max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5,
-seed 42; both trainers in fp32 (bf16=False: TRL's GKDConfig defaults to bf16 autocast, which on a CPU
-without native bf16 made TRL's step 7x slower here; `--bf16` turns it on for both). For every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a
-fresh subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after
-the first (the first pays one-off costs: allocator warm-up, the optimizer state).
+seed 42; both trainers in fp32 (bf16=False: TRL's GKDConfig defaults to bf16 autocast, which on
+a CPU without native bf16 made TRL's step 7x slower here; `--bf16` turns it on for both). For
+every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a fresh
+subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after the
+first (the first pays one-off costs: allocator warm-up, the optimizer state).
 
     python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--json]
-    python benchmarks/train_bench.py --learning 30 --seeds 42,1,2   # 30 steps of each, per training seed,
-                                                                    # then both students' held-out loss
+    python benchmarks/train_bench.py --learning 30 --gc off --lmbda 0.5 --seeds 42,1,2
+        # 30 steps of each trainer per training seed, then both students' held-out loss
 
 --json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
-peak_rss_mb, final_loss} on stdout; progress goes to stderr. Without it, a table with the ratios.
+peak_rss_mb, final_loss, seed} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
+and losses); progress goes to stderr. Without it, a table with the ratios.
 `--atlas-off` runs ours with all its speedups switched off (a check that the switches work).
 """
 
@@ -229,7 +231,8 @@ def main() -> None:
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
     parser.add_argument("--seeds", default=str(SETTINGS["seed"]),
                         help="comma-separated training seeds (data order, sampling, on/off-policy draws); "
-                             "--learning runs each trainer once per seed; the held-out split stays seed 42's")
+                             "--learning runs each trainer once per seed, timing runs use the first; the "
+                             "held-out split stays seed 42's")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
                              "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
@@ -267,10 +270,14 @@ def main() -> None:
     for row in rows:
         print(f"{row['trainer']} seed {row['seed']}: held-out loss {row['heldout_loss_before']} -> "
               f"{row['heldout_loss_after']}; {row['s_per_step']} s/step; train losses {row['losses']}")
-    for name in ("trl", "atlas"):
-        after = [row["heldout_loss_after"] for row in rows if row["trainer"] == name]
-        spread = f" +- {statistics.stdev(after):.4f} (sd over {len(after)} seeds)" if len(after) > 1 else ""
-        print(f"{name}: held-out loss after {statistics.mean(after):.4f}{spread}")
+    after = {name: [row["heldout_loss_after"] for row in rows if row["trainer"] == name] for name in ("trl", "atlas")}
+    for name, values in after.items():
+        spread = f" +- {statistics.stdev(values):.4f} (sd over {len(values)} seeds)" if len(values) > 1 else ""
+        print(f"{name}: held-out loss after {statistics.mean(values):.4f}{spread}")
+    if len(seeds) > 1:  # paired by seed: is the gap between the trainers larger than its own spread?
+        gaps = [ours - theirs for theirs, ours in zip(after["trl"], after["atlas"], strict=True)]
+        print(f"ours - TRL, per seed: {statistics.mean(gaps):+.4f} +- {statistics.stdev(gaps):.4f} (sd); "
+              f"per seed {[round(g, 4) for g in gaps]}")
 
 
 if __name__ == "__main__":

@@ -73,10 +73,11 @@ def test_malformed_line_exit_5_names_the_line(cli, trace_file, tmp_path):
 
 def test_a_file_of_only_invalid_lines_says_so_with_skip_invalid(cli, tmp_path):
     (tmp_path / "bad.jsonl").write_text('x\n{"task": 1\n[]\n')
-    result = cli("inspect", "bad.jsonl", "--skip-invalid")
-    assert result.code == 2 and "Traceback" not in result.stderr
-    assert "No valid session in bad.jsonl: all 3 lines were invalid and skipped." in result.stderr
-    assert "passed the filters" not in result.stderr
+    for extra in ([], ["--filtered"]):
+        result = cli("inspect", "bad.jsonl", "--skip-invalid", *extra)
+        assert result.code == 2 and "Traceback" not in result.stderr
+        assert "No valid session in bad.jsonl: all 3 lines were invalid and skipped." in result.stderr
+        assert "passed the filters" not in result.stderr
 
 
 def test_empty_file_exit_2(cli, tmp_path):

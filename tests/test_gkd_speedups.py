@@ -4,7 +4,8 @@
 - the trainer's chunked loss equals its full-logits loss on tiny models;
 - the top-k teacher cache: never above the exact divergence, exact when k covers the vocabulary, and
   for forward KL short by exactly tail mass x KL of the tails;
-- KV-cache generation under gradient checkpointing gives the tokens no-cache generation gives (greedy).
+- KV-cache generation under gradient checkpointing gives the tokens no-cache generation gives (greedy);
+- the bf16 sampling copy is used only where the CPU has native bf16, and bf16 autocast without it warns.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(
 def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: False)
-    with pytest.warns(UserWarning, match=r"7x slower.*GKDConfig\(bf16=False\)"):
+    with pytest.warns(UserWarning, match=r"7x slower.*GKDConfig\(bf16=False\); with `atlas-distill train`"):
         make_trainer(tmp_path, student, teacher, args={"bf16": True})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*bf16 autocast.*")

@@ -53,7 +53,7 @@ def inspect(
         with progress_bar("Reading") as update:
             report = inspect_sessions(source, source=path, top=top, progress=lambda n: update(n, None))
         report.invalid_skipped = getattr(source, "invalid", 0)
-        if report.sessions == 0 and report.invalid_skipped and not filtered:
+        if report.sessions == 0 and report.invalid_skipped and getattr(source, "valid", None) == 0:
             raise NoTracesFound(f"No valid session in {path}: all {report.invalid_skipped} lines were invalid and "
                                 "skipped.", fix="Check that it is an Atlas trace export (one JSON session per line, "
                                 "as `atlas-distill export` writes); without --skip-invalid the error names the "

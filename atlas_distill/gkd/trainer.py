@@ -23,17 +23,20 @@ Each speedup is on by default and has a switch to turn it off:
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
   optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
-  per token, ran 2.2x faster; without native bf16 (plain AVX2) bf16 is slower than fp32, so "auto"
-  samples from the student itself there, as "float32" always does.
+  per token, ran 2.2x faster; without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
+  student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x slower than fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import random
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,10 +54,20 @@ from . import divergence  # noqa: E402
 __all__ = ["AtlasGKDTrainer", "GKDConfig"]
 
 
+@functools.cache
 def bf16_cpu() -> bool:
-    """Whether oneDNN has a fast bf16 matmul on this CPU (AVX512-BF16, AMX, AVX512). On a plain AVX2 CPU a
-    bf16 matmul ran 6x slower than fp32 here, and a GKD step under bf16 autocast 7x slower."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU has native bf16 arithmetic. On x86 that is AVX512-BF16 or AMX, read from
+    /proc/cpuinfo: oneDNN also claims bf16 on plain AVX512, where it emulates it. On a plain AVX2 CPU a bf16
+    matmul ran 6x slower than fp32 here, and a GKD step under bf16 autocast 7x slower."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # oneDNN's own check (e.g. Arm's BF16 extension)
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @contextmanager
@@ -171,9 +184,9 @@ class AtlasGKDTrainer(GKDTrainer):
         self.generation_dtype = self._sampling_dtype(generation_dtype)
         if self.args.bf16 and self.args.device.type == "cpu" and not bf16_cpu():
             warnings.warn("bf16=True (GKDConfig's default) trains this CPU run under bf16 autocast, but this CPU "
-                          "has no fast bf16 matmul (AVX512 or AMX): a GKD step measured 7x slower than in fp32. "
-                          "Pass GKDConfig(bf16=False) to train in fp32 (`atlas-distill train` does on a CPU).",
-                          stacklevel=2)
+                          "has no native bf16 (AVX512-BF16 or AMX): a GKD step measured 7x slower than in fp32. "
+                          "Train in fp32: GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto "
+                          "or float32.", stacklevel=2)
         self._sampler: torch.nn.Module | None = None
         self._sampler_step = -1
 
