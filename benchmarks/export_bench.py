@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,23 +35,12 @@ from pathlib import Path
 from atlas_distill.db import connect, embedded_postgres, with_database
 from atlas_distill.traces.postgres import _COLUMNS, _QUERY, session_payload
 
+from _common import log, peak_rss_mb  # benchmarks/ is sys.path[0] when a script runs
+
 SESSION_COLUMNS = _COLUMNS.replace("{{}}", "{}")  # _COLUMNS is written for a later str.format
 ALL_ROWS = _QUERY.format(where="true", limit="")
 LABELS = {"ours": "(a) ours: export_traces, one query", "upstream": "(b) upstream: OFFSET pages, 6 queries/session",
           "copy": "(c) COPY (same query) TO STDOUT"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. On Linux ru_maxrss survives execve, so a child spawned by a big parent
-    reports at least the parent's RSS; VmHWM belongs to the process's own address space."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
 
 
 def worker(mode: str, url: str, limit: int, output: str) -> None:

@@ -32,19 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import log, peak_rss_mb  # benchmarks/ is sys.path[0] when a script runs
+
 BATCH = 4
 SETTINGS = {"max_new_tokens": 32, "beta": 0.5, "temperature": 0.9, "learning_rate": 1e-5, "seed": 42,
             "max_length": 512}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM); ru_maxrss would include a parent's across execve."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def _models():
