@@ -50,8 +50,11 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="At most this many sessions (lowest ids first).")
     eval_split: float = Field(0.15, ge=0.0, lt=1.0, description="Fraction of sessions held out for evaluation.")
     prompt: Literal["conversation", "task"] = Field(
-        "conversation", description="conversation: the whole multi-turn exchange before the final answer; "
-        "task: only the task (shorter, for small models and CPU runs).")
+        "conversation", description="conversation: the whole multi-turn exchange; "
+        "task: only the task before the final answer (shorter; the final answer is then the only target).")
+    targets: Literal["all", "final"] = Field(
+        "all", description="What the student learns: all: every action of the agent (each step's output or "
+        "tool call) and the final answer; final: only the final answer, the rest of the episode is prompt.")
 
 
 class LoraConfig(_Strict):

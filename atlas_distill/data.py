@@ -1,12 +1,15 @@
 """Atlas sessions -> GKD train/eval datasets of chat conversations (DESIGN §3).
 
 Each row: `messages` (system, the exchange, and the final answer as the last
-assistant turn: the completion), plus `session_id`, `learning_key`, `reward` and
-`reference` (the final answer, for evaluation). The split is a hash of the
-session id, so a growing database never moves an eval session into training.
-Conversations longer than `max_length` tokens are cut from the left of the
-prompt by the collator and counted here; a completion that alone does not fit
-is dropped and counted, never silently.
+assistant turn), plus `session_id`, `learning_key`, `reward` and `reference` (the
+final answer, for evaluation). With `targets="all"` (the default) a row also has
+`targets`: the indices of the assistant turns the student learns (every action and
+the final answer); with `targets="final"` the row is as it always was, the last
+turn its only target. The split is a hash of the session id, so a growing
+database never moves an eval session into training. Conversations longer than
+`max_length` tokens are cut from the left by the collator (whole turns) and
+counted here; a target turn that alone does not fit is dropped and counted (a
+row left without its final answer is dropped), never silently.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import NoTracesFound, UsageError
 from .export import NO_MATCH_FIX
 from .traces import AtlasSession, JsonlTraceSource, PostgresTraceSource, TraceFilter
-from .traces.conversation import session_to_messages, system_prompt
+from .traces.conversation import session_to_conversation, session_to_messages, system_prompt
 
 if TYPE_CHECKING:
     from .config import Profile
@@ -37,6 +40,10 @@ class DatasetStats:
     truncated: int = 0
     dropped_no_answer: int = 0
     dropped_too_long: int = 0
+    targets: int = 0
+    """Target turns in the kept rows (train and eval)."""
+    dropped_targets: int = 0
+    """Target turns (not final answers) too long to fit max_length alone, left out of their rows."""
     funnel: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,9 +76,33 @@ def session_messages(session: AtlasSession, prompt: str = "conversation") -> lis
     return session_to_messages(session)
 
 
-def conversation_row(session: AtlasSession, prompt: str = "conversation") -> dict[str, Any]:
-    return {"messages": session_messages(session, prompt), "session_id": str(session.session_id),
-            "learning_key": session.learning_key, "reward": session.reward, "reference": session.final_answer.strip()}
+TARGETS = ("all", "final")
+
+
+def conversation_row(session: AtlasSession, prompt: str = "conversation", targets: str = "all") -> dict[str, Any]:
+    """The training row of a session; `targets="all"` (with the conversation prompt) adds `targets`."""
+    if targets not in TARGETS:
+        raise UsageError(f"Unknown targets `{targets}`.", fix="Use data.targets=all or data.targets=final.")
+    row: dict[str, Any] = {}
+    if targets == "all" and prompt == "conversation":
+        conversation = session_to_conversation(session)
+        row = {"messages": conversation.messages, "targets": conversation.targets}
+    else:
+        row = {"messages": session_messages(session, prompt)}
+    return row | {"session_id": str(session.session_id), "learning_key": session.learning_key,
+                  "reward": session.reward, "reference": session.final_answer.strip()}
+
+
+def _fit_targets(tokenizer, row: dict[str, Any], max_length: int) -> tuple[int, int, bool]:
+    """(full tokens, targets dropped, whether the final answer alone does not fit) for an `all` row, whose
+    `targets` lose the turns that alone are max_length tokens or more."""
+    from .target_spans import chat_messages, encode, supports_tool_role
+
+    messages, targets = chat_messages(row["messages"], row["targets"], tool_role=supports_tool_role(tokenizer))
+    encoded = encode(tokenizer, messages, targets)
+    fits = [end - start < max_length for start, end in encoded.spans]
+    row["targets"] = [t for t, ok in zip(row["targets"], fits) if ok]
+    return len(encoded.ids), fits.count(False) - (not fits[-1]), not fits[-1]
 
 
 def _token_lengths(tokenizer, messages: list[dict[str, str]]) -> tuple[int, int]:
@@ -84,7 +115,8 @@ def _token_lengths(tokenizer, messages: list[dict[str, str]]) -> tuple[int, int]
 
 def prepare_conversations(sessions: Iterable[AtlasSession], *, source: str, eval_split: float = 0.15,
                           prompt: str = "conversation", tokenizer=None, max_length: int | None = None,
-                          seed: int = 42, progress: Callable[[int], None] | None = None) -> PreparedData:
+                          seed: int = 42, progress: Callable[[int], None] | None = None,
+                          targets: str = "all") -> PreparedData:
     stats = DatasetStats(source=source)
     train, evaluation = [], []
     for session in sessions:
@@ -92,14 +124,20 @@ def prepare_conversations(sessions: Iterable[AtlasSession], *, source: str, eval
         if not session.final_answer.strip():
             stats.dropped_no_answer += 1
             continue
-        row = conversation_row(session, prompt)
+        row = conversation_row(session, prompt, targets)
         if tokenizer is not None and max_length is not None:
-            prompt_tokens, full_tokens = _token_lengths(tokenizer, row["messages"])
-            if full_tokens - prompt_tokens >= max_length:
+            if "targets" in row:
+                full_tokens, dropped, final_too_long = _fit_targets(tokenizer, row, max_length)
+                stats.dropped_targets += dropped
+            else:
+                prompt_tokens, full_tokens = _token_lengths(tokenizer, row["messages"])
+                final_too_long = full_tokens - prompt_tokens >= max_length
+            if final_too_long:
                 stats.dropped_too_long += 1
                 continue
             stats.truncated += full_tokens > max_length
             row["length"] = full_tokens  # what the trainer's length-grouped sampler sorts by
+        stats.targets += len(row.get("targets", [None]))
         (evaluation if split_of(session, eval_split) == "eval" else train).append(row)
         if progress and stats.sessions % 200 == 0:
             progress(stats.sessions)
@@ -121,12 +159,12 @@ def trace_source(*, db_url: str | None = None, traces: str | None = None, filter
 def load_prepared(*, db_url: str | None = None, traces: str | None = None, filters: TraceFilter,
                   eval_split: float = 0.15, prompt: str = "conversation", tokenizer=None,
                   max_length: int | None = None, seed: int = 42, skip_invalid: bool = False,
-                  progress: Callable[[int], None] | None = None) -> PreparedData:
+                  progress: Callable[[int], None] | None = None, targets: str = "all") -> PreparedData:
     """Read, convert and split; NoTracesFound (with the filter funnel for Postgres) when nothing is left."""
     source = trace_source(db_url=db_url, traces=traces, filters=filters, skip_invalid=skip_invalid)
     prepared = prepare_conversations(source, source="database" if db_url else str(traces), eval_split=eval_split,
                                      prompt=prompt, tokenizer=tokenizer, max_length=max_length, seed=seed,
-                                     progress=progress)
+                                     progress=progress, targets=targets)
     funnel = getattr(source, "funnel", [])
     prepared.stats.funnel = [{"filter": s.label, "remaining": s.remaining} for s in funnel]
     if prepared.stats.train == 0:
@@ -145,7 +183,8 @@ def prepare_for_profile(profile: Profile, *, db_url: str | None = None, traces: 
     t = profile.trainer
     prepared = load_prepared(db_url=db_url, traces=traces, filters=TraceFilter.from_profile(profile),
                              eval_split=profile.data.eval_split, prompt=profile.data.prompt, tokenizer=tokenizer,
-                             max_length=t.max_length, seed=t.seed, skip_invalid=skip_invalid)
+                             max_length=t.max_length, seed=t.seed, skip_invalid=skip_invalid,
+                             targets=profile.data.targets)
     if not prepared.eval:
         raise NoTracesFound("No conversations left for evaluation after the split.",
                             fix="Raise data.eval_split or widen the filters so that more sessions match.")
@@ -155,11 +194,15 @@ def prepare_for_profile(profile: Profile, *, db_url: str | None = None, traces: 
 def build_gkd_dataset(db_url: str | None = None, *, traces: str | None = None, min_reward: float | None = 0.8,
                       learning_key: str | None = None, eval_split: float = 0.15, limit: int | None = None,
                       seed: int = 42, review_status: tuple[str, ...] | None = ("approved",),
-                      prompt: str = "conversation", tokenizer=None, max_length: int | None = None):
-    """(train, eval) `datasets.Dataset`s, as upstream's `trainers.gkd_dataset.build_gkd_dataset`."""
+                      prompt: str = "conversation", tokenizer=None, max_length: int | None = None,
+                      targets: str = "all"):
+    """(train, eval) `datasets.Dataset`s, as upstream's `trainers.gkd_dataset.build_gkd_dataset`.
+
+    targets: "all" (every action of the agent and the final answer are learnt; each row's `targets` lists
+    their message indices) or "final" (the final answer only, everything before it prompt)."""
     from datasets import Dataset
 
     filters = TraceFilter(min_reward=min_reward, learning_key=learning_key, review_status=review_status, limit=limit)
     prepared = load_prepared(db_url=db_url, traces=traces, filters=filters, eval_split=eval_split, prompt=prompt,
-                             tokenizer=tokenizer, max_length=max_length, seed=seed)
+                             tokenizer=tokenizer, max_length=max_length, seed=seed, targets=targets)
     return Dataset.from_list(prepared.train), Dataset.from_list(prepared.eval)

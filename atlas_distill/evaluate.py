@@ -1,9 +1,15 @@
-"""Evaluation: score generated answers, measure success rate and tokens, compare with the baseline.
+"""Evaluation: score generated turns, measure success rates and tokens, compare with the baseline.
 
-`eval/success_rate` is the share of eval conversations whose greedily generated answer a
-scorer judges correct against the reference (the conversation's last assistant turn);
-`eval/avg_tokens` is the mean number of tokens generated per episode, up to the first EOS.
-`compute_baseline_summary` turns those into the Baseline Comparison metrics of DESIGN §4.
+Every target turn of an eval conversation (each action of the agent and the final answer; a
+row without `targets` has its last turn only) is generated greedily from the recorded
+conversation before it and judged against the recorded turn:
+- `eval/success_rate`: the share of conversations whose final answer is judged right (by the
+  configured scorer), as before multi-turn evaluation existed;
+- `eval/step_success_rate`: the share of all target turns judged right (actions by `auto`: same
+  tool and equal arguments for a tool call, the number for a number, else the text);
+- `eval/episode_success_rate`: the share of conversations whose every target turn is right;
+- `eval/avg_tokens`: tokens the model generates per episode (all its turns), up to each EOS.
+`compute_baseline_summary` turns success rate and tokens into the Baseline Comparison of DESIGN §4.
 """
 
 from __future__ import annotations
@@ -131,25 +137,48 @@ class Generation:
 
 @dataclass
 class Episode:
-    """One eval conversation: the generated answer, its reference, the verdict and the tokens spent."""
+    """One eval conversation: the generated final answer, its reference, the verdicts and the tokens spent."""
 
     prediction: str
     reference: str
     success: bool
+    """The final answer is judged right."""
     tokens: int
+    """Tokens generated over all the episode's target turns."""
+    steps: list[bool] = field(default_factory=list)
+    """The verdict of each target turn, in order (the final answer last)."""
+
+    @property
+    def all_steps_right(self) -> bool:
+        return all(self.steps) if self.steps else self.success
 
 
 @dataclass
 class EvalResult:
-    """`eval/success_rate` and `eval/avg_tokens` over `count` episodes."""
+    """`eval/success_rate`, `eval/step_success_rate`, `eval/episode_success_rate` and `eval/avg_tokens`."""
 
     success_rate: float
     avg_tokens: float
     count: int
     episodes: list[Episode] = field(default_factory=list)
+    step_success_rate: float | None = None
+    episode_success_rate: float | None = None
+
+    @classmethod
+    def of(cls, episodes: list[Episode]) -> EvalResult:
+        steps = [verdict for e in episodes for verdict in (e.steps or [e.success])]
+        return cls(success_rate=sum(e.success for e in episodes) / len(episodes),
+                   avg_tokens=sum(e.tokens for e in episodes) / len(episodes), count=len(episodes),
+                   episodes=episodes, step_success_rate=sum(steps) / len(steps),
+                   episode_success_rate=sum(e.all_steps_right for e in episodes) / len(episodes))
+
+    def rates(self) -> dict[str, Any]:
+        """The figures a summary keeps (no episodes)."""
+        return {"success_rate": self.success_rate, "step_success_rate": self.step_success_rate,
+                "episode_success_rate": self.episode_success_rate, "avg_tokens": self.avg_tokens}
 
     def to_dict(self, *, include_episodes: bool = False) -> dict[str, Any]:
-        data = {"success_rate": self.success_rate, "avg_tokens": self.avg_tokens, "count": self.count}
+        data = self.rates() | {"count": self.count}
         if include_episodes:
             data["episodes"] = [asdict(episode) for episode in self.episodes]
         return data
@@ -220,21 +249,40 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
     return results
 
 
+def turn_prompts(tokenizer, conversation: list[dict], targets: list[int] | None) -> list[list[dict]]:
+    """One conversation per target turn: the recorded turns before it and the turn itself (the reference)."""
+    from .target_spans import chat_messages, final_targets, supports_tool_role
+
+    messages, mapped = chat_messages(conversation, targets or final_targets(conversation),
+                                     tool_role=supports_tool_role(tokenizer))
+    return [messages[: t + 1] for t in mapped]
+
+
 def evaluate_conversations(model, tokenizer, conversations: list[list[dict]], references: list[str], *,
-                           scorer: str = "auto", max_new_tokens: int, batch_size: int = 8,
-                           progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Generate an answer for each conversation and score it against its reference."""
+                           targets: list[list[int] | None] | None = None, scorer: str = "auto", max_new_tokens: int,
+                           batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Generate every target turn of each conversation (all in one batched pass) and judge it.
+
+    `targets[i]` lists conversation i's target turns (None or absent: its last turn). The final answer is
+    judged against `references[i]` by `scorer`; the other target turns against the recorded turn by `auto`."""
     if len(conversations) != len(references):
         raise ValueError(f"{len(conversations)} conversations but {len(references)} references.")
     if not conversations:
         raise ValueError("No conversations to evaluate; the eval split is empty.")
     resolve_scorer("", scorer)  # an unknown scorer fails before any generation
-    generations = generate_answers(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress)
-    episodes = [Episode(g.text, ref, score(g.text, ref, scorer), g.tokens) for g, ref in zip(generations, references)]
-    return EvalResult(success_rate=sum(e.success for e in episodes) / len(episodes),
-                      avg_tokens=sum(e.tokens for e in episodes) / len(episodes),
-                      count=len(episodes), episodes=episodes)
+    targets = targets or [None] * len(conversations)
+    turns = [turn_prompts(tokenizer, messages, tg) for messages, tg in zip(conversations, targets)]
+    flat = [turn for episode in turns for turn in episode]
+    generations = iter(generate_answers(model, tokenizer, flat, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, progress=progress))
+    episodes = []
+    for episode, reference in zip(turns, references):
+        made = [next(generations) for _ in episode]
+        verdicts = [score(g.text, turn[-1]["content"], "auto") for g, turn in zip(made[:-1], episode[:-1])]
+        final_right = score(made[-1].text, reference, scorer)
+        episodes.append(Episode(made[-1].text, reference, final_right, sum(g.tokens for g in made),
+                                verdicts + [final_right]))
+    return EvalResult.of(episodes)
 
 
 def _rates(eval_results: Any) -> tuple[float, float]:

@@ -184,7 +184,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         offpolicy_warmup_beta=profile.trainer.offpolicy_warmup_beta, scorer=profile.trainer.scorer,
         kv_cache_generation=profile.trainer.kv_cache_generation, chunked_loss=profile.trainer.chunked_loss,
         teacher_cache_topk=profile.trainer.teacher_cache_topk, group_by_length=profile.trainer.group_by_length,
-        generation_dtype=profile.trainer.generation_dtype,
+        generation_dtype=profile.trainer.generation_dtype, targets=profile.data.targets,
         callbacks=[tracker],
         on_evaluation=lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"])))
     _quiet_console(trainer)
@@ -234,8 +234,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         "teacher_parameters": models.count_parameters(teacher), "student_parameters": models.count_parameters(student),
         "data": prepared.stats.to_dict() | {"eval_used": len(eval_rows)},
         "teacher_eval": teacher_eval, "student_before": before,
-        "eval": {"success_rate": after.success_rate, "avg_tokens": after.avg_tokens,
-                 "loss": eval_loss},
+        "eval": after.rates() | {"loss": eval_loss},
         "baseline": compute_baseline_summary(after, baseline["success"], baseline["tokens"],
                                              success_target=baseline["success_target"],
                                              token_target=baseline["token_target"]) | {"source": baseline["source"]},
@@ -254,7 +253,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
 
 def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume: bool,
                      key: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """(teacher, student) success_rate and avg_tokens before training; a resumed run reads them back from
+    """(teacher, student) success rates and avg_tokens before training; a resumed run reads them back from
     before_training.json rather than generating again (the student is loaded from its checkpoint later)."""
     import json
 
@@ -265,10 +264,9 @@ def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume:
         if saved.get("key") == key:
             return saved["teacher_eval"], saved["student_before"]
     conversations, references = [r["messages"] for r in rows], [r["reference"] for r in rows]
-    measured = []
-    for model in (trainer.teacher_model, trainer.model):
-        result = trainer.evaluate_model(model, conversations, references)
-        measured.append({"success_rate": result.success_rate, "avg_tokens": result.avg_tokens})
+    targets = [r.get("targets") for r in rows]
+    measured = [trainer.evaluate_model(model, conversations, references, targets).rates()
+                for model in (trainer.teacher_model, trainer.model)]
     if state.is_main_process:
         write_json(path, {"key": key, "teacher_eval": measured[0], "student_before": measured[1]})
     return measured[0], measured[1]
@@ -340,6 +338,15 @@ def _training_failure(exc: RuntimeError) -> TrainingError:
                          fix="Rerun with ATLAS_DISTILL_DEBUG=1 for the traceback.")
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _rates(figures: dict[str, Any]) -> str:
+    return (f"{figures['success_rate']:.2%} ({_percent(figures.get('step_success_rate'))} / "
+            f"{_percent(figures.get('episode_success_rate'))})")
+
+
 def _model_card(summary: dict[str, Any], profile: Profile) -> str:
     b, e = summary["baseline"], summary["eval"]
     reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:.1f}%"
@@ -349,10 +356,13 @@ def _model_card(summary: dict[str, Any], profile: Profile) -> str:
         f"{summary['data']['eval']} eval conversations), {summary['steps']} steps, "
         f"lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}, temperature={profile.trainer.temperature}.\n\n"
         "| metric | value |\n| --- | --- |\n"
-        f"| eval/success_rate | {e['success_rate']:.2%} |\n| eval/avg_tokens | {e['avg_tokens']:.1f} |\n"
+        f"| eval/success_rate (final answer) | {e['success_rate']:.2%} |\n"
+        f"| eval/step_success_rate | {_percent(e.get('step_success_rate'))} |\n"
+        f"| eval/episode_success_rate | {_percent(e.get('episode_success_rate'))} |\n"
+        f"| eval/avg_tokens (per episode) | {e['avg_tokens']:.1f} |\n"
         f"| eval/loss | {e['loss'] if e['loss'] is None else round(e['loss'], 4)} |\n"
-        f"| teacher success_rate | {summary['teacher_eval']['success_rate']:.2%} |\n"
-        f"| student before training | {summary['student_before']['success_rate']:.2%} |\n"
+        f"| teacher success_rate (step / episode) | {_rates(summary['teacher_eval'])} |\n"
+        f"| student before training (step / episode) | {_rates(summary['student_before'])} |\n"
         f"| metrics/success_delta | {b['success_delta'] * 100:+.1f} pp |\n"
         f"| metrics/token_reduction_pct | {reduction} |\n| metrics/meets_target | {b['meets_all_targets']} |\n\n"
         "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.\n"

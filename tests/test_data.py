@@ -98,7 +98,13 @@ def test_postgres_and_jsonl_give_identical_datasets(seeded_db, tmp_path):
     for a, b in zip(from_db, from_file, strict=True):
         assert a.to_list() == b.to_list()
     assert len(from_db[0]) > 10 and set(from_db[0].column_names) == {
-        "messages", "session_id", "learning_key", "reward", "reference"}
+        "messages", "targets", "session_id", "learning_key", "reward", "reference"}
+    final_db = build_gkd_dataset(db_url=seeded_db, min_reward=0.7, learning_key="crm_contact_management",
+                                 targets="final")
+    final_file = build_gkd_dataset(traces=str(path), min_reward=0.7, learning_key="crm_contact_management",
+                                   targets="final")
+    for a, b in zip(final_db, final_file, strict=True):
+        assert a.to_list() == b.to_list() and "targets" not in a.column_names
 
 
 def test_nothing_left_raises_no_traces_found_with_the_funnel(seeded_db):

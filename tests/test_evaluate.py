@@ -299,8 +299,10 @@ def test_evaluate_scores_generated_answers(lively):
     assert (result.success_rate, result.count) == (0.5, 2)
     assert result.avg_tokens == (right.tokens + wrong.tokens) / 2
     assert [e.success for e in result.episodes] == [True, False]
-    assert result.episodes[0] == Episode(right.text, right.text, True, right.tokens)
-    assert result.to_dict() == {"success_rate": 0.5, "avg_tokens": result.avg_tokens, "count": 2}
+    assert result.episodes[0] == Episode(right.text, right.text, True, right.tokens, [True])
+    # one target per conversation: a step is the final answer, an episode is its one step
+    assert result.to_dict() == {"success_rate": 0.5, "step_success_rate": 0.5, "episode_success_rate": 0.5,
+                                "avg_tokens": result.avg_tokens, "count": 2}
     assert len(result.to_dict(include_episodes=True)["episodes"]) == 2
 
 

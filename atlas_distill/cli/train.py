@@ -137,6 +137,12 @@ class _live:
             self.progress.stop()
 
 
+def _rates(figures: dict) -> str:
+    """final-answer / step / episode success, e.g. `95.0% / 97.5% / 92.5%` (older runs: final only)."""
+    shown = [figures.get(key) for key in ("success_rate", "step_success_rate", "episode_success_rate")]
+    return " / ".join("n/a" if value is None else f"{value:.1%}" for value in shown)
+
+
 def _summary_table(summary: dict) -> Table:
     b = summary["baseline"]
     table = Table(title=f"GKD run {summary['run_dir']}", show_header=False)
@@ -149,10 +155,11 @@ def _summary_table(summary: dict) -> Table:
             ("truncated / dropped", f"{summary['data']['truncated']} / "
                                     f"{summary['data']['dropped_too_long'] + summary['data']['dropped_no_answer']}"),
             ("steps", summary["steps"]), ("seconds", summary["seconds"]),
-            ("teacher success", f"{summary['teacher_eval']['success_rate']:.1%}"),
-            ("student success before", f"{summary['student_before']['success_rate']:.1%}"),
-            ("eval/success_rate", f"{summary['eval']['success_rate']:.1%}"),
-            ("eval/avg_tokens", f"{summary['eval']['avg_tokens']:.1f}"),
+            ("success: final / step / episode", ""),
+            ("  teacher", _rates(summary["teacher_eval"])),
+            ("  student before", _rates(summary["student_before"])),
+            ("  student after (eval/*_success_rate)", _rates(summary["eval"])),
+            ("eval/avg_tokens (per episode)", f"{summary['eval']['avg_tokens']:.1f}"),
             ("metrics/success_delta", f"{b['success_delta'] * 100:+.1f} pp"),
             ("metrics/token_reduction_pct", reduction),
             ("metrics/meets_target", "✅" if b["meets_all_targets"] else "❌"),

@@ -50,6 +50,7 @@ from trl.models.utils import _ForwardRedirection  # noqa: E402
 
 from ..models import shared_vocab_size  # noqa: E402
 from . import divergence  # noqa: E402
+from .collator import TargetSpanCollator  # noqa: E402
 
 __all__ = ["AtlasGKDTrainer", "GKDConfig"]
 
@@ -148,14 +149,16 @@ class AtlasGKDTrainer(GKDTrainer):
                  eval_max_sessions: int | None = None, baseline: dict[str, Any] | None = None,
                  on_evaluation: Callable[[dict[str, Any]], None] | None = None, kv_cache_generation: bool = True,
                  chunked_loss: bool = True, teacher_cache_topk: int = 256, group_by_length: bool = True,
-                 generation_dtype: str = "auto", **kwargs):
+                 generation_dtype: str = "auto", targets: str = "all", **kwargs):
         if train_dataset is None:
             from ..data import build_gkd_dataset
 
             train_dataset, built_eval = build_gkd_dataset(
                 db_url, traces=traces, min_reward=min_reward, learning_key=learning_key, eval_split=eval_split,
-                seed=args.seed, tokenizer=processing_class, max_length=args.max_length)
+                seed=args.seed, tokenizer=processing_class, max_length=args.max_length, targets=targets)
             eval_dataset = built_eval if eval_dataset is None else eval_dataset
+        if kwargs.get("data_collator") is None and processing_class is not None:
+            kwargs["data_collator"] = TargetSpanCollator(processing_class, args.max_length, seed=args.seed)
         if group_by_length and hasattr(train_dataset, "column_names"):
             # Trainer applies the strategy to the eval sampler too, so both datasets carry lengths.
             train_dataset = _with_lengths(train_dataset, processing_class)
@@ -317,13 +320,16 @@ class AtlasGKDTrainer(GKDTrainer):
         return metrics
 
     def generation_metrics(self, dataset, *, prefix: str = "eval") -> dict[str, Any]:
-        """Generate answers for the eval sessions, score them; add the baseline comparison when configured."""
+        """Generate every target turn of the eval sessions and judge it; add the baseline comparison when set."""
         from ..evaluate import compute_baseline_summary
 
         rows = dataset if self.eval_max_sessions is None else dataset.select(range(min(len(dataset),
                                                                                      self.eval_max_sessions)))
-        result = self.evaluate_model(self.model_wrapped, list(rows["messages"]), list(rows["reference"]))
+        targets = list(rows["targets"]) if "targets" in rows.column_names else None
+        result = self.evaluate_model(self.model_wrapped, list(rows["messages"]), list(rows["reference"]), targets)
         metrics: dict[str, Any] = {f"{prefix}_success_rate": result.success_rate,
+                                   f"{prefix}_step_success_rate": result.step_success_rate,
+                                   f"{prefix}_episode_success_rate": result.episode_success_rate,
                                    f"{prefix}_avg_tokens": result.avg_tokens}
         if self.baseline is not None:
             summary = compute_baseline_summary(result, self.baseline["success"], self.baseline.get("tokens"),
@@ -339,28 +345,28 @@ class AtlasGKDTrainer(GKDTrainer):
             self.on_evaluation(self.last_generation_eval)
         return metrics
 
-    def evaluate_model(self, model, conversations: list, references: list[str]):
-        """Generate and score `model`'s answers; each process takes a share of the sessions and every process
-        gets the same EvalResult, episodes in the sessions' order."""
+    def evaluate_model(self, model, conversations: list, references: list[str], targets: list | None = None):
+        """Generate and judge `model`'s turns (evaluate.evaluate_conversations); each process takes a share of the
+        sessions and every process gets the same EvalResult, episodes in the sessions' order."""
         from accelerate.utils import gather_object
 
         from ..evaluate import EvalResult, evaluate_conversations
 
+        targets = targets or [None] * len(conversations)
         kwargs = dict(scorer=self.scorer, max_new_tokens=self.args.max_new_tokens,
                       batch_size=self.args.per_device_eval_batch_size)
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
             if self.accelerator.num_processes == 1:
-                return evaluate_conversations(unwrapped, self.processing_class, conversations, references, **kwargs)
+                return evaluate_conversations(unwrapped, self.processing_class, conversations, references,
+                                              targets=targets, **kwargs)
             # Padded to equal shares: under FSDP / ZeRO-3 every process must make as many generate calls.
             with self.accelerator.split_between_processes(list(range(len(conversations))),
                                                           apply_padding=True) as mine:
                 shard = evaluate_conversations(unwrapped, self.processing_class, [conversations[i] for i in mine],
-                                               [references[i] for i in mine], **kwargs)
+                                               [references[i] for i in mine], targets=[targets[i] for i in mine],
+                                               **kwargs)
         by_index = dict(gather_object(list(zip(mine, shard.episodes))))
-        episodes = [by_index[i] for i in range(len(conversations))]
-        return EvalResult(success_rate=sum(e.success for e in episodes) / len(episodes),
-                          avg_tokens=sum(e.tokens for e in episodes) / len(episodes), count=len(episodes),
-                          episodes=episodes)
+        return EvalResult.of([by_index[i] for i in range(len(conversations))])
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         """The loss's token count, per process. transformers counts the tokens of all processes and multiplies
