@@ -36,7 +36,12 @@ class CompareRow:
     path: str
     """The summary.json read, or the directory the model was loaded from."""
     success_rate: float
+    """Final-answer success."""
     avg_tokens: float
+    step_success_rate: float | None = None
+    """Target turns judged right (runs from before multi-turn evaluation have none)."""
+    episode_success_rate: float | None = None
+    """Sessions whose every target turn is right."""
     eval_loss: float | None = None
     parameters: int | None = None
     tokens_per_second: float | None = None
@@ -95,19 +100,28 @@ class Comparison:
                 "all_meet_targets": not self.missed}
 
 
+def _rate(value: Any) -> float | None:
+    """A rate from a summary: a number in [0, 1], else none (an older run, or a hand-edited file)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return float(value) if ok else None
+
+
 def row_from_run(run: RunSummary) -> CompareRow:
     s, evaluation = run.summary, run.summary["eval"]
     data = s.get("data") if isinstance(s.get("data"), dict) else {}
     return CompareRow(name=run.name, kind=run.kind, path=run.path, success_rate=float(evaluation["success_rate"]),
                       avg_tokens=float(evaluation["avg_tokens"]), eval_loss=evaluation.get("loss"),
+                      step_success_rate=_rate(evaluation.get("step_success_rate")),
+                      episode_success_rate=_rate(evaluation.get("episode_success_rate")),
                       parameters=s.get("student_parameters"), eval_sessions=data.get("eval_used"),
                       model=s.get("student") if isinstance(s.get("student"), str) else None)
 
 
 def row_from_model(m: ModelEvaluation) -> CompareRow:
     return CompareRow(name=m.spec, kind="model", path=m.path, success_rate=m.result.success_rate,
-                      avg_tokens=m.result.avg_tokens, parameters=m.parameters, tokens_per_second=m.tokens_per_second,
-                      eval_seconds=round(m.seconds, 2), eval_sessions=m.result.count, model=m.name)
+                      avg_tokens=m.result.avg_tokens, step_success_rate=m.result.step_success_rate,
+                      episode_success_rate=m.result.episode_success_rate, parameters=m.parameters,
+                      tokens_per_second=m.tokens_per_second, eval_seconds=round(m.seconds, 2), eval_sessions=m.result.count, model=m.name)
 
 
 def _unique_names(rows: list[CompareRow]) -> None:

@@ -42,7 +42,8 @@ class ModelEvaluation:
 
 def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_invalid: bool = False,
                     on_event: Event | None = None) -> list[ModelEvaluation]:
-    """Each model's success rate, avg tokens and generation speed on `train`'s eval split of `traces`.
+    """Each model's success rates (final answer, step, episode), avg tokens and generation speed on `train`'s eval
+    split of `traces`.
 
     Reports "stage" (text) and "progress" ((done, total) of the current model) through `on_event`.
     """
@@ -66,13 +67,14 @@ def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_inv
                                    tokenizer=models.load_tokenizer(paths[0], trust_remote_code=trust))
     eval_rows = prepared.eval_sample(t.eval_max_sessions)
     conversations, references = [r["messages"] for r in eval_rows], [r["reference"] for r in eval_rows]
+    targets = [r.get("targets") for r in eval_rows]
     evaluations = []
     for spec, path in zip(resolved, paths):
         emit("stage", f"Evaluating {spec.spec} on {len(eval_rows)} eval conversations")
         tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
         model = models.load_model(path, dtype=profile.model.dtype, trust_remote_code=trust)
         started = time.perf_counter()
-        result = evaluate_conversations(model, tokenizer, conversations, references, scorer=t.scorer,
+        result = evaluate_conversations(model, tokenizer, conversations, references, targets=targets, scorer=t.scorer,
                                         max_new_tokens=t.max_new_tokens, batch_size=t.per_device_eval_batch_size,
                                         progress=lambda done, total: emit("progress", (done, total)))
         seconds = time.perf_counter() - started

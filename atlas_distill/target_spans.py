@@ -63,7 +63,7 @@ class EncodedConversation:
     messages: list[dict[str, str]]
     """The messages encoded (after tool-role mapping and any left cut)."""
     cut_turns: int = 0
-    """Whole turns cut from the left to fit max_length."""
+    """Whole turns (of the conversation as given, tool results included) cut from the left to fit max_length."""
     cut_tokens: int = 0
     """Tokens cut from the left after that (a conversation whose system turn and last turn alone exceed it)."""
 
@@ -132,15 +132,14 @@ def encode_to_fit(tokenizer, messages: list[dict[str, str]], targets: list[int],
                   max_length: int | None) -> EncodedConversation:
     """`encode`, cutting whole turns from the left (never the system turn or the last target) until it fits."""
     tool_role = supports_tool_role(tokenizer)
-    messages, targets = chat_messages(messages, targets, tool_role=tool_role)
-    encoded = encode(tokenizer, messages, targets)
+    encoded = encode(tokenizer, *chat_messages(messages, targets, tool_role=tool_role))
     cut = 0
     while max_length is not None and len(encoded.ids) > max_length:
-        kept, kept_targets, removed = _cut_first_turns(encoded.messages, encoded.targets)
-        if not kept_targets or kept_targets[-1] != encoded.targets[-1] - removed or len(kept) < 2:
+        kept, kept_targets, removed = _cut_first_turns(messages, targets)
+        if not kept_targets or kept_targets[-1] != targets[-1] - removed or len(kept) < 2:
             break
-        cut += removed
-        encoded = encode(tokenizer, kept, kept_targets)
+        messages, targets, cut = kept, kept_targets, cut + removed
+        encoded = encode(tokenizer, *chat_messages(messages, targets, tool_role=tool_role))
     encoded.cut_turns = cut
     if max_length is not None and len(encoded.ids) > max_length:
         excess = len(encoded.ids) - max_length

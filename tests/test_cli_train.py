@@ -52,6 +52,30 @@ def test_short_train_writes_checkpoint_summary_and_metrics(cli, make_tiny_model,
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "W&B wrote an offline run"
 
 
+def test_multi_turn_train_learns_every_action_and_reports_step_and_episode_success(cli, make_tiny_model,
+                                                                                trace_file, tmp_path):
+    fast = [a for a in FAST if a not in ("data.prompt=task", "trainer.max_length=192")]
+    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "agent", *fast,
+                 "trainer.max_length=512", "trainer.eval_max_sessions=3", "--json")
+    assert result.code == 0, result.stderr
+    summary = result.json()
+    data = summary["data"]
+    # every session has at least its two tool calls and its final answer as targets
+    assert data["targets"] >= 3 * (data["train"] + data["eval"]) and data["dropped_targets"] == 0
+    run = tmp_path / "outputs/gkd/agent"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/step_success_rate" in r]
+    assert evals and all("eval/episode_success_rate" in r and "eval/success_rate" in r for r in evals)
+    for figures in (summary["eval"], summary["teacher_eval"], summary["student_before"]):
+        rates = (figures["success_rate"], figures["step_success_rate"], figures["episode_success_rate"])
+        assert all(0.0 <= rate <= 1.0 for rate in rates)
+        assert figures["episode_success_rate"] <= min(figures["success_rate"], figures["step_success_rate"])
+        assert figures["avg_tokens"] > 6  # tokens per episode: several turns of up to 6 tokens each
+    assert summary["eval"]["episode_success_rate"] == evals[-1]["eval/episode_success_rate"]
+    card = (run / "final/README.md").read_text()
+    assert "eval/step_success_rate" in card and "eval/episode_success_rate" in card
+
+
 def test_postgres_and_file_training_use_the_same_sessions(cli, make_tiny_model, seeded_db, trace_file):
     args = [*models(make_tiny_model), "--max-steps", "1", "trainer.max_new_tokens=4", "trainer.eval_max_sessions=2",
             "trainer.report_to=[]", "data.prompt=task", "trainer.max_length=192", "--min-reward", "0.6", "--json"]

@@ -14,11 +14,14 @@ RUNS = {"run-a": (0.60, 100.0, 0.5, 134_515_008), "run-b": (0.75, 60.0, 0.25, 99
 WIDE = {"COLUMNS": "200"}
 
 
+MULTI_TURN = {"run-b": {"step_success_rate": 0.9, "episode_success_rate": 0.7}}  # the others: older runs
+
+
 def write_summary(run_dir: Path, rate: float, tokens: float, loss: float | None, params: int, **extra) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"run_dir": str(run_dir), "teacher": "t", "student": "s", "teacher_parameters": 2 * params,
                "student_parameters": params, "data": {"eval_used": 20},
-               "eval": {"success_rate": rate, "avg_tokens": tokens, "loss": loss},
+               "eval": {"success_rate": rate, "avg_tokens": tokens, "loss": loss} | MULTI_TURN.get(run_dir.name, {}),
                "baseline": {"success_delta": 99.0}, **extra}  # the stored baseline is recomputed, never shown
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
@@ -41,9 +44,9 @@ def test_table_shows_every_run_against_the_first(cli, runs):
     cells = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
              if line.strip().startswith("run-")}
     assert cells == {
-        "run-a": ["60.0%", "+0.0", "pp", "100.0", "+0.0%", "ref", "0.5000", "134.5M", "—"],
-        "run-b": ["75.0%", "+15.0", "pp", "60.0", "+40.0%", "✅", "0.2500", "99.1M", "—"],
-        "run-c": ["65.0%", "+5.0", "pp", "90.0", "+10.0%", "❌", "—", "790.0K", "—"],
+        "run-a": ["60.0%", "—", "+0.0", "pp", "100.0", "+0.0%", "ref", "0.5000", "134.5M", "—"],
+        "run-b": ["75.0%", "90.0%", "/", "70.0%", "+15.0", "pp", "60.0", "+40.0%", "✅", "0.2500", "99.1M", "—"],
+        "run-c": ["65.0%", "—", "+5.0", "pp", "90.0", "+10.0%", "❌", "—", "790.0K", "—"],
     }
     assert "Reference: success 60.0% (run-a), 100.0 tokens (run-a)." in result.stdout
     assert "success delta >= 10.0 pp, token reduction >= 30.0%" in result.stdout
@@ -68,6 +71,7 @@ def test_json_deltas_match_the_hand_computed_ones(cli, runs):
     assert c["meets_success_target"] is False and c["meets_token_target"] is False and c["meets_target"] is False
     assert (b["eval_loss"], b["parameters"], b["eval_sessions"], b["kind"]) == (0.25, 99_100_000, 20, "run")
     assert b["path"] == "outputs/gkd/run-b/summary.json" and b["tokens_per_second"] is None
+    assert (b["step_success_rate"], b["episode_success_rate"], a["step_success_rate"]) == (0.9, 0.7, None)
     assert document["missed"] == ["run-c"] and document["all_meet_targets"] is False
 
 
@@ -75,12 +79,12 @@ def test_markdown_is_one_table_for_a_pr(cli, runs):
     result = cli("compare", *runs, "--markdown")
     assert result.code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == ("| run | success | Δ vs baseline | avg tokens | token reduction | meets target | eval loss | "
-                        "parameters | tokens/s |")
-    assert lines[1] == "| --- |" + " ---: |" * 8
-    assert lines[2:5] == ["| run-a | 60.0% | +0.0 pp | 100.0 | +0.0% | ref | 0.5000 | 134.5M | — |",
-                          "| run-b | 75.0% | +15.0 pp | 60.0 | +40.0% | ✅ | 0.2500 | 99.1M | — |",
-                          "| run-c | 65.0% | +5.0 pp | 90.0 | +10.0% | ❌ | — | 790.0K | — |"]
+    assert lines[0] == ("| run | success | step / episode | Δ vs baseline | avg tokens | token reduction | "
+                        "meets target | eval loss | parameters | tokens/s |")
+    assert lines[1] == "| --- |" + " ---: |" * 9
+    assert lines[2:5] == ["| run-a | 60.0% | — | +0.0 pp | 100.0 | +0.0% | ref | 0.5000 | 134.5M | — |",
+                          "| run-b | 75.0% | 90.0% / 70.0% | +15.0 pp | 60.0 | +40.0% | ✅ | 0.2500 | 99.1M | — |",
+                          "| run-c | 65.0% | — | +5.0 pp | 90.0 | +10.0% | ❌ | — | 790.0K | — |"]
     assert lines[5] == "" and lines[6].startswith("Reference: success 60.0% (run-a)") and len(lines) == 7
 
 

@@ -14,9 +14,9 @@ from ..errors import TargetsNotMet, UsageError
 from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, save_plot, split_args
 
 Opt = typer.Option
-COLUMNS = ("run", "success", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
+COLUMNS = ("run", "success", "step / episode", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
            "parameters", "tokens/s")
-TABLE_HEADERS = ("run", "success", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
+TABLE_HEADERS = ("run", "success", "step / episode", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
                  "params", "tokens/s")
 
 
@@ -75,7 +75,9 @@ def _cells(row) -> list[str]:
     meets = "ref" if row.reference else ("✅" if row.meets_target else "❌")
     loss = "—" if row.eval_loss is None else f"{row.eval_loss:.4f}"
     speed = "—" if row.tokens_per_second is None else f"{row.tokens_per_second:,.1f}"
-    return [row.name, f"{row.success_rate:.1%}", f"{b['success_delta_pp']:+.1f} pp", f"{row.avg_tokens:.1f}",
+    multi_turn = "—" if row.step_success_rate is None or row.episode_success_rate is None else \
+        f"{row.step_success_rate:.1%} / {row.episode_success_rate:.1%}"
+    return [row.name, f"{row.success_rate:.1%}", multi_turn, f"{b['success_delta_pp']:+.1f} pp", f"{row.avg_tokens:.1f}",
             reduction, meets, loss, _human(row.parameters), speed]
 
 
@@ -99,7 +101,7 @@ def _reference_text(comparison) -> str:
 def _table(comparison) -> Table:
     from rich import box
 
-    # Light borders: nine columns fit an 80-column terminal.
+    # Light borders, so that the columns fit a terminal.
     table = Table(title="Baseline comparison", caption=_reference_text(comparison), box=box.SIMPLE_HEAD,
                   caption_justify="left")
     cells = [_cells(row) for row in comparison.rows]

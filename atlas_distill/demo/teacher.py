@@ -1,9 +1,11 @@
 """The demo teacher `smollm2-135m-crm`: the builtin SmolLM2, specialised on the demo task by a short SFT.
 
-As shipped, SmolLM2-135M rarely writes the right JSON tool call for a CRM note;
-a GKD teacher must be reliable. So on first use this fine-tunes it on the
-training split of the bundled demo traces (never on eval sessions: the split is
-the same hash split `train` uses) and caches the result like any builtin.
+As shipped, SmolLM2-135M does not know the demo's CRM agent (its tool calls, the
+hidden tagging and rating rules); a GKD teacher must be reliable. So on first use
+this fine-tunes it on every target turn (each action and the final answer) of the
+training split of the bundled demo traces (never on eval sessions: the split is the
+same hash split `train` uses), one pass per conversation with the loss on the target
+spans (the collator `train` uses), and caches the result like any builtin.
 """
 
 from __future__ import annotations
@@ -15,32 +17,44 @@ from ..builtin import _publish, builtin_model_dir, cache_dir
 from . import DEMO_TRACES
 
 DEMO_TEACHER = "smollm2-135m-crm"
-SFT_STEPS = 50
+SFT_STEPS = 80
 SFT_BATCH = 8
-SFT_LR = 1e-4
-SFT_EXAMPLES = 400
+SFT_LR = 2e-4
 
 
 def sft_rows() -> list[dict]:
-    """Prompt/completion pairs from the demo profile's training split."""
+    """Conversations with their target turns, from the demo profile's training split."""
     from ..config import load_profile
     from ..data import load_prepared
     from ..traces import TraceFilter
 
     profile = load_profile("demo")
     prepared = load_prepared(traces=str(DEMO_TRACES), filters=TraceFilter.from_profile(profile),
-                             eval_split=profile.data.eval_split, prompt=profile.data.prompt, seed=0)
-    return [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-            for row in prepared.train[:SFT_EXAMPLES]]
+                             eval_split=profile.data.eval_split, prompt=profile.data.prompt, seed=0,
+                             targets=profile.data.targets)
+    return [{"messages": row["messages"], "targets": row["targets"]} for row in prepared.train]
+
+
+class _TargetLabels:
+    """The GKD collator's whole-conversation ids and target-span labels, for supervised fine-tuning."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        from ..gkd.collator import TargetSpanCollator
+
+        self.collate = TargetSpanCollator(tokenizer, max_length)
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
 def crm_teacher_dir() -> Path:
     def build(tmp: Path) -> None:
         import torch
         from datasets import Dataset, disable_progress_bars
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback
+        from transformers import (AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, Trainer,
+                                  TrainingArguments)
         from transformers.utils import logging as hf_logging
-        from trl import SFTConfig, SFTTrainer
 
         disable_progress_bars()  # the CLI shows a stage line; dataset and step bars would garble it
         hf_logging.disable_progress_bar()
@@ -48,12 +62,15 @@ def crm_teacher_dir() -> Path:
         base = builtin_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        args = SFTConfig(output_dir=str(tmp / "sft"), max_steps=SFT_STEPS, per_device_train_batch_size=SFT_BATCH,
-                         learning_rate=SFT_LR, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
-                         report_to=[], save_strategy="no", seed=0, max_length=256, disable_tqdm=True,
-                         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows()),
-                             processing_class=tokenizer)
+        args = TrainingArguments(output_dir=str(tmp / "sft"), max_steps=SFT_STEPS,
+                                 per_device_train_batch_size=SFT_BATCH, learning_rate=SFT_LR,
+                                 lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10, report_to=[],
+                                 save_strategy="no", seed=0, disable_tqdm=True, remove_unused_columns=False,
+                                 use_cpu=not torch.cuda.is_available(),
+                                 train_sampling_strategy="group_by_length", length_column_name="length")
+        rows = sft_rows()
+        trainer = Trainer(model=model, args=args, data_collator=_TargetLabels(tokenizer, 512),
+                          train_dataset=Dataset.from_list([r | {"length": len(str(r["messages"]))} for r in rows]))
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.train()

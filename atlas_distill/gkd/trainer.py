@@ -1,15 +1,19 @@
 """AtlasGKDTrainer: TRL's GKD trainer, fed from Atlas traces, evaluated for real.
 
-On top of `trl.experimental.gkd.GKDTrainer` (its collator, on-policy generation
-and generalized JSD are used as they are), this trainer:
-- builds its datasets from Postgres (`db_url=`) or a trace file (`traces=`);
+On top of `trl.experimental.gkd.GKDTrainer` (its on-policy generation and generalized
+JSD are used as they are), this trainer:
+- builds its datasets from Postgres (`db_url=`) or a trace file (`traces=`), and learns every
+  target turn of a conversation (each action of the agent and the final answer; `targets=`):
+  its collator (gkd/collator.py) labels every target span for one off-policy pass and picks one
+  target turn per conversation, seeded, as the on-policy prompt;
 - applies `temperature` in the divergence too (TRL only samples with it);
 - compares teacher and student over their shared real vocabulary, so models
   with the same tokenizer but differently padded embeddings work (Qwen2.5 7B/3B);
 - runs an off-policy warmup (lmbda 0, its own beta) for `offpolicy_warmup_steps`,
   and draws on/off-policy from its own seeded RNG, not Python's global one;
-- evaluates by generating answers on the eval sessions and scoring them:
-  eval/success_rate, eval/avg_tokens and the baseline comparison metrics.
+- evaluates by generating every target turn of the eval sessions and judging it:
+  eval/success_rate (final answer), eval/step_success_rate, eval/episode_success_rate,
+  eval/avg_tokens and the baseline comparison metrics.
 
 It is also faster and leaner than GKDTrainer (issue 5; benchmarks/train_bench.py measures both).
 Each speedup is on by default and has a switch to turn it off:

@@ -1,11 +1,15 @@
-"""Realistic synthetic Atlas sessions: CRM contact workflows whose answer is checkable.
+"""Realistic synthetic Atlas sessions: CRM contact workflows an agent runs step by step, checkably.
 
-Each session: a CRM note to act on, a multi-step plan, step results with judge
-evaluations, retried attempts and teacher guidance notes, ~20 trajectory events
-(`IntermediateStep` dumps with the actor at payload.metadata.actor), and a final
-answer that is one JSON tool call. Rewards spread over 0..1 (wrong answers score
-low), some sessions have no reward_stats, learning keys are readable names or
-sha256 hex, and every status and review status occurs. Deterministic per seed.
+Each session is an agent's episode on a CRM note: a plan, then steps whose recorded
+action is the real one (a JSON tool call with its arguments, or a short text), the
+tool's result, teacher guidance on some steps, and a final answer that follows from
+the steps (the id the create call returned). The data hides rules a base model does
+not know, learnt only from the traces: the lead-source tag for where the contact was
+met (`SOURCE_TAGS`), the lead rating for what they want (`RATINGS`), and the email is
+copied exactly (wrong sessions rewrite it and score low). Rewards spread over 0..1,
+some sessions have no reward_stats, learning keys are readable names or sha256 hex,
+every status and review status occurs, and ~15 trajectory events per session are
+`IntermediateStep` dumps with the actor at payload.metadata.actor. Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -22,23 +26,24 @@ from typing import Any
 FIRST = ["Dana", "Luis", "Priya", "Tomasz", "Aiko", "Grace", "Omar", "Ines", "Kwame", "Sofia", "Noah", "Mei"]
 LAST = ["Whitfield", "Moreno", "Raman", "Nowak", "Sato", "Okafor", "Haddad", "Silva", "Mensah", "Rossi", "Berg"]
 COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella Health", "Stark Logistics", "Wayne Foods", "Hooli"]
-PLACES = ["at the expo", "on a discovery call", "via a webinar signup", "at the partner summit", "by referral"]
-WANTS = ["wants a demo next week", "asked for pricing", "needs a follow-up in May", "is evaluating competitors"]
+# Hidden rules: where the contact was met -> the CRM's lead-source tag; what they want -> the lead rating.
+SOURCE_TAGS = {"at the expo": "event", "on a discovery call": "outbound", "via a webinar signup": "inbound",
+               "at the partner summit": "partner", "by referral": "referral"}
+RATINGS = {"wants a demo next week": "hot", "asked for pricing": "warm", "needs a follow-up in May": "cold",
+           "is evaluating competitors": "warm"}
+PLACES, WANTS = list(SOURCE_TAGS), list(RATINGS)
 LEARNING_KEYS = ["crm_contact_management", "crm_workflows", "crm_contact_management"] + [
     hashlib.sha256(name.encode()).hexdigest() for name in ("support_triage", "billing_updates")
 ]
-EXTRA_STEPS = [
-    ("Log the meeting context as a note on the contact", "crm.add_note"),
-    ("Schedule the follow-up task", "crm.create_task"),
-    ("Tag the contact with the lead source", "crm.tag_contact"),
-    ("Notify the account owner", "crm.notify_owner"),
-]
+EXTRA_STEPS = ["tag", "rate"]
+GUIDANCE = {"crm.create_contact": "Copy the email exactly as written in the note.",
+            "crm.tag_contact": "Use the CRM's lead-source tag for where you met them.",
+            None: "Rate by what the contact wants."}
 
 
-def contact_answer(name: str, email: str, company: str) -> str:
-    """The final answer: one JSON tool call (keys sorted, so exact match is fair)."""
-    return json.dumps({"arguments": {"company": company, "email": email, "name": name},
-                       "tool": "crm.create_contact"}, sort_keys=True)
+def tool_call(tool: str, arguments: dict[str, Any]) -> str:
+    """A recorded action: one JSON tool call (keys sorted, so exact match is fair)."""
+    return json.dumps({"arguments": arguments, "tool": tool}, sort_keys=True)
 
 
 @dataclass
@@ -74,30 +79,47 @@ def generate_sessions(count: int, *, seed: int = 0, start: datetime | None = Non
         yield _session(rng, index, start)
 
 
+def _plan(rng: random.Random, name: str, email: str, company: str, place: str, want: str,
+          contact_id: str) -> list[dict[str, Any]]:
+    """The plan's steps, each with its action (tool and arguments, or the text it outputs) and its result."""
+    steps = [
+        {"description": "Check whether the contact already exists", "tool": "crm.search_contacts",
+         "tool_params": {"email": email}, "result": {"matches": 0}},
+        {"description": "Create the contact", "tool": "crm.create_contact",
+         "tool_params": {"company": company, "email": email, "name": name}, "result": {"contact_id": contact_id}},
+    ]
+    for extra in rng.sample(EXTRA_STEPS, rng.randint(0, 2)):
+        if extra == "tag":
+            steps.append({"description": "Tag the contact with the lead source", "tool": "crm.tag_contact",
+                          "tool_params": {"contact_id": contact_id, "tag": SOURCE_TAGS[place]},
+                          "result": {"ok": True}})
+        else:
+            steps.append({"description": "Rate the lead: hot, warm or cold", "tool": None,
+                          "output": RATINGS[want]})
+    return [{"id": n, **step} for n, step in enumerate(steps, start=1)]
+
+
 def _session(rng: random.Random, index: int, start: datetime) -> SyntheticSession:
     first, last, company = rng.choice(FIRST), rng.choice(LAST), rng.choice(COMPANIES)
+    place, want = rng.choice(PLACES), rng.choice(WANTS)
     name = f"{first} {last}"
     email = f"{first.lower()}.{last.lower()}@{company.split()[0].lower()}.example.com"
-    note = f"Met {name} ({email}) from {company} {rng.choice(PLACES)}; {rng.choice(WANTS)}."
-    task = f"Add the contact from this CRM note to the CRM with one JSON tool call.\nNote: {note}"
+    note = f"Met {name} ({email}) from {company} {place}; {want}."
+    task = f"Add the contact from this CRM note to the CRM, step by step with JSON tool calls.\nNote: {note}"
     correct = rng.random() < 0.8
-    answer = contact_answer(name, email if correct else email.replace("@", "@mail."), company)
+    contact_id = f"C-{rng.randint(1000, 9999)}"
+    answer = f"Created contact {contact_id} for {name}."
     score = round(min(1.0, max(0.0, rng.betavariate(6, 1.5) if correct else rng.betavariate(1.5, 4))), 3)
     created = start + timedelta(minutes=index * 7 + rng.randint(0, 6))
     status = rng.choices(["succeeded", "failed", "running"], [0.85, 0.1, 0.05])[0]
-    plan_steps = [
-        {"id": 1, "description": "Extract the contact's name, email and company from the note", "tool": None},
-        {"id": 2, "description": "Check whether the contact already exists", "tool": "crm.search_contacts",
-         "tool_params": {"email": email}},
-        {"id": 3, "description": "Create the contact with a JSON tool call", "tool": "crm.create_contact",
-         "tool_params": {"name": name, "email": email, "company": company}},
-    ]
-    for extra_id, (description, tool) in enumerate(rng.sample(EXTRA_STEPS, rng.randint(0, 3)), start=4):
-        plan_steps.append({"id": extra_id, "description": description, "tool": tool, "tool_params": {}})
+    plan_steps = _plan(rng, name, email if correct else email.replace("@", "@mail."), company, place, want,
+                       contact_id)
+    if not correct:
+        plan_steps[0]["tool_params"]["email"] = email  # the search quoted the note; the create call did not
     metadata = {"learning_key": rng.choice(LEARNING_KEYS), "execution_mode": rng.choice(["auto", "paired", "coach"]),
                 "source": "synthetic-demo"}
     no_reward = rng.random() < 0.08
-    reward = {"score": score, "rationale": "Tool call matches the note." if correct else "Email is wrong.",
+    reward = {"score": score, "rationale": "Every call matches the note." if correct else "Email is wrong.",
               "judges": [{"identifier": "process", "score": score, "rationale": "checked arguments",
                           "principles": [{"name": "faithful", "weight": 1.0}], "samples": [],
                           "escalated": False, "escalation_reason": None}], "raw": {}}
@@ -114,19 +136,23 @@ def _session(rng: random.Random, index: int, start: datetime) -> SyntheticSessio
         "review_status": rng.choices(["approved", "pending", "quarantined"], [0.7, 0.2, 0.1])[0],
         "review_notes": None, "created_at": created, "completed_at": created + timedelta(seconds=rng.randint(5, 90)),
     }
-    session = SyntheticSession(row=row, plan={"steps": plan_steps})
+    plan = {"steps": [{k: step[k] for k in ("id", "description", "tool", "tool_params") if k in step}
+                      for step in plan_steps]}
+    session = SyntheticSession(row=row, plan=plan)
     session.events.append(_event(rng, "WORKFLOW_START", "atlas.session", "system", inp=task))
     for step in plan_steps:
-        _add_step(rng, session, step, note, answer)
+        _add_step(rng, session, step)
     session.events.append(_event(rng, "WORKFLOW_END", "atlas.session", "system", out=answer))
     return session
 
 
-def _add_step(rng: random.Random, session: SyntheticSession, step: dict[str, Any], note: str, answer: str) -> None:
+def _add_step(rng: random.Random, session: SyntheticSession, step: dict[str, Any]) -> None:
+    """The step's records: its result row (output: the tool's result, or the text the agent wrote), attempts,
+    guidance notes, and its events: LLM_START, guidance, LLM_END (the action), TOOL_START and TOOL_END."""
     step_id, tool = step["id"], step.get("tool")
+    action = tool_call(tool, step["tool_params"]) if tool else step["output"]
+    output = json.dumps(step["result"], sort_keys=True) if tool else step["output"]
     attempts = 2 if rng.random() < 0.2 else 1
-    output = answer if tool == "crm.create_contact" else (
-        f"Extracted from: {note}" if step_id == 1 else f"{tool or 'step'} completed")
     step_score = round(rng.uniform(0.5, 1.0), 3)
     evaluation = {"reward": {"score": step_score, "rationale": "step achieved its goal",
                              "judges": [{"identifier": "step", "score": step_score}]},
@@ -137,16 +163,16 @@ def _add_step(rng: random.Random, session: SyntheticSession, step: dict[str, Any
     for attempt in range(1, attempts + 1):
         session.attempts.append({"step_id": step_id, "attempt": attempt,
                                  "evaluation": {"reward": {"score": step_score if attempt == attempts else 0.3}}})
-    notes = ["Quote the email exactly as in the note."] if attempts > 1 or rng.random() < 0.3 else []
+    notes = [GUIDANCE[tool]] if tool in GUIDANCE and (attempts > 1 or rng.random() < 0.3) else []
     for sequence, text in enumerate(notes, start=1):
         session.guidance.append({"step_id": step_id, "sequence": sequence, "note": text})
     session.events.append(_event(rng, "LLM_START", "student.llm", "student", inp=step["description"]))
-    session.events.append(_event(rng, "LLM_END", "student.llm", "student", out=output, tokens=rng.randint(20, 90)))
     for text in notes:
         session.events.append(_event(rng, "CUSTOM_END", "teacher.guidance", "teacher", out=text))
+    session.events.append(_event(rng, "LLM_END", "student.llm", "student", out=action, tokens=rng.randint(20, 90)))
     if tool:
-        session.events.append(_event(rng, "TOOL_START", tool, "student", inp=step.get("tool_params")))
-        session.events.append(_event(rng, "TOOL_END", tool, "student", out={"ok": True}))
+        session.events.append(_event(rng, "TOOL_START", tool, "student", inp=step["tool_params"]))
+        session.events.append(_event(rng, "TOOL_END", tool, "student", out=step["result"]))
 
 
 def to_record(session: SyntheticSession, session_id: int) -> dict[str, Any]:
