@@ -17,9 +17,9 @@ from ..builtin import _publish, builtin_model_dir, cache_dir
 from . import DEMO_TRACES
 
 DEMO_TEACHER = "smollm2-135m-crm"
-SFT_STEPS = 80
-SFT_BATCH = 8
-SFT_LR = 2e-4
+SFT_STEPS = 40
+SFT_BATCH = 4
+SFT_LR = 3e-4
 
 
 def sft_rows() -> list[dict]:

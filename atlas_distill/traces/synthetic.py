@@ -3,12 +3,12 @@
 Each session is an agent's episode on a CRM note: a plan, then steps whose recorded
 action is the real one (a JSON tool call with its arguments, or a short text), the
 tool's result, teacher guidance on some steps, and a final answer that follows from
-the steps (the id the create call returned). The data hides rules a base model does
-not know, learnt only from the traces: the lead-source tag for where the contact was
-met (`SOURCE_TAGS`), the lead rating for what they want (`RATINGS`), and the email is
-copied exactly (wrong sessions rewrite it and score low). Rewards spread over 0..1,
+the steps (the id the create call returned). The data hides a rule a base model does
+not know, learnt only from the traces: the CRM's lead-source tag for where the contact
+was met (`SOURCE_TAGS`); and the email is copied exactly (wrong sessions rewrite it and
+score low). Rewards spread over 0..1,
 some sessions have no reward_stats, learning keys are readable names or sha256 hex,
-every status and review status occurs, and ~15 trajectory events per session are
+every status and review status occurs, and ~14 trajectory events per session are
 `IntermediateStep` dumps with the actor at payload.metadata.actor. Deterministic per seed.
 """
 
@@ -26,19 +26,17 @@ from typing import Any
 FIRST = ["Dana", "Luis", "Priya", "Tomasz", "Aiko", "Grace", "Omar", "Ines", "Kwame", "Sofia", "Noah", "Mei"]
 LAST = ["Whitfield", "Moreno", "Raman", "Nowak", "Sato", "Okafor", "Haddad", "Silva", "Mensah", "Rossi", "Berg"]
 COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella Health", "Stark Logistics", "Wayne Foods", "Hooli"]
-# Hidden rules: where the contact was met -> the CRM's lead-source tag; what they want -> the lead rating.
+# The hidden rule: where the contact was met -> the CRM's lead-source tag.
 SOURCE_TAGS = {"at the expo": "event", "on a discovery call": "outbound", "via a webinar signup": "inbound",
                "at the partner summit": "partner", "by referral": "referral"}
-RATINGS = {"wants a demo next week": "hot", "asked for pricing": "warm", "needs a follow-up in May": "cold",
-           "is evaluating competitors": "warm"}
-PLACES, WANTS = list(SOURCE_TAGS), list(RATINGS)
+PLACES = list(SOURCE_TAGS)
+WANTS = ["wants a demo next week", "asked for pricing", "needs a follow-up in May", "is evaluating competitors"]
 LEARNING_KEYS = ["crm_contact_management", "crm_workflows", "crm_contact_management"] + [
     hashlib.sha256(name.encode()).hexdigest() for name in ("support_triage", "billing_updates")
 ]
-EXTRA_STEPS = ["tag", "rate"]
-GUIDANCE = {"crm.create_contact": "Copy the email exactly as written in the note.",
-            "crm.tag_contact": "Use the CRM's lead-source tag for where you met them.",
-            None: "Rate by what the contact wants."}
+EXTRA_STEPS = ["tag", "follow-up"]
+GUIDANCE = {"crm.create_contact": "Copy the email exactly.", "crm.tag_contact": "Tag where you met them.",
+            None: "Use the note's words."}
 
 
 def tool_call(tool: str, arguments: dict[str, Any]) -> str:
@@ -83,19 +81,18 @@ def _plan(rng: random.Random, name: str, email: str, company: str, place: str, w
           contact_id: str) -> list[dict[str, Any]]:
     """The plan's steps, each with its action (tool and arguments, or the text it outputs) and its result."""
     steps = [
-        {"description": "Check whether the contact already exists", "tool": "crm.search_contacts",
+        {"description": "Search for the contact", "tool": "crm.search_contacts",
          "tool_params": {"email": email}, "result": {"matches": 0}},
         {"description": "Create the contact", "tool": "crm.create_contact",
          "tool_params": {"company": company, "email": email, "name": name}, "result": {"contact_id": contact_id}},
     ]
     for extra in rng.sample(EXTRA_STEPS, rng.randint(0, 2)):
         if extra == "tag":
-            steps.append({"description": "Tag the contact with the lead source", "tool": "crm.tag_contact",
+            steps.append({"description": "Tag the lead source", "tool": "crm.tag_contact",
                           "tool_params": {"contact_id": contact_id, "tag": SOURCE_TAGS[place]},
                           "result": {"ok": True}})
         else:
-            steps.append({"description": "Rate the lead: hot, warm or cold", "tool": None,
-                          "output": RATINGS[want]})
+            steps.append({"description": "Write down the follow-up", "tool": None, "output": want})
     return [{"id": n, **step} for n, step in enumerate(steps, start=1)]
 
 
@@ -103,9 +100,9 @@ def _session(rng: random.Random, index: int, start: datetime) -> SyntheticSessio
     first, last, company = rng.choice(FIRST), rng.choice(LAST), rng.choice(COMPANIES)
     place, want = rng.choice(PLACES), rng.choice(WANTS)
     name = f"{first} {last}"
-    email = f"{first.lower()}.{last.lower()}@{company.split()[0].lower()}.example.com"
+    email = f"{first.lower()}.{last.lower()}@{company.split()[0].lower()}.com"
     note = f"Met {name} ({email}) from {company} {place}; {want}."
-    task = f"Add the contact from this CRM note to the CRM, step by step with JSON tool calls.\nNote: {note}"
+    task = f"Add the contact in this CRM note.\nNote: {note}"
     correct = rng.random() < 0.8
     contact_id = f"C-{rng.randint(1000, 9999)}"
     answer = f"Created contact {contact_id} for {name}."
