@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/multiturn_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

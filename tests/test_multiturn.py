@@ -219,3 +219,44 @@ def test_rates_aggregate_steps_and_episodes():
     assert result.step_success_rate == pytest.approx(5 / 7)
     assert result.episode_success_rate == pytest.approx(1 / 3)
     assert result.avg_tokens == pytest.approx(22 / 3)
+
+
+def test_one_off_policy_pass_over_all_targets_equals_the_naive_expansion(tmp_path, make_tiny_model, tokenizer):
+    """The loss of one conversation with every target span equals, token for token, the loss of one row per target
+    (the conversation through that turn, that turn its only target): the prefixes are the same."""
+    from datasets import Dataset
+
+    from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
+
+    conversation = session_to_conversation(session(trajectory_events=_events()))
+    whole = {"messages": conversation.messages, "targets": conversation.targets, "reference": "Created C-1."}
+    naive = [{"messages": conversation.messages[: t + 1], "targets": [t], "reference": "x"}
+             for t in conversation.targets]
+    args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=1024, bf16=False, lmbda=0.0,
+                     beta=0.3)
+    trainer = AtlasGKDTrainer(model=AutoModelForCausalLM.from_pretrained(make_tiny_model(seed=1)),
+                              teacher_model=AutoModelForCausalLM.from_pretrained(make_tiny_model(seed=2)),
+                              args=args, train_dataset=Dataset.from_list([whole]), processing_class=tokenizer,
+                              teacher_cache_topk=0)
+
+    def loss_and_tokens(row):
+        batch = trainer.data_collator([row])
+        return trainer.compute_loss(trainer.model, batch).item(), int((batch["labels"] != -100).sum())
+
+    one_pass, tokens = loss_and_tokens(whole)
+    parts = [loss_and_tokens(row) for row in naive]
+    assert tokens == sum(n for _, n in parts)
+    assert one_pass == pytest.approx(sum(loss * n for loss, n in parts) / tokens, rel=1e-4)
+
+
+def test_the_teacher_cache_key_includes_the_target_spans(tokenizer):
+    from atlas_distill.gkd.trainer import TeacherCache
+
+    conversation = session_to_conversation(session(trajectory_events=_events()))
+    collate = TargetSpanCollator(tokenizer, 1024)
+    every = collate([{"messages": conversation.messages, "targets": conversation.targets}])
+    last = collate([{"messages": conversation.messages, "targets": conversation.targets[-1:]}])
+    assert torch.equal(every["input_ids"], last["input_ids"])  # same tokens, other targets
+    keys = [TeacherCache.keys(batch, batch["labels"][:, 1:] != -100) for batch in (every, last)]
+    assert keys[0] != keys[1]
