@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ModelSpecError
+
 TOOL_RESULT_PREFIX = "Tool result: "
 
 
@@ -74,7 +76,7 @@ class EncodedConversation:
         return labels
 
 
-class TemplateError(ValueError):
+class TemplateError(ModelSpecError):
     """The chat template does not render a conversation's prefixes as prefixes of the whole."""
 
 
@@ -106,7 +108,10 @@ def encode(tokenizer, messages: list[dict[str, str]], targets: list[int]) -> Enc
         if not (full.startswith(through) and through.startswith(prefix)):
             raise TemplateError(
                 "The tokenizer's chat template renders the start of a conversation differently from the whole "
-                "conversation, so the target turns' tokens cannot be located.")
+                "conversation (it changes earlier turns once later ones follow), so the tokens of each target turn "
+                "cannot be located.",
+                fix="Train on the final answer only (data.targets=final), or use a tokenizer whose chat template "
+                "renders each turn the same whatever follows it.")
         char_spans.append((len(prefix), len(through)))
     ids, starts = _tokenize(tokenizer, full)
     spans = []

@@ -260,3 +260,14 @@ def test_the_teacher_cache_key_includes_the_target_spans(tokenizer):
     assert torch.equal(every["input_ids"], last["input_ids"])  # same tokens, other targets
     keys = [TeacherCache.keys(batch, batch["labels"][:, 1:] != -100) for batch in (every, last)]
     assert keys[0] != keys[1]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_a_clear_error(tiny_tokenizer_dir):
+    from atlas_distill.errors import ModelSpecError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    # marks the last turn: a turn renders differently once another follows it
+    tokenizer.chat_template = "{% for m in messages %}{% if loop.last %}>{% endif %}{{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ModelSpecError) as caught:
+        prepare_conversations([session(trajectory_events=_events())], source="x", tokenizer=tokenizer, max_length=512)
+    assert "data.targets=final" in caught.value.fix
