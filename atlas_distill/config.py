@@ -119,7 +119,8 @@ class TrainerConfig(_Strict):
         0, ge=0, description="First steps off-policy (lmbda 0) at offpolicy_warmup_beta: forward KL on the traces' "
         "own completions, which a freshly pruned student needs before on-policy JSD gives gradient.")
     offpolicy_warmup_beta: float = Field(0.0, ge=0.0, le=1.0, description="beta during the warmup (0: forward KL).")
-    max_length: int = Field(1024, ge=16, description="Max tokens of prompt + completion; prompts are cut from the left.")
+    max_length: int = Field(1024, ge=16, description="Max tokens of a conversation; longer ones lose whole turns "
+                            "from the left.")
     kv_cache_generation: bool = Field(True, description="On-policy generation uses the KV cache, also under gradient "
                                       "checkpointing (TRL generates without one then).")
     chunked_loss: bool = Field(True, description="Divergence from hidden states through lm_head in tiles, completion "

@@ -258,31 +258,45 @@ def turn_prompts(tokenizer, conversation: list[dict], targets: list[int] | None)
     return [messages[: t + 1] for t in mapped]
 
 
+def episode_turns(tokenizer, conversations: list[list[dict]],
+                  targets: list[list[int] | None] | None = None) -> list[list[list[dict]]]:
+    """Each conversation's target turns to generate (`turn_prompts`), episode by episode."""
+    targets = targets or [None] * len(conversations)
+    return [turn_prompts(tokenizer, messages, tg) for messages, tg in zip(conversations, targets, strict=True)]
+
+
+def judge(turns: list[list[list[dict]]], generations: list[Generation], references: list[str],
+          scorer: str = "auto") -> EvalResult:
+    """Score the generations (all episodes' turns, in order): the final answer against its reference by
+    `scorer`, every other target turn against the recorded turn by `auto`."""
+    made = iter(generations)
+    episodes = []
+    for episode, reference in zip(turns, references, strict=True):
+        outputs = [next(made) for _ in episode]
+        verdicts = [score(g.text, turn[-1]["content"], "auto") for g, turn in zip(outputs[:-1], episode[:-1])]
+        final_right = score(outputs[-1].text, reference, scorer)
+        episodes.append(Episode(outputs[-1].text, reference, final_right, sum(g.tokens for g in outputs),
+                                verdicts + [final_right]))
+    return EvalResult.of(episodes)
+
+
 def evaluate_conversations(model, tokenizer, conversations: list[list[dict]], references: list[str], *,
                            targets: list[list[int] | None] | None = None, scorer: str = "auto", max_new_tokens: int,
                            batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Generate every target turn of each conversation (all in one batched pass) and judge it.
 
     `targets[i]` lists conversation i's target turns (None or absent: its last turn). The final answer is
-    judged against `references[i]` by `scorer`; the other target turns against the recorded turn by `auto`."""
+    judged against `references[i]` by `scorer`; the other target turns against the recorded turn by `auto`.
+    `progress(done, total)` counts turns."""
     if len(conversations) != len(references):
         raise ValueError(f"{len(conversations)} conversations but {len(references)} references.")
     if not conversations:
         raise ValueError("No conversations to evaluate; the eval split is empty.")
     resolve_scorer("", scorer)  # an unknown scorer fails before any generation
-    targets = targets or [None] * len(conversations)
-    turns = [turn_prompts(tokenizer, messages, tg) for messages, tg in zip(conversations, targets)]
-    flat = [turn for episode in turns for turn in episode]
-    generations = iter(generate_answers(model, tokenizer, flat, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, progress=progress))
-    episodes = []
-    for episode, reference in zip(turns, references):
-        made = [next(generations) for _ in episode]
-        verdicts = [score(g.text, turn[-1]["content"], "auto") for g, turn in zip(made[:-1], episode[:-1])]
-        final_right = score(made[-1].text, reference, scorer)
-        episodes.append(Episode(made[-1].text, reference, final_right, sum(g.tokens for g in made),
-                                verdicts + [final_right]))
-    return EvalResult.of(episodes)
+    turns = episode_turns(tokenizer, conversations, targets)
+    generations = generate_answers(model, tokenizer, [turn for episode in turns for turn in episode],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return judge(turns, generations, references, scorer)
 
 
 def _rates(eval_results: Any) -> tuple[float, float]:

@@ -30,9 +30,21 @@ def final_targets(messages: list[dict[str, str]]) -> list[int]:
     return [len(messages) - 1]
 
 
+_PROBE = "tool-result-probe-7f3a"
+
+
 def supports_tool_role(tokenizer) -> bool:
+    """Whether the template renders a `tool` turn as such: one that names the role and renders a bare tool
+    message (some templates mention tools but require call ids) with its text."""
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
-    return "tool" in template
+    if "tool" not in template:
+        return False
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}, {"role": "tool", "content": _PROBE}]
+    try:
+        return _PROBE in tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe has no usable tool role
+        return False
 
 
 def chat_messages(messages: list[dict[str, str]], targets: list[int], *,
@@ -85,21 +97,28 @@ def _render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
 
 
 def _tokenize(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Token ids and each token's first character."""
-    if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
-    # A slow tokenizer has no offsets: tokenize the growing prefixes' pieces one at a time.
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    starts, position = [], 0
-    for token in ids:
-        starts.append(position)
-        position += len(tokenizer.decode([token]))
-    return ids, starts
+    """Token ids and each token's first character (a fast tokenizer's offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelSpecError(
+            f"The tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer, so it gives no character offsets "
+            "and the tokens of each target turn cannot be located.",
+            fix="Use the model's fast tokenizer (tokenizer.json), or train on the final answer only "
+            "(data.targets=final).")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
+
+
+def _check_targets(messages: list[dict[str, str]], targets: list[int]) -> None:
+    if any(b <= a for a, b in zip(targets, targets[1:])):
+        raise ValueError(f"Target turns must be increasing message indices, got {targets}.")
+    for t in targets:
+        if not 0 < t < len(messages) or messages[t].get("role") != "assistant":
+            raise ValueError(f"Target {t} is not an assistant turn of this {len(messages)}-message conversation.")
 
 
 def encode(tokenizer, messages: list[dict[str, str]], targets: list[int]) -> EncodedConversation:
     """Token ids of the whole conversation and the token span of every target turn."""
+    _check_targets(messages, targets)
     full = _render(tokenizer, messages)
     char_spans = []
     for t in targets:

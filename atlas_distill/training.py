@@ -193,7 +193,8 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     teacher_eval, before = _before_training(trainer, state, run_dir, eval_rows, resume=checkpoint is not None,
                                             key={"teacher": teacher_spec.name, "student": student_spec.name,
                                                  "max_new_tokens": profile.trainer.max_new_tokens,
-                                                 "scorer": profile.trainer.scorer})
+                                                 "scorer": profile.trainer.scorer, "targets": profile.data.targets,
+                                                 "prompt": profile.data.prompt})
     baseline = _baseline(profile, before)
     trainer.baseline = baseline
     emit("line", format_reference_line(baseline["success"], baseline["tokens"]))

@@ -271,3 +271,35 @@ def test_a_template_that_rewrites_earlier_turns_is_a_clear_error(tiny_tokenizer_
     with pytest.raises(ModelSpecError) as caught:
         prepare_conversations([session(trajectory_events=_events())], source="x", tokenizer=tokenizer, max_length=512)
     assert "data.targets=final" in caught.value.fix
+
+
+def test_parallel_tool_calls_stay_separate_actions_and_a_step_keeps_its_text():
+    events = [_event("LLM_START", "student", inp="Look both up"),
+              _event("LLM_END", "student", out="calling a and b"),  # the message that carries the calls
+              _event("TOOL_START", "student", name="a", inp={"q": 1}), _event("TOOL_START", "student", name="b", inp={}),
+              _event("TOOL_END", "student", name="a", out="ra"), _event("TOOL_END", "student", name="b", out="rb"),
+              _event("LLM_START", "student", inp="Summarise"), _event("LLM_END", "student", out="summary"),
+              _event("LLM_START", "student", inp="Call c"), _event("TOOL_START", "student", name="c", inp={})]
+    conversation = session_to_conversation(session(trajectory_events=events))
+    actions = [conversation.messages[t]["content"] for t in conversation.targets]
+    assert actions == ['{"arguments": {"q": 1}, "tool": "a"}', '{"arguments": {}, "tool": "b"}', "summary",
+                       '{"arguments": {}, "tool": "c"}', "Created C-1."]
+    assert [m["content"] for m in conversation.messages if m["role"] == "tool"] == ["ra", "rb"]
+
+
+def test_a_long_last_exchange_keeps_its_tail_and_draws_only_targets_with_a_prompt(tokenizer):
+    """One user turn, then many actions and results: no whole turn can go, so tokens are cut from the left; a
+    target cut at its start is still learnt but never drawn as the on-policy turn."""
+    messages = [{"role": "system", "content": "Agent."}, {"role": "user", "content": "Do it all."}]
+    for n in range(6):
+        messages += [{"role": "assistant", "content": f"action number {n} with some words"},
+                     {"role": "tool", "content": f"result {n}"}]
+    messages.append({"role": "assistant", "content": "done"})
+    targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    collate = TargetSpanCollator(tokenizer, 44, seed=0)
+    for _ in range(20):
+        batch = collate([{"messages": messages, "targets": targets}])
+        assert batch["input_ids"].shape[1] == 44 and batch["prompts"].shape[1] > 0
+    encoded = encode_to_fit(tokenizer, messages, targets, 44)
+    assert encoded.cut_tokens > 0 and encoded.spans[0][0] == 0  # the first kept target lost its start
+    assert tokenizer.decode(encoded.ids[encoded.spans[-1][0]:encoded.spans[-1][1]]) == "done<|im_end|>\n"

@@ -10,8 +10,10 @@ without it, as `data.targets: final` writes, has its last turn as the only targe
   with the trainer's seed; `prompts` is the recorded conversation before that turn (tool
   results and guidance replayed exactly as recorded), from which the student generates the turn.
 
-For a row with one target (the final answer) the tensors equal those of TRL's
-DataCollatorForChatML (a test checks it): `data.targets: final` trains as before.
+For a row with one target (the final answer) that fits max_length the tensors equal
+those of TRL's DataCollatorForChatML (a test checks it): `data.targets: final` trains as
+before. A longer one loses whole turns from the left (target_spans.py), where TRL cut
+tokens from the left, through the system turn.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ class TargetSpanCollator:
             messages = example["messages"]
             targets = example.get("targets") or final_targets(messages)
             encoded = encode_to_fit(self.tokenizer, messages, targets, self.max_length)
-            if not encoded.spans or encoded.spans[0][0] == 0:
+            # A target whose start was cut away (the token cut) is still learnt off-policy, but it has no prompt.
+            promptable = [i for i, (start, _) in enumerate(encoded.spans) if start > 0]
+            if not promptable:
                 raise ValueError(f"A conversation has no target turn with a prompt before it left after fitting "
                                  f"max_length={self.max_length}; raise max_length.")
-            pick = self.turn_rng.randrange(len(encoded.spans))
+            pick = promptable[self.turn_rng.randrange(len(promptable))]
             ids.append(encoded.ids)
             labels.append(encoded.labels(self.ignore_index))
             prompts.append(encoded.ids[: encoded.spans[pick][0]])

@@ -350,27 +350,25 @@ class AtlasGKDTrainer(GKDTrainer):
         return metrics
 
     def evaluate_model(self, model, conversations: list, references: list[str], targets: list | None = None):
-        """Generate and judge `model`'s turns (evaluate.evaluate_conversations); each process takes a share of the
-        sessions and every process gets the same EvalResult, episodes in the sessions' order."""
+        """Generate and judge `model`'s turns (evaluate.evaluate_conversations); each process generates an equal
+        share of all the sessions' turns and every process gets the same EvalResult, episodes in order."""
         from accelerate.utils import gather_object
 
-        from ..evaluate import EvalResult, evaluate_conversations
+        from ..evaluate import episode_turns, evaluate_conversations, generate_answers, judge
 
-        targets = targets or [None] * len(conversations)
-        kwargs = dict(scorer=self.scorer, max_new_tokens=self.args.max_new_tokens,
-                      batch_size=self.args.per_device_eval_batch_size)
+        kwargs = dict(max_new_tokens=self.args.max_new_tokens, batch_size=self.args.per_device_eval_batch_size)
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
             if self.accelerator.num_processes == 1:
                 return evaluate_conversations(unwrapped, self.processing_class, conversations, references,
-                                              targets=targets, **kwargs)
-            # Padded to equal shares: under FSDP / ZeRO-3 every process must make as many generate calls.
-            with self.accelerator.split_between_processes(list(range(len(conversations))),
-                                                          apply_padding=True) as mine:
-                shard = evaluate_conversations(unwrapped, self.processing_class, [conversations[i] for i in mine],
-                                               [references[i] for i in mine], targets=[targets[i] for i in mine],
-                                               **kwargs)
-        by_index = dict(gather_object(list(zip(mine, shard.episodes))))
-        return EvalResult.of([by_index[i] for i in range(len(conversations))])
+                                              targets=targets, scorer=self.scorer, **kwargs)
+            turns = episode_turns(self.processing_class, conversations, targets)
+            flat = [turn for episode in turns for turn in episode]
+            # Turns (not sessions) padded to equal shares: under FSDP / ZeRO-3 every process must make as many
+            # generate calls, and sessions have different numbers of turns.
+            with self.accelerator.split_between_processes(list(range(len(flat))), apply_padding=True) as mine:
+                made = generate_answers(unwrapped, self.processing_class, [flat[i] for i in mine], **kwargs)
+        by_index = dict(gather_object(list(zip(mine, made))))
+        return judge(turns, [by_index[i] for i in range(len(flat))], references, self.scorer)
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         """The loss's token count, per process. transformers counts the tokens of all processes and multiplies

@@ -169,26 +169,32 @@ def _payload(entry: Any) -> tuple[str | None, str | None, dict[str, Any], Any]:
 def _event_episode(events: list[Any]) -> list[tuple[str, str]]:
     """(kind, text) turns from trajectory events; kind is user, action or tool.
 
-    A tool call (TOOL_START) is the action of its step: the LLM_END text that precedes it in the same step
-    (the model's message that carries the call) is replaced by the call, so one step gives one action."""
+    A tool call (TOOL_START) is the action of its step: the LLM_END text just before it in the same step (the
+    model's message that carries the call) is replaced by the call, so one step gives one action; calls made
+    one after another (parallel tool calls) stay separate actions."""
     turns: list[tuple[str, str]] = []
+    message_turn: int | None = None  # the LLM_END action of this step that a tool call may replace
     for entry in events:
         kind, actor, data, name = _payload(entry)
         if kind in _USER_EVENTS and actor == "student":
             turns.append(("user", _text(data.get("input"))))
+            message_turn = None
         elif kind in _ASSISTANT_EVENTS and actor == "teacher":
             text = _text(data.get("output"))
             turns.append(("user", GUIDANCE_PREFIX + text if text else ""))
         elif kind in _ASSISTANT_EVENTS and actor == "student":
             turns.append(("action", _text(data.get("output"))))
+            message_turn = len(turns) - 1 if kind == "LLM_END" else None
         elif kind == "TOOL_START":
-            call = tool_call_text(name or "call", data.get("input"))
-            last_action = next((i for i in range(len(turns) - 1, -1, -1) if turns[i][0] != "user"), None)
-            if last_action is not None and turns[last_action][0] == "action":
-                turns.pop(last_action)  # the model's message for this call; the call itself is the action
-            turns.append(("action", call))
+            call = ("action", tool_call_text(name or "call", data.get("input")))
+            if message_turn is not None:
+                turns[message_turn] = call
+            else:
+                turns.append(call)
+            message_turn = None
         elif kind == "TOOL_END":
             turns.append(("tool", _text(data.get("output"))))
+            message_turn = None
     return turns
 
 
@@ -223,7 +229,7 @@ def session_to_conversation(session: AtlasSession) -> Conversation:
     """
     try:
         turns = _event_episode(session.trajectory_events)
-        if not any(kind == "action" for kind, _ in turns):
+        if not any(kind == "action" and text for kind, text in turns):
             turns = _step_episode(session.steps)
     except RecursionError:
         raise _nested_too_deeply(session) from None
