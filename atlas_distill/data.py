@@ -83,10 +83,9 @@ def conversation_row(session: AtlasSession, prompt: str = "conversation", target
     """The training row of a session; `targets="all"` (with the conversation prompt) adds `targets`."""
     if targets not in TARGETS:
         raise UsageError(f"Unknown targets `{targets}`.", fix="Use data.targets=all or data.targets=final.")
-    row: dict[str, Any] = {}
     if targets == "all" and prompt == "conversation":
         conversation = session_to_conversation(session)
-        row = {"messages": conversation.messages, "targets": conversation.targets}
+        row: dict[str, Any] = {"messages": conversation.messages, "targets": conversation.targets}
     else:
         row = {"messages": session_messages(session, prompt)}
     return row | {"session_id": str(session.session_id), "learning_key": session.learning_key,

@@ -31,20 +31,23 @@ def final_targets(messages: list[dict[str, str]]) -> list[int]:
 
 
 _PROBE = "tool-result-probe-7f3a"
+_TOOL_ROLE: dict[str, bool] = {}  # by template text: the collator asks for every example of every batch
 
 
 def supports_tool_role(tokenizer) -> bool:
     """Whether the template renders a `tool` turn as such: one that names the role and renders a bare tool
-    message (some templates mention tools but require call ids) with its text."""
+    message (some templates mention tools but require call ids) with its text. Probed once per template."""
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
     if "tool" not in template:
         return False
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-             {"role": "assistant", "content": "a"}, {"role": "tool", "content": _PROBE}]
-    try:
-        return _PROBE in tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses the probe has no usable tool role
-        return False
+    if template not in _TOOL_ROLE:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "a"}, {"role": "tool", "content": _PROBE}]
+        try:
+            _TOOL_ROLE[template] = _PROBE in tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe has no usable tool role
+            _TOOL_ROLE[template] = False
+    return _TOOL_ROLE[template]
 
 
 def chat_messages(messages: list[dict[str, str]], targets: list[int], *,
@@ -96,8 +99,8 @@ def _render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _tokenize(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Token ids and each token's first character (a fast tokenizer's offsets)."""
+def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and each token's [start, end) characters (a fast tokenizer's offsets)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ModelSpecError(
             f"The tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer, so it gives no character offsets "
@@ -105,7 +108,7 @@ def _tokenize(tokenizer, text: str) -> tuple[list[int], list[int]]:
             fix="Use the model's fast tokenizer (tokenizer.json), or train on the final answer only "
             "(data.targets=final).")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
+    return encoded["input_ids"], [tuple(offsets) for offsets in encoded["offset_mapping"]]
 
 
 def _check_targets(messages: list[dict[str, str]], targets: list[int]) -> None:
@@ -132,11 +135,12 @@ def encode(tokenizer, messages: list[dict[str, str]], targets: list[int]) -> Enc
                 fix="Train on the final answer only (data.targets=final), or use a tokenizer whose chat template "
                 "renders each turn the same whatever follows it.")
         char_spans.append((len(prefix), len(through)))
-    ids, starts = _tokenize(tokenizer, full)
+    ids, offsets = _tokenize(tokenizer, full)
     spans = []
     for lo, hi in char_spans:
-        first = next((i for i, s in enumerate(starts) if s >= lo), len(ids))
-        last = next((i for i, s in enumerate(starts) if s >= hi), len(ids))
+        # A token that straddles the turn's start (`: {` after a template's "assistant: ") is the turn's.
+        first = next((i for i, (_, end) in enumerate(offsets) if end > lo), len(ids))
+        last = next((i for i, (start, _) in enumerate(offsets) if start >= hi), len(ids))
         spans.append((first, last))
     return EncodedConversation(ids, spans, list(targets), messages)
 

@@ -303,3 +303,22 @@ def test_a_long_last_exchange_keeps_its_tail_and_draws_only_targets_with_a_promp
     encoded = encode_to_fit(tokenizer, messages, targets, 44)
     assert encoded.cut_tokens > 0 and encoded.spans[0][0] == 0  # the first kept target lost its start
     assert tokenizer.decode(encoded.ids[encoded.spans[-1][0]:encoded.spans[-1][1]]) == "done<|im_end|>\n"
+
+
+def test_a_template_with_a_tool_role_gets_tool_turns_and_one_without_gets_user_turns(tiny_tokenizer_dir):
+    from atlas_distill.target_spans import supports_tool_role
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert supports_tool_role(tokenizer) is False  # SmolLM2's template does not name the role
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}<tool>{{ m['content'] }}</tool>\n"
+                               "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert supports_tool_role(tokenizer) is True
+    conversation = session_to_conversation(session(trajectory_events=_events()))
+    encoded = encode_to_fit(tokenizer, conversation.messages, conversation.targets, None)
+    assert encoded.messages == conversation.messages  # tool turns kept as such
+    text = tokenizer.decode(encoded.ids)
+    assert '<tool>{"matches": 0}</tool>' in text and "Tool result:" not in text
+    # the template writes "assistant: " before a turn; the space merges into the turn's first token
+    assert [tokenizer.decode(encoded.ids[s:e]) for s, e in encoded.spans] == [
+        f" {EXPECTED[t]['content']}\n" for t in conversation.targets]
