@@ -5,19 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from atlas_distill.config import Profile, known_keys, load_profile, parse_override, profile_paths
+from atlas_distill.config import Profile, _flatten, known_keys, load_profile, parse_override, profile_paths
 from atlas_distill.errors import ProfileError
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """{dotted key: value} for every leaf of a YAML mapping."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_every_shipped_profile_loads():
@@ -25,7 +14,7 @@ def test_every_shipped_profile_loads():
     assert {"default", "fast", "high-quality", "task-specific"} <= set(names)
     for name, path in names.items():
         resolved = load_profile(name).model_dump()
-        written = _leaves(yaml.safe_load(path.read_text()) or {})
+        written = _flatten(yaml.safe_load(path.read_text()) or {})
         assert written, f"{name} lists no keys"
         for key, value in written.items():  # every key the file writes is the value the profile resolves to
             got = resolved
