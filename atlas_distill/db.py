@@ -53,8 +53,29 @@ def masked_argv(argv: list[str]) -> list[str]:
 
 
 def resolve_db_url(flag: str | None, profile_url: str | None) -> str | None:
-    """--database-url, then the profile's database.url, then $ATLAS_DB_URL."""
-    return flag or profile_url or os.environ.get(ENV_DB_URL) or None
+    """--database-url, then the profile's database.url, then $ATLAS_DB_URL; a URL that cannot be read is a
+    usage error here, before any connection is tried."""
+    url = flag or profile_url or os.environ.get(ENV_DB_URL) or None
+    if url:
+        _check_url(url)
+    return url
+
+
+def _check_url(url: str) -> None:
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    fix = ("Write it as postgresql://user:password@host:5432/database (or in libpq's key=value form, "
+           "host=... port=... dbname=...).")
+    try:
+        params = conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        detail = scrub(str(exc).strip().splitlines()[0], url).rstrip(".")
+        raise UsageError(f"The database URL {mask_url(url)} cannot be read: {detail}.", fix=fix) from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise UsageError(f"The database URL {mask_url(url)} has port {port!r}, which is not a port number "
+                             "(1 to 65535).", fix=fix)
 
 
 def require_db_url(flag: str | None, profile_url: str | None) -> str:

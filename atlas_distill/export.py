@@ -96,7 +96,7 @@ def export_traces(url: str, filters: TraceFilter, output: str, *, retries: int =
 
 
 def _export_lost(exc: DatabaseConnectionLost, url: str, output: str, exported: int) -> DatabaseConnectionLost:
-    tried = (f"{exc.attempts} reconnection attempts failed" if exc.attempts
+    tried = (f"{exc.attempts} reconnection attempt{'s' if exc.attempts > 1 else ''} failed" if exc.attempts
              else "no reconnection was attempted (--retries 0)")
     left = ("they went to stdout, which therefore holds an incomplete export" if output == "-"
             else f"nothing was written to {output} (a previous file there is untouched)")

@@ -18,3 +18,18 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide these figures (avx2, avx512f, avx512_bf16, amx_bf16)."""
+    name, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name} ({', '.join(shown) or 'none of avx2/avx512f/avx512_bf16/amx_bf16'})"

@@ -35,6 +35,22 @@ def pg_server(tmp_path_factory) -> str:
         yield embedded
 
 
+@pytest.fixture(scope="session")
+def scram_server(tmp_path_factory) -> str:
+    """An embedded cluster that checks passwords (scram-sha-256) for every role but the superuser, unlike the
+    machine's trusting server; yields the superuser's URL (over the cluster's socket)."""
+    from atlas_distill.db import embedded_postgres
+
+    with embedded_postgres(tmp_path_factory.mktemp("scram") / "pgdata") as url:
+        with connect(url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET password_encryption = 'scram-sha-256'")
+            hba = conn.execute("SHOW hba_file").fetchone()[0]
+            with open(hba, "w") as handle:
+                handle.write("local all postgres trust\nlocal all all scram-sha-256\n")
+            conn.execute("SELECT pg_reload_conf()")
+        yield url
+
+
 def _create_database(server: str) -> tuple[str, str]:
     name = f"atlas_test_{uuid.uuid4().hex[:12]}"
     with connect(server, autocommit=True) as conn:

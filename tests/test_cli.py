@@ -47,3 +47,23 @@ def test_profile_show_masks_a_password(cli):
 def test_profile_errors_exit_1(cli):
     result = cli("profile", "show", "fsat")
     assert result.code == 1 and "unknown profile `fsat`" in result.stderr and "`fast`" in result.stderr
+
+
+def test_a_bug_exits_70_with_one_line_and_the_debug_switch_shows_the_traceback(cli, tmp_path):
+    """A real exception the code does not expect (injected by a sitecustomize on PYTHONPATH, which Python runs
+    before the CLI starts) must end in exit 70 and a short message, never a traceback, unless debugging."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "from atlas_distill.traces import jsonl\n"
+        "def broken(self):\n"
+        "    return {}['missing']\n"
+        "jsonl.JsonlTraceSource._open = broken\n")
+    (tmp_path / "t.jsonl").write_text('{"task": "x"}\n')
+    env = {"PYTHONPATH": str(hook)}
+    result = cli("inspect", "t.jsonl", env=env)
+    assert result.code == 70, result.stderr
+    assert "Internal error: KeyError: 'missing'" in result.stderr and "ATLAS_DISTILL_DEBUG=1" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    debug = cli("inspect", "t.jsonl", env={**env, "ATLAS_DISTILL_DEBUG": "1"})
+    assert debug.code == 1 and "Traceback" in debug.stderr and "KeyError: 'missing'" in debug.stderr

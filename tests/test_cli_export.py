@@ -102,10 +102,18 @@ def test_unreachable_server_exit_4_one_paragraph(cli, tmp_path):
     assert not (tmp_path / "traces" / "runtime.jsonl").exists()
 
 
-def test_invalid_url_is_a_usage_error(cli):
-    result = cli("export", "--database-url", "postgresql://u:pw@host:notaport/db")
-    assert result.code in (1, 4) and "Traceback" not in result.stderr
-    assert "Fix:" in result.stderr
+@pytest.mark.parametrize("command", ["export", "inspect", "train", "demo-db"])
+@pytest.mark.parametrize("url, problem", [
+    ("postgresql://u:s3cretpw@host:notaport/db", "has port 'notaport', which is not a port number"),
+    ("postgresql://u:s3cretpw@host:70000/db", "has port '70000', which is not a port number"),
+    ("postgresql://u:s3cretpw@[::1/db", "cannot be read: end of string reached"),
+])
+def test_invalid_url_is_a_usage_error_before_any_connection(cli, command, url, problem):
+    result = cli(command, "--database-url", url)
+    assert result.code == 1, result.stderr
+    assert problem in result.stderr and "Fix: Write it as postgresql://user:password@host:5432/database" in \
+        " ".join(result.stderr.split())
+    assert "s3cretpw" not in result.stderr + result.stdout and "Traceback" not in result.stderr
 
 
 def test_database_without_atlas_schema(cli, empty_db):
@@ -126,21 +134,16 @@ def test_conflicting_flags(cli, seeded_db):
 
 
 @pytest.fixture(scope="module")
-def password_server(tmp_path_factory):
-    """An embedded cluster that checks passwords (scram-sha-256), unlike the machine's trusting server."""
-    from atlas_distill.db import embedded_postgres
+def password_server(scram_server):
+    """The scram cluster's socket directory, holding a database `atlas` owned by role atlas (a password)."""
+    from psycopg.conninfo import conninfo_to_dict
 
-    with embedded_postgres(tmp_path_factory.mktemp("scram") / "pgdata") as url:
-        with connect(url, autocommit=True) as conn:
-            conn.execute("SET password_encryption = 'scram-sha-256'")
-            conn.execute("CREATE ROLE atlas LOGIN PASSWORD 'Corr3ct-Horse-Battery'")
-            conn.execute("CREATE DATABASE atlas OWNER atlas")
-            hba = conn.execute("SHOW hba_file").fetchone()[0]
-            socket_dir = conn.execute("SHOW unix_socket_directories").fetchone()[0].split(",")[0]
-            with open(hba, "w") as handle:
-                handle.write("local all postgres trust\nlocal all all scram-sha-256\n")
-            conn.execute("SELECT pg_reload_conf()")
-        yield socket_dir
+    with connect(scram_server, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS atlas WITH (FORCE)")
+        conn.execute("DROP ROLE IF EXISTS atlas")
+        conn.execute("CREATE ROLE atlas LOGIN PASSWORD 'Corr3ct-Horse-Battery'")
+        conn.execute("CREATE DATABASE atlas OWNER atlas")
+    yield conninfo_to_dict(scram_server)["host"]
 
 
 def test_wrong_password_exit_4_and_never_printed(cli, password_server, tmp_path):
@@ -208,3 +211,50 @@ def test_closed_stdout_pipe_ends_quietly(seeded_db, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "rc=0", done.stderr
     assert "Error" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_db_append_adds_sessions_after_the_ones_there(cli, empty_db):
+    first = cli("demo-db", "--database-url", empty_db, "--sessions", "12", "--seed", "3", "--json")
+    assert first.code == 0, first.stderr
+    before = db_ids(empty_db)
+    assert len(before) == 12
+    more = cli("demo-db", "--database-url", empty_db, "--sessions", "8", "--seed", "4", "--append", "--json")
+    assert more.code == 0, more.stderr
+    after = db_ids(empty_db)
+    assert len(after) == 20 and set(before) < set(after)  # the first twelve are kept, eight are new
+
+
+def run_with_stderr_on_a_terminal(args: list[str], cwd) -> tuple[int, str]:
+    """The console script with stderr on a pseudo-terminal (stdout still a pipe); returns its exit code and all
+    it drew on the terminal."""
+    import os
+    import pty
+
+    from conftest import CLI
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_DB_URL", "PGPASSWORD")}
+    proc = subprocess.Popen([str(CLI), *args], cwd=cwd, env={**env, "TERM": "xterm-256color"},
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    return proc.wait(timeout=120), drawn.decode("utf-8", "replace")
+
+
+def test_progress_is_drawn_only_when_stderr_is_a_terminal(cli, seeded_db, tmp_path):
+    args = ["export", "--database-url", seeded_db, "--all-statuses", "--min-reward", "0", "--output", "out.jsonl"]
+    code, drawn = run_with_stderr_on_a_terminal(args, tmp_path)
+    assert code == 0, drawn
+    assert "Exporting" in drawn and "\x1b[" in drawn  # the bar, drawn and then cleared
+    piped = cli(*args)
+    assert piped.code == 0, piped.stderr
+    assert "Exporting" not in piped.stderr and "\x1b[" not in piped.stderr  # no bar, no cursor movement

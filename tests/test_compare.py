@@ -192,7 +192,31 @@ def test_models_are_evaluated_on_the_spot_beside_a_run(cli, make_tiny_model, tra
     for name in (first, second):
         row = rows[name]
         assert row["kind"] == "model" and row["eval_sessions"] == 3 and row["parameters"] > 0
-        assert 0.0 <= row["success_rate"] <= 1.0 and 0 <= row["avg_tokens"] <= 4
+        assert 0 <= row["avg_tokens"] <= 4
         assert row["tokens_per_second"] > 0 and row["eval_seconds"] > 0
     assert rows[first]["reference"] and rows[second]["success_delta"] == pytest.approx(
         rows[second]["success_rate"] - rows[first]["success_rate"])
+
+
+def test_a_model_is_judged_right_exactly_where_its_answers_are_the_references(cli, make_tiny_model, tmp_path):
+    """Traces whose answers are what one tiny model itself answers (found with plain transformers): compare
+    must find that model right on every session and another model, which answers otherwise, right on none."""
+    from helpers import greedy_answers
+
+    first, second = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    tasks = [f"Name the code word {n}." for n in range(12)]
+    asked = [[{"role": "system", "content": f"Task: {task}"}, {"role": "user", "content": task},
+              {"role": "assistant", "content": ""}] for task in tasks]
+    own, other = greedy_answers(first, asked, max_new_tokens=4), greedy_answers(second, asked, max_new_tokens=4)
+    assert all(own) and all(a != b for a, b in zip(own, other)), (own, other)  # what the test relies on
+    lines = [json.dumps({"task": task, "final_answer": answer, "session_metadata": {"session_id": n + 1},
+                         "reward_stats": {"score": 1.0}}) for n, (task, answer) in enumerate(zip(tasks, own))]
+    (tmp_path / "own.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("compare", "--model", str(first), "--model", str(second), "--traces", "own.jsonl",
+                 "data.prompt=task", "data.review_status=null", "trainer.min_reward=null", "data.eval_split=0.5",
+                 "trainer.max_new_tokens=4", "trainer.eval_max_sessions=100", "--json")
+    assert result.code == 0, result.stderr
+    rows = rows_by_name(result.json())
+    assert rows[str(first)]["eval_sessions"] == rows[str(second)]["eval_sessions"] >= 3
+    assert rows[str(first)]["success_rate"] == 1.0 and rows[str(second)]["success_rate"] == 0.0
+

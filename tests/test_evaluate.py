@@ -309,9 +309,107 @@ def test_evaluate_scores_generated_answers(lively):
 def test_evaluate_rejects_bad_input_before_generating(lively):
     load, tokenizer = lively
     model = load()
+    calls = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
     with pytest.raises(ValueError, match="valid scorers"):
         evaluate_conversations(model, tokenizer, CONVERSATIONS[:1], ["x"], scorer="fuzzy", max_new_tokens=4)
     with pytest.raises(ValueError, match="1 conversations but 2 references"):
         evaluate_conversations(model, tokenizer, CONVERSATIONS[:1], ["x", "y"], max_new_tokens=4)
     with pytest.raises(ValueError, match="must end with the reference assistant answer"):
         generate_answers(model, tokenizer, [CONVERSATIONS[0][:-1]], max_new_tokens=4)
+    assert calls == []  # every error came before the model generated anything
+    evaluate_conversations(model, tokenizer, CONVERSATIONS[:1], ["x"], max_new_tokens=2)
+    assert calls  # and the same spy does see a generation
+
+
+def own_answers(model, tokenizer) -> tuple[list[list[dict]], list[list[int]], set[int]]:
+    """CONVERSATIONS with answers 0 and 2 replaced by what `model` itself answers greedily: its tokens up to a
+    stop token (the end of turn, or one of the conversations' third greedy tokens, made EOS ids so that answers
+    end early). Returns the conversations, the model's greedy tokens and the stop tokens."""
+    import torch
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"] for c in CONVERSATIONS]
+    with torch.no_grad():
+        own = [model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist() for ids in prompts]
+    model.generation_config.eos_token_id = [eos] + sorted({tokens[2] for tokens in own})
+    stops = set(model.generation_config.eos_token_id)
+    conversations = [list(c) for c in CONVERSATIONS]
+    for i in (0, 2):
+        cut = next(pos for pos, tok in enumerate(own[i]) if tok in stops)
+        conversations[i][-1] = {"role": "assistant", "content": tokenizer.decode(own[i][:cut])}
+    return conversations, own, stops
+
+
+def counting_generate(model) -> list[int]:
+    """The rows each model.generate call is given, appended to the list returned."""
+    rows = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: rows.append(kwargs["input_ids"].shape[0]) or generate(*args, **kwargs)
+    return rows
+
+
+def test_answers_the_model_itself_gives_are_verified_not_generated_with_the_same_result(lively):
+    """Recorded answers that are what the model itself answers are found by one teacher-forced pass; only the
+    others are generated; every Generation equals plain generation's."""
+    load, tokenizer = lively
+    model = load()
+    conversations, own, stops = own_answers(model, tokenizer)
+    plain = generate_answers(model, tokenizer, conversations, max_new_tokens=8, verify=False)
+    generated = counting_generate(model)
+    verified = generate_answers(model, tokenizer, conversations, max_new_tokens=8, batch_size=4)
+    assert verified == plain
+    assert sum(generated) == 2  # conversations 1 and 3 only
+    assert [g.tokens for g in plain[::2]] == [next(p for p, t in enumerate(own[i]) if t in stops) for i in (0, 2)]
+    # with the recorded answers as they were, nothing is verified and everything is generated
+    generated.clear()
+    assert generate_answers(model, tokenizer, CONVERSATIONS, max_new_tokens=8) == generate_answers(
+        model, tokenizer, CONVERSATIONS, max_new_tokens=8, verify=False)
+    assert sum(generated) == 2 * len(CONVERSATIONS)
+
+
+def test_a_decoding_setting_in_generation_config_turns_verification_off(lively):
+    load, tokenizer = lively
+    model = load()
+    conversations, _, _ = own_answers(model, tokenizer)
+    model.generation_config.repetition_penalty = 1.3  # greedy decoding is no longer the plain argmax
+    generated = counting_generate(model)
+    generate_answers(model, tokenizer, conversations, max_new_tokens=8)
+    assert sum(generated) == len(conversations)
+
+
+def test_the_turns_of_an_episode_are_verified_in_one_forward_pass(lively):
+    """An episode of three turns, each the model's own answer to the turns before it: the three recorded turns
+    are checked in one teacher-forced pass over the whole episode (one row), and nothing is generated."""
+    load, tokenizer = lively
+    model = load()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [eos]
+    while True:  # until every turn ends within 8 tokens: a turn that does not lends its third token as a stop
+        episode, unended = [{"role": "system", "content": "You are a helpful agent."}], None
+        stops = set(model.generation_config.eos_token_id)
+        for question in ("What is two plus two?", "Name a colour.", "Hi"):
+            episode.append({"role": "user", "content": question})
+            ids = tokenizer.apply_chat_template(episode, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            tokens = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+            end = next((pos for pos, tok in enumerate(tokens) if tok in stops), None)
+            if end is None:
+                unended = tokens[2]
+                break
+            # the answer as the model wrote it (a leading space kept), so the template renders the same tokens
+            episode.append({"role": "assistant", "content": tokenizer.decode(tokens[:end])})
+        if unended is None:
+            break
+        model.generation_config.eos_token_id = model.generation_config.eos_token_id + [unended]
+    turns = [episode[:end] for end in (3, 5, 7)]
+    plain = generate_answers(model, tokenizer, turns, max_new_tokens=8, verify=False)
+    generated = counting_generate(model)
+    rows = []
+    forward = model.model.forward
+    model.model.forward = lambda *args, **kwargs: rows.append(kwargs["input_ids"].shape[0]) or forward(*args,
+                                                                                                      **kwargs)
+    assert generate_answers(model, tokenizer, turns, max_new_tokens=8) == plain
+    assert generated == [] and rows == [1]

@@ -187,3 +187,68 @@ def test_source_without_retries_reports_how_far_it_read(big_db, pg_server):
                 terminate_backend(pg_server, big_db, name)
     assert caught.value.sessions_read == len(got) and 5 <= len(got) < SESSIONS
     assert caught.value.exit_code == 4 and "no reconnection was attempted" in caught.value.message
+
+
+def read_some_then_freeze(proc: subprocess.Popen, size: int = 200_000) -> list[str]:
+    """With --output -, the export blocks on the pipe we do not read: read `size` characters of it, then stop
+    the process there (provably mid-stream: 3,000 sessions are about 48 MB). Returns what was read."""
+    head = proc.stdout.read(size)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return head
+
+
+def stdout_ids(text: str) -> list[int]:
+    assert text.endswith("\n"), "stdout ends in a cut line"
+    return [json.loads(line)["session_metadata"]["session_id"] for line in text.splitlines()]
+
+
+def test_export_to_stdout_reconnects_and_its_table_shows_the_reconnect(big_db, pg_server, tmp_path):
+    proc = start_export(big_db, tmp_path, "--output", "-")
+    head = read_some_then_freeze(proc)
+    terminate_backend(pg_server, big_db)
+    os.kill(proc.pid, signal.SIGCONT)
+    rest, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert stdout_ids(head + rest) == db_ids(big_db)  # every session once, in id order
+    assert "reconnecting in 0.5 s (attempt 1 of 3)" in stderr
+    # the summary table goes to stderr when the sessions take stdout
+    assert re.search(r"reconnects\s*│\s*1\s*│", stderr), stderr
+    assert re.search(rf"sessions\s*│\s*{SESSIONS}\s*│", stderr), stderr
+
+
+def test_a_lost_export_to_stdout_says_the_sessions_it_wrote_are_there(big_db, pg_server, tmp_path):
+    proc = start_export(big_db, tmp_path, "--output", "-", "--retries", "1")
+    head = read_some_then_freeze(proc)
+    dbname = conninfo_to_dict(big_db)["dbname"]
+    with connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS false")
+    try:
+        terminate_backend(pg_server, big_db)
+        os.kill(proc.pid, signal.SIGCONT)
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        with connect(pg_server, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS true")
+    assert proc.returncode == 4, stderr
+    count = int(re.search(r"after (\d+) sessions had been exported", stderr)[1])
+    ids = stdout_ids(head + rest)
+    assert len(ids) == count and ids == db_ids(big_db)[:count] and count < SESSIONS  # exactly what it says
+    message = " ".join(stderr.split())
+    assert "they went to stdout, which therefore holds an incomplete export" in message
+    assert "1 reconnection attempt failed" in message and "Traceback" not in stderr
+
+
+def test_a_connection_that_cannot_be_opened_at_the_start_is_not_retried(big_db, pg_server, tmp_path):
+    dbname = conninfo_to_dict(big_db)["dbname"]
+    with connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS false")
+    try:
+        proc = start_export(big_db, tmp_path, "--output", "big.jsonl", "--retries", "5")
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with connect(pg_server, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS true")
+    assert proc.returncode == 4, stderr
+    assert "Cannot connect to the database" in stderr and "is not currently accepting connections" in stderr
+    assert "reconnect" not in stderr  # no attempt was made, none was announced
+    assert list(tmp_path.iterdir()) == []

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
+
+from helpers import greedy_answers
 
 
 def rows(n=8):
@@ -23,10 +27,12 @@ def make_trainer(tmp_path, student_dir, teacher_dir, **overrides):
                     max_new_tokens=4, use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
                     max_length=128, seed=3, bf16=False)
     settings.update(overrides.pop("args", {}))
+    eval_rows = overrides.pop("eval_rows", None) or rows(3)
     return AtlasGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),
         teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
-        args=GKDConfig(**settings), train_dataset=Dataset.from_list(rows()), eval_dataset=Dataset.from_list(rows(3)),
+        args=GKDConfig(**settings), train_dataset=Dataset.from_list(rows()),
+        eval_dataset=Dataset.from_list(eval_rows),
         processing_class=tokenizer, **overrides)
 
 
@@ -70,22 +76,72 @@ def test_offpolicy_warmup_then_on_policy(tmp_path, make_tiny_model, monkeypatch)
         return original(model, inputs, config)
 
     monkeypatch.setattr(trainer, "generate_on_policy_outputs", spy)
-    betas = []
-    real_loss = trainer.compute_loss
-    monkeypatch.setattr(trainer, "compute_loss", lambda *a, **k: betas.append(trainer.step_beta) or real_loss(*a, **k))
     trainer.train()
     assert seen == [2, 3]  # steps 0 and 1 were off-policy, then every step on-policy (lmbda 1)
-    assert betas == [0.0, 0.0, 0.7, 0.7]
+
+
+def reference_divergence(trainer, inputs, beta: float) -> float:
+    """The loss a GKD step should use, written out from the definitions: forward KL(teacher || student) for
+    beta 0, else the generalized JSD with mixture beta * teacher + (1 - beta) * student; both at the
+    trainer's temperature, averaged over the completion tokens."""
+    labels = inputs["labels"][:, 1:]
+    mask = labels != -100
+    with torch.no_grad():
+        student, teacher = (model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                            for model in (trainer.model, trainer.teacher_model))
+    s = torch.log_softmax(student[:, :-1].double() / trainer.temperature, dim=-1)[mask]
+    t = torch.log_softmax(teacher[:, :-1].double() / trainer.temperature, dim=-1)[mask]
+    if beta == 0:
+        per_token = (t.exp() * (t - s)).sum(-1)
+    else:
+        m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))
+        per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return per_token.mean().item()
+
+
+def test_warmup_steps_use_forward_kl_and_later_steps_the_generalized_jsd(tmp_path, make_tiny_model):
+    """The loss actually returned by a step, against the divergence computed independently on the same batch
+    (on-policy steps: on the sequences the step generated)."""
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, offpolicy_warmup_steps=2, offpolicy_warmup_beta=0.0,
+                           args={"lmbda": 1.0, "beta": 0.7, "temperature": 0.8})
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets before its first step
+    inputs = batch(trainer)
+    forward_kl, jsd = reference_divergence(trainer, inputs, 0.0), reference_divergence(trainer, inputs, 0.7)
+    assert abs(forward_kl - jsd) > 0.1 * jsd  # the two differ enough to tell apart
+    # a new batch at each step: a batch seen before would take the teacher's cached top-k (a lower bound)
+    for step, rows_ in ((0, range(0, 2)), (1, range(2, 4))):
+        trainer.state.global_step = step
+        fresh = trainer.data_collator(list(trainer.train_dataset.select(rows_)))
+        warm = dict(fresh)
+        loss = trainer.training_step(trainer.model, warm).item()
+        assert torch.equal(warm["input_ids"], fresh["input_ids"])  # off-policy: the dataset's own batch
+        assert loss == pytest.approx(reference_divergence(trainer, fresh, 0.0), rel=1e-4)
+    trainer.state.global_step = 2
+    on_policy = dict(inputs)
+    loss = trainer.training_step(trainer.model, on_policy).item()
+    assert not torch.equal(on_policy["labels"], inputs["labels"])  # the student's own completions
+    assert loss == pytest.approx(reference_divergence(trainer, on_policy, 0.7), rel=1e-4)
 
 
 def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
+    """Two of the three eval answers are set to what the student itself answers (found independently, with
+    plain transformers): the evaluation must generate those answers and judge them right, and only them."""
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    trainer = make_trainer(tmp_path, student, teacher,
+    eval_rows = rows(3)
+    own = greedy_answers(student, [r["messages"] for r in eval_rows], max_new_tokens=4)
+    assert own[0] and own[2] and own[1] != "2", own  # the random student answers something, not "2"
+    for index in (0, 2):
+        eval_rows[index]["messages"][-1]["content"] = eval_rows[index]["reference"] = own[index]
+    trainer = make_trainer(tmp_path, student, teacher, eval_rows=eval_rows,
                            baseline={"success": 0.0, "tokens": 10.0, "success_target": 0.1, "token_target": 30.0})
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_success_rate", "eval_avg_tokens", "metrics/success_delta",
             "metrics/token_reduction_pct", "metrics/meets_target"} <= set(metrics)
     result = trainer.last_generation_eval["result"]
+    assert [e.prediction for e in result.episodes] == own
+    assert [e.success for e in result.episodes] == [True, False, True]
+    assert metrics["eval_success_rate"] == pytest.approx(2 / 3)
     assert result.count == 3 and metrics["eval_avg_tokens"] == pytest.approx(result.avg_tokens)
     assert metrics["metrics/token_reduction_pct"] == pytest.approx((10.0 - result.avg_tokens) / 10.0 * 100)
 

@@ -11,29 +11,40 @@ either run, and every loss is computed exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOSS_RTOL = 1e-5  # observed: <= 3e-7 relative (float32 all-reduce and summation order)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_DB_URL", "PGPASSWORD")}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Two processes; --standalone lets torchrun's own rendezvous bind a free port (no port handed over)."""
+    return run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args], cwd=cwd)
+
+
+def accelerate_launch(*args: str, cwd: Path, attempts: int = 3) -> subprocess.CompletedProcess:
+    """`--main_process_port 0` makes accelerate pick a free port, which it must close before torchrun binds it:
+    another program can take it in between. Only that failure is retried."""
+    for _ in range(attempts):
+        done = run([str(BIN / "accelerate"), "launch", "--main_process_port", "0", *args], cwd=cwd)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+            return done
+    return done
 
 
 def demo_session_ids(train: int, evaluation: int) -> list[int]:
@@ -66,9 +77,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(cli, make_tiny_
               "trainer.report_to=[]", "data.prompt=task", f"data.session_ids=[{ids}]", "--json"]
     one = cli("train", *common, "trainer.per_device_train_batch_size=4", "--run-name", "one")
     assert one.code == 0, one.stderr
-    two = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", "atlas_distill.cli", "train", *common, "trainer.per_device_train_batch_size=2",
-               "--run-name", "two"], cwd=tmp_path)
+    two = torchrun("-m", "atlas_distill.cli", "train", *common, "trainer.per_device_train_batch_size=2",
+                   "--run-name", "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     summary = json.loads(two.stdout)  # exactly one JSON document: the main process's
     run_dir = tmp_path / "outputs/gkd/two"
@@ -113,6 +123,7 @@ conversations = [[{{"role": "system", "content": "Answer."}},
                   {{"role": "assistant", "content": "x"}}] for i in range(5)]
 references = ["x"] * 5
 fake = types.SimpleNamespace(accelerator=accelerator, processing_class=tokenizer, scorer="exact",
+                             is_fsdp_enabled=False, is_deepspeed_enabled=False,
                              args=types.SimpleNamespace(max_new_tokens=5, per_device_eval_batch_size=2))
 result = AtlasGKDTrainer.evaluate_model(fake, model, conversations, references)
 alone = evaluate_conversations(model, tokenizer, conversations, references, scorer="exact", max_new_tokens=5,
@@ -121,8 +132,7 @@ with open(sys.argv[1] + f"/rank{{accelerator.process_index}}.json", "w") as hand
     json.dump({{"sharded": result.to_dict(include_episodes=True), "alone": alone.to_dict(include_episodes=True)}},
               handle)
 """)
-    done = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker),
-                str(tmp_path)], cwd=tmp_path)
+    done = torchrun(str(worker), str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["sharded"] == ranks[1]["sharded"] == ranks[0]["alone"]
@@ -131,12 +141,12 @@ with open(sys.argv[1] + f"/rank{{accelerator.process_index}}.json", "w") as hand
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_module_with_the_shipped_ddp_config(make_tiny_model, tmp_path):
-    done = run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"),
-                "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "atlas_distill.cli", "train",
-                "--teacher", str(make_tiny_model(seed=2)), "--student", str(make_tiny_model(seed=1)),
-                "--max-steps", "2", "trainer.per_device_train_batch_size=1", "trainer.max_new_tokens=4",
-                "trainer.eval_max_sessions=3", "trainer.max_length=192", "trainer.report_to=[]", "data.prompt=task",
-                "--run-name", "acc", "--json"], cwd=tmp_path)
+    done = accelerate_launch("--config_file", str(ROOT / "accelerate_configs/ddp.yaml"), "--num_processes", "2",
+                             "-m", "atlas_distill.cli", "train",
+                             "--teacher", str(make_tiny_model(seed=2)), "--student", str(make_tiny_model(seed=1)),
+                             "--max-steps", "2", "trainer.per_device_train_batch_size=1", "trainer.max_new_tokens=4",
+                             "trainer.eval_max_sessions=3", "trainer.max_length=192", "trainer.report_to=[]",
+                             "data.prompt=task", "--run-name", "acc", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["processes"] == 2 and summary["steps"] == 2
@@ -151,11 +161,14 @@ def test_accelerate_launch_runs_the_module_with_the_shipped_ddp_config(make_tiny
                                                            "zero3_init_flag": False}}),
 ])
 def test_shipped_accelerate_configs_load_with_accelerates_parser(name, distributed_type, extra):
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
-    assert isinstance(config, ClusterConfig)  # unknown keys would have raised
+    path = ROOT / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))  # raises on a key accelerate does not know
+    written = yaml.safe_load(path.read_text())
+    loaded = copy.deepcopy(config).to_dict()  # to_dict rewrites the config in place
+    assert {key: loaded[key] for key in written} == written  # every key read back as written
     assert config.distributed_type == DistributedType[distributed_type]
     assert config.num_machines == 1 and config.num_processes >= 2 and not config.use_cpu
     assert config.mixed_precision == "no"  # the profile's model.dtype decides
@@ -168,3 +181,20 @@ def test_readme_shows_how_to_launch_each_shipped_config():
     for name in ("ddp", "fsdp", "deepspeed_zero3"):
         assert f"accelerate launch --config_file accelerate_configs/{name}.yaml -m atlas_distill.cli train" in readme
     assert "torchrun --nproc_per_node" in readme
+
+
+@pytest.mark.slow
+def test_an_error_under_torchrun_is_reported_once_by_the_main_process(make_tiny_model, tmp_path):
+    """Both processes meet the same error (the run directory already holds a run, found by the main process and
+    handed to the other): one message, one Fix:, one JSON error document; the launcher exits 1."""
+    (tmp_path / "outputs/gkd/taken").mkdir(parents=True)
+    (tmp_path / "outputs/gkd/taken/summary.json").write_text("{}")
+    done = torchrun("-m", "atlas_distill.cli", "train", "--teacher", str(make_tiny_model(seed=2)),
+                    "--student", str(make_tiny_model(seed=1)), "--run-name", "taken", "trainer.report_to=[]",
+                    "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("already holds a run") == 1 and done.stderr.count("Fix:") == 1, done.stderr
+    error = json.loads(done.stdout)  # exactly one document
+    assert error["exit_code"] == 1 and error["error"]["type"] == "UsageError"
+    assert not re.search(r'File ".*atlas_distill/', done.stderr)  # no traceback of ours (torchrun prints its own)
+    assert (tmp_path / "outputs/gkd/taken/summary.json").read_text() == "{}"

@@ -45,6 +45,27 @@ def trainer_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
 
 
+def counting_evaluations(directory: Path) -> Path:
+    """A sitecustomize (on PYTHONPATH, run by Python before the CLI) that appends a line to $ATLAS_TEST_COUNT
+    each time a model is evaluated by generation; returns the directory to put on PYTHONPATH."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(
+        "import contextlib, os, sys\n"
+        "with contextlib.redirect_stdout(sys.stderr):  # what importing prints must not reach the JSON on stdout\n"
+        "    from atlas_distill.gkd import trainer\n"
+        "evaluate_model = trainer.AtlasGKDTrainer.evaluate_model\n"
+        "def counted(self, *args, **kwargs):\n"
+        "    with open(os.environ['ATLAS_TEST_COUNT'], 'a') as handle:\n"
+        "        handle.write('evaluated\\n')\n"
+        "    return evaluate_model(self, *args, **kwargs)\n"
+        "trainer.AtlasGKDTrainer.evaluate_model = counted\n")
+    return directory
+
+
+def evaluations(path: Path) -> int:
+    return path.read_text().count("evaluated") if path.exists() else 0
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_tiny_model, tmp_path):
     command = ["train", *models(make_tiny_model), *TINY, "--max-steps", "8", "trainer.save_steps=1",
@@ -75,8 +96,11 @@ def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_t
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write(json.dumps({"step": kept_step + 1, "train/loss": 9.9}) + '\n{"step": ')
 
+    hook = counting_evaluations(tmp_path / "hook")
+    before_training = (run_dir / "before_training.json").read_bytes()
     started = time.monotonic()
-    resumed = subprocess.Popen([str(CLI), *command, "--resume", "--json"], cwd=tmp_path, env=env(),
+    resumed = subprocess.Popen([str(CLI), *command, "--resume", "--json"], cwd=tmp_path,
+                               env=env() | {"PYTHONPATH": str(hook), "ATLAS_TEST_COUNT": str(tmp_path / "resumed")},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_step_after, lines = None, []
     for line in resumed.stderr:
@@ -100,8 +124,14 @@ def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_t
     assert not (run_dir / ".checkpoint-staging").exists()
 
     # The same command never interrupted: same steps, same losses (lmbda 0; resume restores data order and RNG).
-    whole = cli(*[a if a != "killed" else "whole" for a in command], "--json")
+    whole = cli(*[a if a != "killed" else "whole" for a in command], "--json",
+                env={"PYTHONPATH": str(hook), "ATLAS_TEST_COUNT": str(tmp_path / "whole")})
     assert whole.code == 0, whole.stderr
+    # teacher, student before, student after; the resumed run read the first two back from before_training.json
+    assert evaluations(tmp_path / "whole") == 3 and evaluations(tmp_path / "resumed") == 1
+    assert (run_dir / "before_training.json").read_bytes() == before_training
+    for key in ("teacher_eval", "student_before"):
+        assert summary[key] == whole.json()[key]
     interrupted, uninterrupted = train_losses(run_dir), train_losses(tmp_path / "outputs/gkd/whole")
     assert list(interrupted) == list(uninterrupted) == list(range(1, 9))
     assert interrupted == pytest.approx(uninterrupted, rel=1e-5)
@@ -187,7 +217,8 @@ def small_disk(tmp_path):
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
+        pytest.fail(f"This test fills a small disk, a 24 MB tmpfs, and could not mount one: "
+                    f"{done.stderr.decode().strip()}. Run the suite as root or with CAP_SYS_ADMIN (as CI does).")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -200,6 +231,9 @@ def test_disk_full_during_a_checkpoint_save_is_exit_6(cli, make_tiny_model, smal
     assert re.search(r"Error: Writing .*/\.checkpoint-staging/checkpoint-2 failed: No space left on device "
                      r"\([\d.]+ [KM]?B free there\)\.", result.stderr), result.stderr
     assert "Traceback" not in result.stderr and "Internal error" not in result.stderr
+    # before training it warned that three checkpoints (plus the one being written) would not fit
+    assert re.search(rf"Warning: [\d.]+ MB free in {re.escape(str(small_disk / 'full'))}; keeping 3 checkpoints "
+                     r"\(trainer.save_total_limit\) needs up to [\d.]+ MB\.", " ".join(result.stderr.split()))
     run_dir = small_disk / "full"
     assert trainer_step(run_dir / "checkpoint-1") == 1  # the checkpoint before is whole
     assert not (run_dir / "checkpoint-2").exists() and not (run_dir / ".checkpoint-staging").exists()

@@ -69,10 +69,16 @@ def bf16_cpu() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True  # oneDNN's own check (e.g. Arm's BF16 extension)
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return native_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:
         return True
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16(cpuinfo: str) -> bool:
+    """Whether an x86 /proc/cpuinfo text lists AVX512-BF16 or AMX-BF16 in the flags of every processor."""
+    flags = [line.partition(":")[2].split() for line in cpuinfo.splitlines()
+             if line.partition(":")[0].strip() == "flags"]
+    return bool(flags) and all({"avx512_bf16", "amx_bf16"} & set(each) for each in flags)
 
 
 @contextmanager
@@ -356,7 +362,9 @@ class AtlasGKDTrainer(GKDTrainer):
 
         from ..evaluate import episode_turns, evaluate_conversations, generate_answers, judge
 
-        kwargs = dict(max_new_tokens=self.args.max_new_tokens, batch_size=self.args.per_device_eval_batch_size)
+        # Sharded models (FSDP, ZeRO-3) generate in lockstep: no process may skip generating what it verified.
+        kwargs = dict(max_new_tokens=self.args.max_new_tokens, batch_size=self.args.per_device_eval_batch_size,
+                      verify=not (self.is_fsdp_enabled or self.is_deepspeed_enabled))
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
             if self.accelerator.num_processes == 1:
                 return evaluate_conversations(unwrapped, self.processing_class, conversations, references,

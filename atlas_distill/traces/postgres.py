@@ -170,7 +170,8 @@ class PostgresTraceSource:
                 return connect(self.url, application_name=self.application_name), failures
             except DatabaseError as exc:
                 reason = exc.message
-        tried = f"{failures} reconnection attempts failed" if failures else "no reconnection was attempted (retries 0)"
+        tried = (f"{failures} reconnection attempt{'s' if failures > 1 else ''} failed" if failures
+                 else "no reconnection was attempted (retries 0)")
         raise DatabaseConnectionLost(
             f"Lost the connection to the database at {mask_url(self.url)} after reading {self.read} sessions, "
             f"and {tried}. Last error: {reason.rstrip('.')}.",
