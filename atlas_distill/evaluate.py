@@ -210,8 +210,6 @@ _NEUTRAL_DECODING = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": 
                      "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
                      "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
                      "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False)}
-
-
 _GROUP_KEY = 64  # at most this many first tokens (the system prompt) find the sequences that may share a pass
 
 
