@@ -421,12 +421,15 @@ def _rates(eval_results: Any) -> tuple[float, float]:
     if isinstance(eval_results, EvalResult):
         eval_results = eval_results.to_dict()
     if isinstance(eval_results, dict):
-        get = lambda key: eval_results.get(key, eval_results.get(f"eval/{key}"))  # noqa: E731
+        def get(key: str) -> Any:  # ours, a metrics.jsonl record, or what transformers' evaluate() returns
+            return next((eval_results[k] for k in (key, f"eval/{key}", f"eval_{key}") if k in eval_results), None)
+
         rate, tokens = get("success_rate"), get("avg_tokens")
         if get("count") == 0:
             raise ValueError("The eval results are empty (count 0).")
         if rate is None or tokens is None:
-            raise ValueError("Eval results need `success_rate` and `avg_tokens` (or `eval/success_rate` ...).")
+            raise ValueError("Eval results need `success_rate` and `avg_tokens` (or `eval/success_rate` or "
+                             "`eval_success_rate`, as trainer.evaluate() returns them, ...).")
         return float(rate), float(tokens)
     episodes = [asdict(e) if isinstance(e, Episode) else e for e in eval_results]
     if not episodes:

@@ -26,6 +26,7 @@ class InspectReport:
     source: str
     sessions: int = 0
     invalid_skipped: int = 0
+    comment_lines: int = 0
     reward: list[Bin] = field(default_factory=list)
     no_reward: int = 0
     learning_keys: list[Bin] = field(default_factory=list)

@@ -67,3 +67,16 @@ def test_a_bug_exits_70_with_one_line_and_the_debug_switch_shows_the_traceback(c
     assert "Traceback" not in result.stderr and result.stdout == ""
     debug = cli("inspect", "t.jsonl", env={**env, "ATLAS_DISTILL_DEBUG": "1"})
     assert debug.code == 1 and "Traceback" in debug.stderr and "KeyError: 'missing'" in debug.stderr
+
+
+def test_the_upstream_imports_work_from_the_package_and_load_lazily():
+    code = ("import sys, atlas_distill; assert 'torch' not in sys.modules, 'import atlas_distill loaded torch'; "
+            "from atlas_distill import AtlasGKDTrainer, GKDConfig, build_gkd_dataset, compute_baseline_summary; "
+            "from atlas_distill import gkd, data, evaluate; "
+            "assert (AtlasGKDTrainer, GKDConfig) == (gkd.AtlasGKDTrainer, gkd.GKDConfig); "
+            "assert build_gkd_dataset is data.build_gkd_dataset; "
+            "assert compute_baseline_summary is evaluate.compute_baseline_summary; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr  # (a library logs to stdout)
+    missing = subprocess.run([sys.executable, "-c", "from atlas_distill import Nope"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "cannot import name 'Nope'" in missing.stderr

@@ -97,3 +97,22 @@ def test_stdin_and_arc_atlas_file(cli):
 def test_inspect_needs_something(cli):
     result = cli("inspect")
     assert result.code == 1 and "Nothing to inspect" in result.stderr
+
+
+def test_comment_lines_are_counted_never_an_error(cli, trace_file, tmp_path):
+    """The SDK's own trace files open with a `# ...` line: every reader skips such lines and inspect counts them."""
+    lines = trace_file.read_text().splitlines()
+    commented = tmp_path / "commented.jsonl"
+    commented.write_text("\n".join(["# exported by the Atlas SDK", *lines[:10], "  # a note", *lines[10:20]]) + "\n")
+    result = cli("inspect", str(commented), "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["sessions"] == 20 and result.json()["comment_lines"] == 2
+    assert result.json()["invalid_skipped"] == 0
+    table = cli("inspect", str(commented))
+    assert "20 sessions" in table.stdout and "2 comment lines (#)" in table.stdout
+    from atlas_distill.data import load_prepared
+    from atlas_distill.traces import TraceFilter
+
+    prepared = load_prepared(traces=str(commented), filters=TraceFilter(min_reward=None, review_status=None),
+                             eval_split=0.2)
+    assert prepared.stats.sessions == 20  # training reads the same twenty sessions

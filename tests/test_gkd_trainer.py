@@ -144,6 +144,11 @@ def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
     assert metrics["eval_success_rate"] == pytest.approx(2 / 3)
     assert result.count == 3 and metrics["eval_avg_tokens"] == pytest.approx(result.avg_tokens)
     assert metrics["metrics/token_reduction_pct"] == pytest.approx((10.0 - result.avg_tokens) / 10.0 * 100)
+    # upstream's own use: the baseline summary straight from what evaluate() returns (eval_-prefixed keys)
+    from atlas_distill import compute_baseline_summary
+
+    summary = compute_baseline_summary(metrics, 0.5, 10.0)
+    assert summary["success_delta"] == pytest.approx(metrics["eval_success_rate"] - 0.5)
 
 
 def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_model, seeded_db):
@@ -159,3 +164,16 @@ def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_mode
     matching = db_ids(seeded_db, "review_status = 'approved' AND (reward_stats->>'score')::float >= 0.7")
     assert len(trainer.train_dataset) + len(trainer.eval_dataset) == len(matching)
     assert set(trainer.train_dataset["session_id"]).isdisjoint(trainer.eval_dataset["session_id"])
+
+
+def test_upstreams_config_snippet_works_on_a_cpu(tmp_path):
+    """GKDConfig(output_dir=..., per_device_train_batch_size=4, lmbda=1.0, beta=0.5), as upstream writes it: TRL's
+    default bf16 stops it here; ours trains in fp32 where no GPU has bf16, and bf16=True is still honoured."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    from atlas_distill import GKDConfig as Exported
+
+    config = Exported(output_dir=str(tmp_path), per_device_train_batch_size=4, lmbda=1.0, beta=0.5)
+    assert config.bf16 is is_torch_bf16_gpu_available() and (config.lmbda, config.beta) == (1.0, 0.5)
+    assert GKDConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16 is True
+    assert GKDConfig(output_dir=str(tmp_path), bf16=False).bf16 is False

@@ -53,6 +53,7 @@ def inspect(
         with progress_bar("Reading") as update:
             report = inspect_sessions(source, source=path, top=top, progress=lambda n: update(n, None))
         report.invalid_skipped = getattr(source, "invalid", 0)
+        report.comment_lines = getattr(source, "comments", 0)
         if report.sessions == 0 and report.invalid_skipped and getattr(source, "valid", None) == 0:
             raise NoTracesFound(f"No valid session in {path}: all {report.invalid_skipped} lines were invalid and "
                                 "skipped.", fix="Check that it is an Atlas trace export (one JSON session per line, "
@@ -68,6 +69,7 @@ def inspect(
         return
     mean = f", mean reward {report.reward_mean:.3f}" if report.reward_mean is not None else ""
     skipped = f", {report.invalid_skipped} invalid lines skipped" if report.invalid_skipped else ""
+    skipped += f", {report.comment_lines} comment lines (#)" if report.comment_lines else ""
     out.print(f"[bold]{path}[/]: {report.sessions} sessions{mean}{skipped}")
     out.print(_histogram("Reward (reward_stats.score)", report.reward + _no_reward(report)))
     out.print(_histogram("learning_key", report.learning_keys))

@@ -33,6 +33,7 @@ Each speedup is on by default and has a switch to turn it off:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -47,7 +48,8 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl import SFTTrainer  # noqa: E402
-from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
+from trl.experimental.gkd import GKDConfig as TRLGKDConfig  # noqa: E402
+from trl.experimental.gkd import GKDTrainer  # noqa: E402
 from trl.models.utils import unwrap_model_for_generation  # noqa: E402
 
 from trl.models.utils import _ForwardRedirection  # noqa: E402
@@ -57,6 +59,20 @@ from . import divergence  # noqa: E402
 from .collator import TargetSpanCollator  # noqa: E402
 
 __all__ = ["AtlasGKDTrainer", "GKDConfig"]
+
+
+@dataclasses.dataclass
+class GKDConfig(TRLGKDConfig):
+    """TRL's GKDConfig, except where `bf16` is left unset: bf16 on a GPU that has it, else fp32. TRL's default
+    (bf16 wherever fp16 is off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on a
+    CPU with transformers' "doesn't support bf16/gpu" error; `bf16=True` still asks for it explicitly."""
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = is_torch_bf16_gpu_available()
+        super().__post_init__()
 
 
 @functools.cache

@@ -25,7 +25,8 @@ from .record import AtlasSession, RecordError
 
 
 class JsonlTraceSource:
-    """Sessions from a JSONL file written by arc-atlas or by `atlas-distill export`."""
+    """Sessions from a JSONL file written by arc-atlas or by `atlas-distill export`. A line starting with `#`
+    (the SDK's trace files open with one) is a comment: counted in `comments`, never an error."""
 
     def __init__(self, path: str | Path, filters: TraceFilter | None = None, *, skip_invalid: bool = False):
         self.path = str(path)
@@ -34,6 +35,7 @@ class JsonlTraceSource:
         self.read_lines = 0
         self.valid = 0
         self.invalid = 0
+        self.comments = 0
         self.filtered_out = 0
 
     def _open(self) -> IO[bytes]:
@@ -69,6 +71,9 @@ class JsonlTraceSource:
             for lineno, raw in enumerate(handle, start=1):
                 self.read_lines = lineno
                 if not raw.strip():
+                    continue
+                if raw.lstrip().startswith(b"#"):
+                    self.comments += 1
                     continue
                 try:
                     value = loads(raw)
