@@ -129,7 +129,8 @@ def check_free_space(run_dir: Path, model, keep: int | None) -> str | None:
     """OutputError when the disk cannot hold one checkpoint plus final/; a warning (returned) when it cannot
     hold the `keep` checkpoints (+1 while the next is written) that the run keeps."""
     checkpoint, weights = checkpoint_bytes(model)
-    free = shutil.disk_usage(run_dir).free
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())  # the run's dir may not be yet
+    free = shutil.disk_usage(existing).free
     needed = checkpoint + weights
     if free < needed:
         raise OutputError(

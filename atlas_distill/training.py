@@ -54,9 +54,19 @@ def _prepare_run_dir(profile: Profile, profile_name: str, resume: bool, emit: Ev
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"The run directory {run_dir} already holds a run.",
                          fix="Pass --resume to continue it, or choose another --run-name.")
+    else:  # the run directory itself is made when the run starts (_start_run_dir): a failed check leaves none
+        ensure_writable_dir(run_dir.parent, "output directory",
+                            fix="Choose a writable output_dir (--output-dir) or free disk space.")
+    return run_dir, checkpoint
+
+
+def _start_run_dir(run_dir: Path, profile: Profile, student) -> str | None:
+    """Main process, once data and models are loaded: the free-space check, then the run directory and its
+    profile.yaml. Returns the free-space warning, if any."""
+    warning = check_free_space(run_dir, student, profile.trainer.save_total_limit)
     ensure_writable_dir(run_dir, "run directory", fix="Choose a writable output_dir (--output-dir) or free disk space.")
     (run_dir / "profile.yaml").write_text(profile_to_yaml(profile))
-    return run_dir, checkpoint
+    return warning
 
 
 def _on_main(state, work: Callable[[], Any]) -> Any:
@@ -164,7 +174,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     student = models.load_model(student_path, dtype=profile.model.dtype, trust_remote_code=trust, for_training=True)
     models.shared_vocab_size(tokenizer, teacher_tokenizer, student, teacher)
     student = models.apply_lora(student, profile.model.lora)
-    warning = _on_main(state, lambda: check_free_space(run_dir, student, profile.trainer.save_total_limit))
+    warning = _on_main(state, lambda: _start_run_dir(run_dir, profile, student))
     if warning:
         emit("line", warning)
 

@@ -94,6 +94,6 @@ def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, 
     message = " ".join(result.stderr.split())
     assert "Chain stage 2 failed" in message and "No conversations found" in message
     assert "Earlier stages' outputs are kept" in message
-    stage1, stage2 = sorted((tmp_path / "outputs/chain/broken").glob("stage-*"))
+    (stage1,) = (tmp_path / "outputs/chain/broken").glob("stage-*")  # stage 2 never started: no directory
+    assert stage1.name.startswith("stage-1-")
     assert stage_complete(stage1) is not None and (stage1 / "final/model.safetensors").is_file()
-    assert stage_complete(stage2) is None

@@ -96,10 +96,14 @@ def test_postgres_and_file_training_use_the_same_sessions(cli, make_tiny_model, 
     assert evaluated[0] == evaluated[1] and len(evaluated[0]) == db["eval"]
 
 
-def test_no_conversations_exit_2_with_troubleshooting(cli, make_tiny_model, trace_file):
+def test_no_conversations_exit_2_with_troubleshooting(cli, make_tiny_model, trace_file, tmp_path):
     result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--learning-key", "nope")
     assert result.code == 2
     assert "No conversations found" in result.stderr and "trainer.min_reward" in result.stderr
+    missing = cli("train", *models(make_tiny_model), "--traces", "missing.jsonl")
+    assert missing.code == 5 and "does not exist" in missing.stderr
+    # no run started: no run directory (with a profile.yaml) is left for `compare` to trip on
+    assert list((tmp_path / "outputs/gkd").iterdir()) == []
 
 
 def test_unknown_model_spec_exit_1(cli, trace_file):
