@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Profile
-from .errors import InvalidTraceData
+from .traces.jsonl import check_trace_file
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
@@ -56,9 +55,7 @@ def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_inv
     emit = on_event or (lambda kind, data: None)
     trust, t = profile.model.trust_remote_code, profile.trainer
     resolved = [models.resolve_model_spec(spec, profile.model.family) for spec in specs]
-    if traces != "-" and not Path(traces).expanduser().exists():  # before minutes of preparing models
-        raise InvalidTraceData(f"Trace file {traces} does not exist.",
-                               fix="Check the path, or create it with `atlas-distill export`.")
+    check_trace_file(traces)  # before minutes of preparing models
     emit("stage", "Preparing models")
     paths = [models.materialize(spec) for spec in resolved]
     emit("stage", f"Loading traces from {traces}")

@@ -217,3 +217,26 @@ def test_out_of_memory_becomes_advice():
     for advice in ("per_device_train_batch_size=2", "gradient_accumulation_steps=8", "gradient_checkpointing",
                    "load_in_8bit=true", "smaller teacher"):
         assert advice in error.fix
+
+
+def test_a_missing_trace_file_is_reported_before_torch_is_imported(cli, tmp_path):
+    """train and chain (--dry-run too) check --traces first: with torch made unimportable (a sitecustomize on
+    PYTHONPATH), the missing file is still reported as such."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise ImportError('torch was imported')\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    env = {"PYTHONPATH": str(hook)}
+    for command in (["train"], ["chain", "smollm2-135m:smollm2-135m@8L", "--dry-run"]):
+        result = cli(*command, "--traces", "missing.jsonl", env=env)
+        assert result.code == 5, result.stderr
+        assert "Trace file missing.jsonl does not exist" in result.stderr and "torch" not in result.stderr
+    (tmp_path / "present.jsonl").write_text('{"task": "x", "final_answer": "y"}\n')
+    reached = cli("train", "--traces", "present.jsonl", env=env)  # the hook does stop whatever imports torch
+    assert reached.code == 70 and "torch was imported" in reached.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("profile.yaml"))

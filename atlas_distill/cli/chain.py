@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..db import resolve_db_url
 from ..errors import UsageError
+from ..traces.jsonl import check_trace_file
 from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, split_args
 from .train import _live
 
@@ -42,6 +43,7 @@ def chain(
                              fix="Write the models as one argument: atlas-distill chain 14b:7b:3b:1.5b")
         if traces and database_url:
             raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
+        check_trace_file(traces)  # --dry-run too: every stage would read it
         from ..chain import plan_chain, run_chain
 
         flags = {"--family": ("model.family", family), "--max-steps": ("trainer.max_steps", max_steps)}

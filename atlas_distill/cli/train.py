@@ -14,6 +14,7 @@ from rich.table import Table
 from ..config import load_profile
 from ..db import resolve_db_url
 from ..errors import AtlasDistillError, UsageError
+from ..traces.jsonl import check_trace_file
 from ._common import JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, reporting_errors
 
 Opt = typer.Option
@@ -58,6 +59,7 @@ def train(
         if resume and not config.run_name:
             raise UsageError("--resume needs the run to continue.", fix="Pass --run-name NAME of the run directory.")
         url = None if traces else resolve_db_url(database_url, config.database.url)
+        check_trace_file(traces)  # in a moment, not after importing torch and the models
         from ..training import run_training
 
         # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.

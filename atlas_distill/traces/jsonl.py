@@ -24,6 +24,24 @@ from .filters import TraceFilter
 from .record import AtlasSession, RecordError
 
 
+def open_trace_file(path: str) -> IO[bytes]:
+    """The file opened for reading, or InvalidTraceData naming why it cannot be (before any other work)."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InvalidTraceData(f"Trace file {path} does not exist.",
+                               fix="Check the path, or create it with `atlas-distill export`.") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise InvalidTraceData(f"Trace file {path} cannot be read: {exc.strerror}.",
+                               fix="Pass a readable .jsonl or .jsonl.gz file.") from None
+
+
+def check_trace_file(path: str | None) -> None:
+    """Fail now, with the same error reading would give, when a trace file cannot be opened (stdin passes)."""
+    if path and path != "-":
+        open_trace_file(path).close()
+
+
 class JsonlTraceSource:
     """Sessions from a JSONL file written by arc-atlas or by `atlas-distill export`. A line starting with `#`
     (the SDK's trace files open with one) is a comment: counted in `comments`, never an error."""
@@ -41,14 +59,7 @@ class JsonlTraceSource:
     def _open(self) -> IO[bytes]:
         if self.path == "-":
             return sys.stdin.buffer
-        try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
-            raise InvalidTraceData(f"Trace file {self.path} does not exist.",
-                                   fix="Check the path, or create it with `atlas-distill export`.") from None
-        except (IsADirectoryError, PermissionError) as exc:
-            raise InvalidTraceData(f"Trace file {self.path} cannot be read: {exc.strerror}.",
-                                   fix="Pass a readable .jsonl or .jsonl.gz file.") from None
+        handle = open_trace_file(self.path)
         if handle.read(2) == b"\x1f\x8b":
             handle.seek(0)
             return gzip.open(handle, "rb")
