@@ -53,6 +53,16 @@ def test_inspect_filtered_applies_the_profile(cli, trace_file):
     assert result.json()["sessions"] == len(expected)
 
 
+def test_a_filter_override_without_filtered_is_named_not_silently_ignored(cli, trace_file):
+    everything = cli("inspect", str(trace_file), "--json").json()["sessions"]
+    result = cli("inspect", str(trace_file), "trainer.min_reward=0.95", "--json")
+    assert result.code == 0 and result.json()["sessions"] == everything  # every session is still counted
+    assert "Note: trainer.min_reward=0.95 filters only with --filtered" in " ".join(result.stderr.split())
+    filtered = cli("inspect", str(trace_file), "trainer.min_reward=0.95", "--filtered", "--json")
+    assert filtered.json()["sessions"] < everything and "Note:" not in filtered.stderr
+    assert "Note:" not in cli("inspect", str(trace_file), "trainer.max_new_tokens=8").stderr  # not a filter
+
+
 def test_inspect_the_database(cli, seeded_db):
     result = cli("inspect", "--database-url", seeded_db, "--json")
     assert result.code == 0, result.stderr

@@ -12,10 +12,15 @@ from ..db import require_db_url
 from ..errors import NoTracesFound, UsageError
 from ..inspect import inspect_sessions, plot_report
 from ..traces import JsonlTraceSource, PostgresTraceSource, TraceFilter
-from ._common import (DbUrlOpt, JsonOpt, ProfileOpt, out, print_json, progress_bar, save_plot,
+from ._common import (DbUrlOpt, JsonOpt, ProfileOpt, err, out, print_json, progress_bar, save_plot,
                       reporting_errors, split_args)
 
 BAR_WIDTH = 40
+
+
+# The profile keys TraceFilter.from_profile reads: overrides of them matter only with --filtered.
+_FILTER_KEYS = ("trainer.min_reward", "trainer.learning_key", "data.review_status", "data.status",
+                "data.created_after", "data.session_ids", "data.limit")
 
 
 def inspect(
@@ -41,6 +46,10 @@ def inspect(
                              fix="Inspect one file at a time.")
         config = load_profile(profile, overrides)
         filters = TraceFilter.from_profile(config) if filtered else TraceFilter(review_status=None)
+        unused = [o for o in overrides if o.partition("=")[0].strip() in _FILTER_KEYS] if not filtered else []
+        if unused:
+            err.print(f"Note: {' '.join(unused)} filters only with --filtered; without it every session is "
+                      "counted.", markup=False, highlight=False)
         if positionals:
             path = positionals[0]
             source = JsonlTraceSource(path, filters, skip_invalid=skip_invalid)
