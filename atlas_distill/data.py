@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import NoTracesFound, UsageError
-from .export import NO_MATCH_FIX
 from .traces import AtlasSession, JsonlTraceSource, PostgresTraceSource, TraceFilter
 from .traces.conversation import session_to_conversation, session_to_messages, system_prompt
 
@@ -29,6 +28,12 @@ if TYPE_CHECKING:
     from .config import Profile
 
 _SPLIT_SCALE = float(2**64)
+
+# What `train`, `chain` and `compare` accept (overrides, not export's --include-status / --all-statuses flags).
+NO_MATCH_FIX = ("Check the data source (--traces FILE, or the database URL: --database-url or ATLAS_DB_URL), "
+                "lower trainer.min_reward (e.g. trainer.min_reward=0.5), clear the task filter "
+                "(trainer.learning_key=null), or widen the review filter (data.review_status=[approved,pending], "
+                "or data.review_status=null for every status).")
 
 
 @dataclass

@@ -100,6 +100,12 @@ def test_no_conversations_exit_2_with_troubleshooting(cli, make_tiny_model, trac
     result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--learning-key", "nope")
     assert result.code == 2
     assert "No conversations found" in result.stderr and "trainer.min_reward" in result.stderr
+    fix = " ".join(result.stderr.split()).split("Fix:")[1]
+    assert "--include-status" not in fix and "--all-statuses" not in fix  # export's flags, not train's
+    for override in ("trainer.min_reward=0.5", "trainer.learning_key=null", "data.review_status=null"):
+        assert override in fix
+        shown = cli("profile", "show", "default", override, "--json")  # each one the fix names is accepted
+        assert shown.code == 0, shown.stderr
     missing = cli("train", *models(make_tiny_model), "--traces", "missing.jsonl")
     assert missing.code == 5 and "does not exist" in missing.stderr
     # no run started: no run directory (with a profile.yaml) is left for `compare` to trip on
