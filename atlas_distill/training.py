@@ -187,7 +187,6 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     report_to = prepare_wandb(run_dir, list(profile.trainer.report_to))
     tracker = RunTracker(run_dir, on_log=lambda record: emit("log", record),
                          on_step=lambda step, total: emit("step", (step, total)))
-    reported: list[str] = []  # the Baseline Comparison lines of the evaluations so far
     trainer = AtlasGKDTrainer(
         model=student, teacher_model=teacher, args=_gkd_args(profile, run_dir, report_to),
         train_dataset=Dataset.from_list(prepared.train), eval_dataset=Dataset.from_list(eval_rows),
@@ -197,8 +196,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         teacher_cache_topk=profile.trainer.teacher_cache_topk, group_by_length=profile.trainer.group_by_length,
         generation_dtype=profile.trainer.generation_dtype, targets=profile.data.targets,
         callbacks=[tracker],
-        on_evaluation=lambda ev: ev["summary"] and _report_baseline(format_baseline_line(ev["summary"]), reported,
-                                                                    emit))
+        on_evaluation=lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"])))
     _quiet_console(trainer)
 
     emit("stage", "Evaluating teacher and student before training")
@@ -261,16 +259,9 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
         _write(final_dir / "README.md", _model_card(summary, profile))
     state.wait_for_everyone()
     closing = format_baseline_line(summary["baseline"])
-    if not reported or reported[-1] != closing:  # the last evaluation's line already says it
-        emit("line", closing)
+    if not (last["summary"] and format_baseline_line(last["summary"]) == closing):
+        emit("line", closing)  # unless the final evaluation's own line already said it
     return TrainResult(run_dir, final_dir, summary)
-
-
-def _report_baseline(line: str, reported: list[str], emit: Event) -> None:
-    """An evaluation's Baseline Comparison line, printed and kept so that the run's closing line is not the
-    same line again."""
-    reported.append(line)
-    emit("line", "  " + line)
 
 
 def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from atlas_distill.db import connect
 
 
@@ -25,3 +27,11 @@ def greedy_answers(model_dir, conversations, max_new_tokens: int) -> list[str]:
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
+
+
+def startup_hook(directory: Path, source: str) -> dict[str, str]:
+    """A sitecustomize.py holding `source` in a new `directory`, which Python runs at the start of any process
+    with that directory on PYTHONPATH (the real CLI included); returns that environment variable."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": str(directory)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from helpers import startup_hook
+
 
 def test_help_lists_all_subcommands_and_precedence(cli):
     result = cli("--help")
@@ -52,15 +54,12 @@ def test_profile_errors_exit_1(cli):
 def test_a_bug_exits_70_with_one_line_and_the_debug_switch_shows_the_traceback(cli, tmp_path):
     """A real exception the code does not expect (injected by a sitecustomize on PYTHONPATH, which Python runs
     before the CLI starts) must end in exit 70 and a short message, never a traceback, unless debugging."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "from atlas_distill.traces import jsonl\n"
-        "def broken(self):\n"
-        "    return {}['missing']\n"
-        "jsonl.JsonlTraceSource._open = broken\n")
+    env = startup_hook(tmp_path / "hook",
+                       "from atlas_distill.traces import jsonl\n"
+                       "def broken(self):\n"
+                       "    return {}['missing']\n"
+                       "jsonl.JsonlTraceSource._open = broken\n")
     (tmp_path / "t.jsonl").write_text('{"task": "x"}\n')
-    env = {"PYTHONPATH": str(hook)}
     result = cli("inspect", "t.jsonl", env=env)
     assert result.code == 70, result.stderr
     assert "Internal error: KeyError: 'missing'" in result.stderr and "ATLAS_DISTILL_DEBUG=1" in result.stderr

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import startup_hook
+
 
 FAST = ["--max-steps", "3", "trainer.max_new_tokens=6", "trainer.eval_steps=2", "trainer.eval_max_sessions=5",
         "trainer.per_device_train_batch_size=2", "trainer.logging_steps=1", "trainer.max_length=192",
@@ -190,20 +192,18 @@ def test_memory_the_allocator_refuses_mid_training_is_exit_7_with_the_advice(cli
     """At step 2 the run asks torch's CPU allocator for 4 EiB (a sitecustomize on PYTHONPATH adds the request
     to the real training step): the allocator's own error must end as exit 7 with the out-of-memory advice, the
     checkpoint before it whole."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import torch\n"
-        "from atlas_distill.gkd import trainer\n"
-        "training_step = trainer.AtlasGKDTrainer.training_step\n"
-        "def greedy(self, *args, **kwargs):\n"
-        "    if self.state.global_step == 1:\n"
-        "        torch.empty(2**60)\n"
-        "    return training_step(self, *args, **kwargs)\n"
-        "trainer.AtlasGKDTrainer.training_step = greedy\n")
+    env = startup_hook(tmp_path / "hook",
+                       "import torch\n"
+                       "from atlas_distill.gkd import trainer\n"
+                       "training_step = trainer.AtlasGKDTrainer.training_step\n"
+                       "def greedy(self, *args, **kwargs):\n"
+                       "    if self.state.global_step == 1:\n"
+                       "        torch.empty(2**60)\n"
+                       "    return training_step(self, *args, **kwargs)\n"
+                       "trainer.AtlasGKDTrainer.training_step = greedy\n")
     result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--run-name", "oom",
                  "--max-steps", "3", "trainer.save_steps=1", "trainer.max_new_tokens=2", "trainer.eval_max_sessions=2",
-                 "trainer.report_to=[]", "data.prompt=task", "trainer.max_length=192", env={"PYTHONPATH": str(hook)})
+                 "trainer.report_to=[]", "data.prompt=task", "trainer.max_length=192", env=env)
     assert result.code == 7, result.stderr
     message = " ".join(result.stderr.split())
     assert "Error: Out of memory during training:" in message
@@ -228,16 +228,13 @@ def test_out_of_memory_becomes_advice():
 def test_a_missing_trace_file_is_reported_before_torch_is_imported(cli, tmp_path):
     """train and chain (--dry-run too) check --traces first: with torch made unimportable (a sitecustomize on
     PYTHONPATH), the missing file is still reported as such."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
-        "            raise ImportError('torch was imported')\n"
-        "sys.meta_path.insert(0, NoTorch())\n")
-    env = {"PYTHONPATH": str(hook)}
+    env = startup_hook(tmp_path / "hook",
+                       "import sys\n"
+                       "class NoTorch:\n"
+                       "    def find_spec(self, name, path=None, target=None):\n"
+                       "        if name == 'torch':\n"
+                       "            raise ImportError('torch was imported')\n"
+                       "sys.meta_path.insert(0, NoTorch())\n")
     for command in (["train"], ["chain", "smollm2-135m:smollm2-135m@8L", "--dry-run"]):
         result = cli(*command, "--traces", "missing.jsonl", env=env)
         assert result.code == 5, result.stderr

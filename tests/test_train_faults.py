@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import startup_hook
+
 CLI = Path(sys.executable).with_name("atlas-distill")
 TINY = ["trainer.max_new_tokens=4", "trainer.eval_max_sessions=2", "trainer.max_length=192", "data.prompt=task",
         "trainer.report_to=[]", "trainer.lmbda=0", "trainer.logging_steps=1", "trainer.eval_steps=100",
@@ -45,21 +47,19 @@ def trainer_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
 
 
-def counting_evaluations(directory: Path) -> Path:
-    """A sitecustomize (on PYTHONPATH, run by Python before the CLI) that appends a line to $ATLAS_TEST_COUNT
-    each time a model is evaluated by generation; returns the directory to put on PYTHONPATH."""
-    directory.mkdir()
-    (directory / "sitecustomize.py").write_text(
-        "import contextlib, os, sys\n"
-        "with contextlib.redirect_stdout(sys.stderr):  # what importing prints must not reach the JSON on stdout\n"
-        "    from atlas_distill.gkd import trainer\n"
-        "evaluate_model = trainer.AtlasGKDTrainer.evaluate_model\n"
-        "def counted(self, *args, **kwargs):\n"
-        "    with open(os.environ['ATLAS_TEST_COUNT'], 'a') as handle:\n"
-        "        handle.write('evaluated\\n')\n"
-        "    return evaluate_model(self, *args, **kwargs)\n"
-        "trainer.AtlasGKDTrainer.evaluate_model = counted\n")
-    return directory
+def counting_evaluations(directory: Path) -> dict[str, str]:
+    """A startup hook that appends a line to $ATLAS_TEST_COUNT each time a model is evaluated by generation;
+    returns the environment that installs it."""
+    return startup_hook(directory,
+                        "import contextlib, os, sys\n"
+                        "with contextlib.redirect_stdout(sys.stderr):  # importing prints; stdout holds the JSON\n"
+                        "    from atlas_distill.gkd import trainer\n"
+                        "evaluate_model = trainer.AtlasGKDTrainer.evaluate_model\n"
+                        "def counted(self, *args, **kwargs):\n"
+                        "    with open(os.environ['ATLAS_TEST_COUNT'], 'a') as handle:\n"
+                        "        handle.write('evaluated\\n')\n"
+                        "    return evaluate_model(self, *args, **kwargs)\n"
+                        "trainer.AtlasGKDTrainer.evaluate_model = counted\n")
 
 
 def evaluations(path: Path) -> int:
@@ -100,7 +100,7 @@ def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_t
     before_training = (run_dir / "before_training.json").read_bytes()
     started = time.monotonic()
     resumed = subprocess.Popen([str(CLI), *command, "--resume", "--json"], cwd=tmp_path,
-                               env=env() | {"PYTHONPATH": str(hook), "ATLAS_TEST_COUNT": str(tmp_path / "resumed")},
+                               env=env() | hook | {"ATLAS_TEST_COUNT": str(tmp_path / "resumed")},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_step_after, lines = None, []
     for line in resumed.stderr:
@@ -125,7 +125,7 @@ def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_t
 
     # The same command never interrupted: same steps, same losses (lmbda 0; resume restores data order and RNG).
     whole = cli(*[a if a != "killed" else "whole" for a in command], "--json",
-                env={"PYTHONPATH": str(hook), "ATLAS_TEST_COUNT": str(tmp_path / "whole")})
+                env=hook | {"ATLAS_TEST_COUNT": str(tmp_path / "whole")})
     assert whole.code == 0, whole.stderr
     # teacher, student before, student after; the resumed run read the first two back from before_training.json
     assert evaluations(tmp_path / "whole") == 3 and evaluations(tmp_path / "resumed") == 1
