@@ -79,3 +79,52 @@ def test_the_upstream_imports_work_from_the_package_and_load_lazily():
     assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr  # (a library logs to stdout)
     missing = subprocess.run([sys.executable, "-c", "from atlas_distill import Nope"], capture_output=True, text=True)
     assert missing.returncode == 1 and "cannot import name 'Nope'" in missing.stderr
+
+
+def test_usage_errors_exit_1_with_our_message_fix_and_json_document(cli):
+    """Click's usage errors (code 2, which is our "no data") take our format: exit 1, Error + Fix, and under
+    --json one error document on stdout."""
+    cases = {
+        ("train", "--bogus"): ("No such option: --bogus.", "`atlas-distill train --help`"),
+        ("export", "--min-rewrd", "0.9"): ("--min-reward", "`atlas-distill export --help`"),  # Click's suggestion
+        ("export", "--min-reward", "abc"): ("Invalid value for '--min-reward'", "`atlas-distill export --help`"),
+        ("inspect", "x.jsonl", "--top", "0"): ("Invalid value for '--top'", "`atlas-distill inspect --help`"),
+        ("train", "--traces"): ("'--traces' requires an argument", "`atlas-distill train --help`"),
+        ("nope",): ("No such command 'nope'.", "export, inspect, train, chain, compare, demo-db, profile"),
+        ("profile", "nope"): ("No such command 'nope'.", "show, list"),
+    }
+    for args, (message, fix) in cases.items():
+        result = cli(*args)
+        assert result.code == 1, (args, result.code, result.stderr)
+        error, fix_line = result.stderr.strip().splitlines()
+        assert error.startswith("Error: ") and message in error, (args, result.stderr)
+        assert fix_line.startswith("Fix: ") and fix in fix_line, (args, result.stderr)
+        assert result.stdout == "" and "Usage:" not in result.stderr
+        command_first = args[0] in ("train", "export", "inspect")  # `--traces --json` would read --json as a path
+        as_json = cli(args[0], "--json", *args[1:]) if command_first else cli(*args, "--json")
+        assert as_json.code == 1
+        assert as_json.json() == {"error": {"type": "UsageError", "message": error.removeprefix("Error: "),
+                                            "fix": fix_line.removeprefix("Fix: ")}, "exit_code": 1}
+    bare = cli()
+    assert bare.code == 1 and "Commands:" in bare.stderr and bare.stdout == ""  # the help says what to do
+
+
+def test_version_prints_the_installed_version(cli):
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.code == 0 and result.stdout.strip() == f"atlas-distill {version('atlas-distill')}"
+
+
+def test_a_closed_pipe_exits_0_quietly_in_every_command(cli, tmp_path, trace_file):
+    """`inspect ... | head` ended with exit 1 (Rich's rule for a closed stdout); one rule for all: exit 0. The
+    reader (`true`) is gone before Python has started, so every write meets a closed pipe."""
+    import os
+
+    cli_path = os.path.join(os.path.dirname(sys.executable), "atlas-distill")
+    for command in (f"inspect '{trace_file}'", f"inspect '{trace_file}' --json", "profile show default",
+                    "--help"):
+        script = f"'{cli_path}' {command} | true; echo \"rc=${{PIPESTATUS[0]}}\""
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == "rc=0", (command, done.stderr)
+        assert done.stderr == "", (command, done.stderr)

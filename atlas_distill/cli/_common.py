@@ -52,14 +52,25 @@ def print_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def fail(exc: AtlasDistillError, *, json_mode: bool) -> NoReturn:
+def show_error(exc: AtlasDistillError, *, json_mode: bool) -> None:
+    """The one error format: a paragraph on stderr, and under --json one error document on stdout."""
     if json_mode:
         print_json({"error": {"type": type(exc).__name__, "message": exc.message, "fix": exc.fix},
                     "exit_code": exc.exit_code})
     err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
     if exc.fix:
         err.print(f"[bold]Fix:[/] {exc.fix}", markup=True, highlight=False)
+
+
+def fail(exc: AtlasDistillError, *, json_mode: bool) -> NoReturn:
+    show_error(exc, json_mode=json_mode)
     raise typer.Exit(exc.exit_code)
+
+
+def quiet_closed_pipe() -> NoReturn:
+    """One rule for a closed pipe, in every command: the reader went away, which is not an error (exit 0)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
 
 
 @contextmanager
@@ -73,9 +84,7 @@ def reporting_errors(json_mode: bool = False) -> Iterator[None]:
         err.print("Interrupted; nothing partial was left behind.")
         raise typer.Exit(130) from None
     except BrokenPipeError:
-        # The reader of stdout went away (e.g. `| head`); not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+        quiet_closed_pipe()
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
