@@ -23,8 +23,9 @@ from typing import Any
 from .config import Profile, load_profile
 from .errors import AtlasDistillError, ModelSpecError, UsageError
 from .models import ModelSpec, resolve_model_spec
-from .outputs import ensure_writable_dir, write_json
+from .outputs import check_writable_dir, ensure_writable_dir, write_json
 
+_ROOT_FIX = "Choose a writable --output-dir or free disk space."
 _STAGE_OVERRIDE = re.compile(r"stage(\d+)\.(.+=.*)", re.DOTALL)
 
 
@@ -133,7 +134,7 @@ def plan_chain(spec: str, profile_name: str, overrides: list[str], flags: dict[s
         stage_profile(plan, stage, teacher="previous-stage")
     if check_models:
         check_tokenizers(specs, profile.model.trust_remote_code)
-    ensure_writable_dir(root, "chain directory", fix="Choose a writable --output-dir or free disk space.")
+    check_writable_dir(root, "chain directory", fix=_ROOT_FIX)  # made when the chain starts: a dry run writes nothing
     return plan
 
 
@@ -161,6 +162,7 @@ def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None 
     from .training import _last_checkpoint, run_training
 
     emit = on_event or (lambda kind, data: None)
+    ensure_writable_dir(plan.root, "chain directory", fix=_ROOT_FIX)
     rows = []
     for stage in plan.stages:
         teacher = stage.teacher.spec if stage.teacher else str((plan.stages[stage.index - 2].run_dir / "final"))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ProfileError
 
@@ -24,8 +26,26 @@ PACKAGED_PROFILES = Path(__file__).parent / "profiles"
 LOCAL_PROFILE_DIR = Path("profiles")
 
 
+# The values the Atlas SDK writes (DESIGN §2); it lowercases review statuses, and so do we.
+REVIEW_STATUSES = ("pending", "approved", "quarantined")
+SESSION_STATUSES = ("succeeded", "failed", "running")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _known_statuses(values: list[str] | None, allowed: tuple[str, ...], what: str) -> list[str] | None:
+    """Statuses as the SDK writes them (lowercase); an unknown one is an error naming the closest, not "no data"."""
+    if values is None:
+        return None
+    known = [value.strip().lower() for value in values]
+    for value, given in zip(known, values, strict=True):
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ValueError(f"`{given}` is not a {what} (the SDK writes {', '.join(allowed)}){hint}")
+    return list(dict.fromkeys(known))
 
 
 class DatabaseConfig(_Strict):
@@ -55,6 +75,16 @@ class DataConfig(_Strict):
     targets: Literal["all", "final"] = Field(
         "all", description="What the student learns: all: every action of the agent (each step's output or "
         "tool call) and the final answer; final: only the final answer, the rest of the episode is prompt.")
+
+    @field_validator("review_status")
+    @classmethod
+    def _review_status(cls, value: list[str] | None) -> list[str] | None:
+        return _known_statuses(value, REVIEW_STATUSES, "review status")
+
+    @field_validator("status")
+    @classmethod
+    def _status(cls, value: list[str] | None) -> list[str] | None:
+        return _known_statuses(value, SESSION_STATUSES, "session status")
 
 
 class LoraConfig(_Strict):
@@ -145,6 +175,14 @@ class TrainerConfig(_Strict):
     report_to: list[str] = Field(["wandb"], description="Trackers; wandb runs offline without an API key. [] for none.")
     success_delta_target: float = Field(0.10, description="Success delta needed to meet target (0.10 = 10 pp).")
     token_reduction_target: float = Field(30.0, description="Token reduction (percent) needed to meet target.")
+
+    @field_validator("min_reward")
+    @classmethod
+    def _reward_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            closest = "" if math.isnan(value) else f"; the closest valid value is {0 if value < 0 else 1}"
+            raise ValueError(f"a reward (reward_stats.score) lies in [0, 1]{closest}")
+        return value
 
 
 class Profile(_Strict):
@@ -274,7 +312,8 @@ def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
         close = _closest_key(dotted)
         hint = f"; did you mean `{close}`?" if close else ""
         return f"{origin}: unknown key `{dotted}`{hint}"
-    return f"{origin}: `{dotted}`: {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{origin}: `{dotted}`: {message} (got {error.get('input')!r})"
 
 
 def load_profile(
@@ -299,7 +338,9 @@ def load_profile(
         _set_dotted(tree, key, value)
         sources[key] = f"override `{text}`"
     for key, (flag, value) in _flag_items(flags):
-        _set_dotted(tree, key, value)
+        if isinstance(value, Widen):
+            value = _widened(tree, key, value)
+        _set_dotted(tree, key, None if isinstance(value, Null) else value)
         sources[key] = f"flag {flag}"
     try:
         resolved = Profile.model_validate(tree)
@@ -309,6 +350,26 @@ def load_profile(
     if problems or resolved is None:
         raise ProfileError(problems, fix="Fix or remove those keys; `atlas-distill profile show` prints valid ones.")
     return resolved
+
+
+class Widen(list):
+    """A flag's values added to its key's list as resolved so far (--include-status pending), not replacing it."""
+
+
+@dataclass(frozen=True)
+class Null:
+    """A flag that sets its key to null (--all-statuses): a plain None means the flag was not given."""
+
+
+def _widened(tree: dict[str, Any], key: str, extra: Widen) -> list[Any] | Null:
+    """The key's list from the tree so far (or its default) with `extra` added; a null list (keep all) stays null."""
+    try:
+        current = Profile.model_validate(tree).model_dump()
+    except ValidationError:  # reported by the full validation that follows
+        return list(extra)
+    for part in key.split("."):
+        current = current[part]
+    return Null() if current is None else list(dict.fromkeys([*current, *extra]))
 
 
 def _flag_items(flags: dict[str, Any] | None):

@@ -23,17 +23,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import NoTracesFound, UsageError
 from .traces import AtlasSession, JsonlTraceSource, PostgresTraceSource, TraceFilter
 from .traces.conversation import session_to_conversation, session_to_messages, system_prompt
+from .traces.filters import describe_funnel, no_match_fix
 
 if TYPE_CHECKING:
     from .config import Profile
 
 _SPLIT_SCALE = float(2**64)
-
-# What `train`, `chain` and `compare` accept (overrides, not export's --include-status / --all-statuses flags).
-NO_MATCH_FIX = ("Check the data source (--traces FILE, or the database URL: --database-url or ATLAS_DB_URL), "
-                "lower trainer.min_reward (e.g. trainer.min_reward=0.5), clear the task filter "
-                "(trainer.learning_key=null), or widen the review filter (data.review_status=[approved,pending], "
-                "or data.review_status=null for every status).")
 
 
 @dataclass
@@ -172,12 +167,10 @@ def load_prepared(*, db_url: str | None = None, traces: str | None = None, filte
     funnel = getattr(source, "funnel", [])
     prepared.stats.funnel = [{"filter": s.label, "remaining": s.remaining} for s in funnel]
     if prepared.stats.train == 0:
-        where = " -> ".join(f"{s.label}: {s.remaining}" for s in funnel) or (
-            f"{getattr(source, 'valid', prepared.stats.sessions)} sessions in {traces}, "
-            f"{getattr(source, 'filtered_out', 0)} removed by the filters")
+        where = describe_funnel(funnel) if funnel else f"{prepared.stats.sessions} sessions"
         origin = "database" if db_url else str(traces)
         raise NoTracesFound(f"No conversations found in {origin}: no training conversation is left ({where}; "
-                            f"{prepared.stats.eval} went to evaluation).", fix=NO_MATCH_FIX)
+                            f"{prepared.stats.eval} went to evaluation).", fix=no_match_fix(traces))
     return prepared
 
 

@@ -9,16 +9,11 @@ from dataclasses import dataclass, field
 from .db import mask_url
 from .errors import DatabaseConnectionLost, NoTracesFound
 from .traces import FunnelStage, JsonlTraceSink, PostgresTraceSource, TraceFilter
+from .traces.filters import describe_funnel, no_match_fix
 from .traces.postgres import Reconnect
 
 Progress = Callable[[int, "int | None"], None]
 APPLICATION_NAME = "atlas-distill export"  # as pg_stat_activity shows export's connection
-
-NO_MATCH_FIX = (
-    "Confirm ATLAS_DB_URL (or --database-url) points at the right cluster, temporarily lower "
-    "trainer.min_reward (--min-reward), clear learning_key (trainer.learning_key=null), or widen the "
-    "review filter (--include-status pending, --all-statuses)."
-)
 
 
 @dataclass
@@ -42,20 +37,13 @@ class ExportResult:
                 for before, stage in zip(self.funnel, self.funnel[1:])]
 
 
-def describe_funnel(funnel: list[FunnelStage]) -> str:
-    parts = [f"{stage.label}: {stage.remaining}" for stage in funnel]
-    emptied = next((stage.label for stage in funnel if stage.remaining == 0), None)
-    text = " -> ".join(parts)
-    return f"{text} (the filter `{emptied}` left none)" if emptied and emptied != funnel[0].label else text
-
-
 class NoSessionsMatched(NoTracesFound):
     """No session passed the filters; carries the funnel so the user sees which filter emptied it."""
 
     def __init__(self, funnel: list[FunnelStage]):
         self.funnel = funnel
         super().__init__(f"No conversations found in database: no session matched the filters. "
-                         f"{describe_funnel(funnel)}.", fix=NO_MATCH_FIX)
+                         f"{describe_funnel(funnel)}.", fix=no_match_fix(None))
 
 
 def export_traces(url: str, filters: TraceFilter, output: str, *, retries: int = 3,

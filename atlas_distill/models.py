@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -118,8 +119,38 @@ def materialize(spec: ModelSpec) -> str:
     return spec.source
 
 
+_hub_checked = False
+HUB_PROBE_SECONDS = 3.0
+
+
+def use_cache_if_hub_unreachable() -> None:
+    """Before the first hub lookup of a process: when HF_HUB_OFFLINE is unset and the hub does not answer within
+    a few seconds, the hub client reads its local cache only (as HF_HUB_OFFLINE=1), said once in one line.
+    Otherwise huggingface_hub retries every file for about 50 s before failing."""
+    global _hub_checked
+    if _hub_checked:
+        return
+    _hub_checked = True
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    from huggingface_hub.utils import get_session
+
+    try:  # the hub's own HTTP client, so that proxies and HF_ENDPOINT count; any HTTP answer means reachable
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - connection, DNS, TLS and proxy failures are all "unreachable"
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and for the processes this one starts
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"Note: the model hub ({constants.ENDPOINT}) is unreachable ({reason}); using the local model cache "
+              "only. Set HF_HUB_OFFLINE=1 to skip this check.", file=sys.stderr, flush=True)
+
+
 def load_pretrained(auto_class, path_or_id: str, spec: str | None = None, **kwargs):
     """auto_class.from_pretrained; a missing model (or no network) becomes a ModelSpecError naming `spec`."""
+    if not Path(path_or_id).expanduser().exists():  # a hub id: from the cache, or the hub if it answers
+        use_cache_if_hub_unreachable()
     try:
         return auto_class.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:

@@ -36,6 +36,16 @@ def ensure_writable_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+def check_writable_dir(path: Path, what: str, fix: str) -> Path:
+    """Prove `path` could be made and written to, making nothing (a failed check or a dry run leaves no trace)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"Cannot write the {what} {path}: {existing} is not a directory.", fix=fix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write the {what} {path}: {existing} is not writable (permission denied).", fix=fix)
+    return path
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     try:

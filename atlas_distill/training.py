@@ -23,8 +23,8 @@ from typing import Any
 from .config import Profile, profile_to_yaml
 from .demo import DEMO_TRACES
 from .errors import AtlasDistillError, OutputError, TrainingError, UsageError
-from .outputs import (FREE_SPACE_FIX, check_free_space, ensure_writable_dir, last_complete_checkpoint,
-                      remove_incomplete_checkpoints, write_json)
+from .outputs import (FREE_SPACE_FIX, check_free_space, check_writable_dir, ensure_writable_dir,
+                      last_complete_checkpoint, remove_incomplete_checkpoints, write_json)
 
 Event = Callable[[str, Any], None]
 
@@ -54,9 +54,9 @@ def _prepare_run_dir(profile: Profile, profile_name: str, resume: bool, emit: Ev
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"The run directory {run_dir} already holds a run.",
                          fix="Pass --resume to continue it, or choose another --run-name.")
-    else:  # the run directory itself is made when the run starts (_start_run_dir): a failed check leaves none
-        ensure_writable_dir(run_dir.parent, "output directory",
-                            fix="Choose a writable output_dir (--output-dir) or free disk space.")
+    else:  # the run directory is made when the run starts (_start_run_dir): a failed check leaves nothing
+        check_writable_dir(run_dir.parent, "output directory",
+                           fix="Choose a writable output_dir (--output-dir) or free disk space.")
     return run_dir, checkpoint
 
 

@@ -44,10 +44,11 @@ def test_incompatible_tokenizers_fail_before_any_weights_load(cli, make_tiny_mod
     assert "chain stage 2" in result.stderr and "different tokenizers" in result.stderr
 
 
-def test_dry_run_prints_the_plan(cli, make_tiny_model):
+def test_dry_run_prints_the_plan_and_writes_nothing(cli, make_tiny_model, tmp_path):
     spec = f"{make_tiny_model(seed=2)}:{make_tiny_model(seed=1)}:{make_tiny_model(layers=1, seed=3)}"
     result = cli("chain", spec, "--dry-run", "--json", "--name", "plan", "stage2.trainer.learning_rate=1e-5")
     assert result.code == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/chain/plan/: a dry run checks, and writes nothing
     plan = result.json()
     assert [s["stage"] for s in plan["stages"]] == [1, 2]
     assert plan["stages"][1]["teacher"] == "stage 1 final"
@@ -97,3 +98,15 @@ def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, 
     (stage1,) = (tmp_path / "outputs/chain/broken").glob("stage-*")  # stage 2 never started: no directory
     assert stage1.name.startswith("stage-1-")
     assert stage_complete(stage1) is not None and (stage1 / "final/model.safetensors").is_file()
+
+
+def test_an_unreachable_hub_is_found_once_quickly_and_said_in_one_line(cli):
+    """The README's own `chain 14b:7b:3b:1.5b --dry-run` on a machine without the hub: huggingface_hub retried each
+    file five times (about 50 s of `Retrying in 8s` lines) before the offline error. A closed port stands in for
+    the unreachable hub; HF_HUB_OFFLINE is unset, as on a user's machine."""
+    result = cli("chain", "14b:7b:3b:1.5b", "--dry-run", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.code == 1, result.stderr
+    assert result.stderr.count("the model hub (http://127.0.0.1:9) is unreachable") == 1, result.stderr
+    assert "Retrying" not in result.stderr and "cannot load model `Qwen/Qwen2.5-14B-Instruct`" in result.stderr
+    assert "This machine may be offline" in result.stderr
+

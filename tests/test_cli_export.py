@@ -67,7 +67,7 @@ def test_nothing_matches_exit_2_with_the_funnel_and_advice(cli, seeded_db, tmp_p
     assert result.code == 2
     assert "No conversations found in database" in result.stderr
     assert "learning_key = 'no_such_workflow'" in result.stderr and "left none" in result.stderr
-    for advice in ("ATLAS_DB_URL", "trainer.min_reward", "learning_key=null"):
+    for advice in ("ATLAS_DB_URL", "--min-reward", "learning_key=null"):
         assert advice in result.stderr
     assert previous.read_text() == "previous\n"
     assert [p.name for p in previous.parent.iterdir()] == ["runtime.jsonl"]

@@ -98,20 +98,77 @@ def test_postgres_and_file_training_use_the_same_sessions(cli, make_tiny_model, 
     assert evaluated[0] == evaluated[1] and len(evaluated[0]) == db["eval"]
 
 
-def test_no_conversations_exit_2_with_troubleshooting(cli, make_tiny_model, trace_file, tmp_path):
-    result = cli("train", *models(make_tiny_model), "--traces", str(trace_file), "--learning-key", "nope")
-    assert result.code == 2
-    assert "No conversations found" in result.stderr and "trainer.min_reward" in result.stderr
-    fix = " ".join(result.stderr.split()).split("Fix:")[1]
-    assert "--include-status" not in fix and "--all-statuses" not in fix  # export's flags, not train's
-    for override in ("trainer.min_reward=0.5", "trainer.learning_key=null", "data.review_status=null"):
-        assert override in fix
-        shown = cli("profile", "show", "default", override, "--json")  # each one the fix names is accepted
-        assert shown.code == 0, shown.stderr
+def test_no_data_errors_show_the_funnel_and_name_only_flags_and_keys_each_command_has(
+        cli, make_tiny_model, trace_file, seeded_db, tmp_path):
+    """Every command that reads sessions says which filter left none (a file gets the same per-filter funnel as
+    Postgres), and its fix names only flags that command has (checked against its --help) and profile keys that
+    exist (checked by `profile show`)."""
+    import re
+
+    teacher, student = str(make_tiny_model(seed=2)), str(make_tiny_model(seed=1))
+    runs = {
+        "train": cli("train", "--teacher", teacher, "--student", student, "--traces", str(trace_file),
+                     "--learning-key", "nope"),
+        "compare": cli("compare", "--model", student, "--traces", str(trace_file), "--learning-key", "nope"),
+        "export": cli("export", "--database-url", seeded_db, "--learning-key", "nope"),
+        "chain": cli("chain", f"{teacher}:{student}", "--traces", str(trace_file), "--learning-key", "nope"),
+    }
+    for command, result in runs.items():
+        assert result.code == 2, (command, result.stderr)
+        text = " ".join(result.stderr.split())
+        assert "No conversations found" in text and "learning_key = 'nope': 0" in text, (command, text)
+        assert "(the filter `learning_key = 'nope'` left none)" in text, (command, text)
+        fix = text.split("Fix:")[1]
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", fix))
+        assert {"--min-reward", "--include-status", "--all-statuses"} <= flags, (command, fix)
+        helptext = cli(command, "--help").stdout
+        for flag in flags:
+            assert re.search(rf"{flag}\b", helptext), (command, flag)
+        overrides = re.findall(r"\b[a-z_]+\.[a-z_.]+=[^\s,)]+", fix)
+        assert "trainer.learning_key=null" in overrides, (command, fix)
+        for override in overrides:
+            shown = cli("profile", "show", "default", override, "--json")
+            assert shown.code == 0, (command, override, shown.stderr)
+    assert not (tmp_path / "outputs/gkd").exists()  # train's failed validation left no run directory
+    file_funnel = " ".join(runs["train"].stderr.split())
+    assert f"sessions in {trace_file}: " in file_funnel and "review_status in ['approved']: " in file_funnel
+    widened = cli("train", "--teacher", teacher, "--student", student, "--traces", str(trace_file),
+                  "--learning-key", "nope", "--include-status", "pending")
+    assert "review_status in ['approved', 'pending']" in " ".join(widened.stderr.split())
+    everything = cli("train", "--teacher", teacher, "--student", student, "--traces", str(trace_file),
+                     "--learning-key", "nope", "--all-statuses")
+    assert "review_status" not in everything.stderr.split("Fix:")[0]  # no review filter at all
+
+
+def test_out_of_range_filters_are_errors_naming_the_closest_valid_value(cli, tmp_path):
+    """A reward outside [0, 1] or a status the SDK never writes used to mean "no data" (or was ignored)."""
+    cases = [
+        (["--min-reward", "1.01"], "flag --min-reward: `trainer.min_reward`", "the closest valid value is 1"),
+        (["trainer.min_reward=1.5"], "override `trainer.min_reward=1.5`", "the closest valid value is 1"),
+        (["trainer.min_reward=-0.1"], "`trainer.min_reward`", "the closest valid value is 0"),
+        (["--status", "bogus"], "flag --status: `data.status`", "succeeded, failed, running"),
+        (["--status", "succeded"], "flag --status", "did you mean `succeeded`?"),
+        (["--include-status", "pendng"], "flag --include-status", "did you mean `pending`?"),
+        (["data.review_status=[approved,rejected]"], "`data.review_status`", "pending, approved, quarantined"),
+    ]
+    for command in ("train", "export", "chain", "compare"):
+        for args, where, hint in cases:
+            where_to = {"train": ["--traces", "x.jsonl"], "compare": ["--traces", "x.jsonl"], "chain": ["a:b"],
+                        "export": ["--output", "x.jsonl"]}[command]  # x.jsonl is never read: the flags fail first
+            result = cli(command, *where_to, *args)
+            message = " ".join(result.stderr.split())
+            assert result.code == 1, (command, args, result.stderr)
+            assert where in message and hint in message, (command, args, message)
+    assert list(tmp_path.iterdir()) == []  # nothing was read or written
+    upper = cli("profile", "show", "default", "data.review_status=[Approved,PENDING]", "--json")
+    assert upper.json()["data"]["review_status"] == ["approved", "pending"]  # as the SDK writes them
+
+
+def test_a_missing_trace_file_is_named_and_no_run_directory_is_left(cli, make_tiny_model, tmp_path):
     missing = cli("train", *models(make_tiny_model), "--traces", "missing.jsonl")
     assert missing.code == 5 and "does not exist" in missing.stderr
-    # no run started: no run directory (with a profile.yaml) is left for `compare` to trip on
-    assert list((tmp_path / "outputs/gkd").iterdir()) == []
+    # no run started: no run directory (with a profile.yaml) is left for `compare` to trip on, nor outputs/
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_unknown_model_spec_exit_1(cli, trace_file):

@@ -110,4 +110,4 @@ def test_postgres_and_jsonl_give_identical_datasets(seeded_db, tmp_path):
 def test_nothing_left_raises_no_traces_found_with_the_funnel(seeded_db):
     with pytest.raises(NoTracesFound) as caught:
         load_prepared(db_url=seeded_db, filters=TraceFilter(learning_key="nope"))
-    assert "learning_key = 'nope': 0" in caught.value.message and "trainer.min_reward" in caught.value.fix
+    assert "learning_key = 'nope': 0" in caught.value.message and "--min-reward" in caught.value.fix

@@ -11,8 +11,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import AtlasDistillError, OutputError
+from ..errors import AtlasDistillError, OutputError, UsageError
 
 # Piped output (logs, CI) is not squeezed into 80 columns; a terminal uses its own width.
 _PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
@@ -32,11 +33,38 @@ DbUrlOpt = Annotated[
     typer.Option("--database-url", help="Atlas Postgres URL; default: profile database.url, then $ATLAS_DB_URL.",
                  show_default=False),
 ]
+# The session filters every command that reads sessions takes, by the same names (export's vocabulary).
+MinRewardOpt = Annotated[float | None, typer.Option(
+    "--min-reward", help="Keep sessions with reward_stats.score >= this, in [0, 1] [trainer.min_reward].",
+    show_default=False)]
+LearningKeyOpt = Annotated[str | None, typer.Option(
+    "--learning-key", help="Keep one metadata.learning_key [trainer.learning_key].", show_default=False)]
+IncludeStatusOpt = Annotated[list[str] | None, typer.Option(
+    "--include-status", help="Also keep this review status: pending, quarantined (repeatable); approved is kept by "
+    "default [data.review_status].", show_default=False)]
+AllStatusesOpt = Annotated[bool, typer.Option(
+    "--all-statuses", help="Drop the review-status filter [data.review_status=null].")]
+StatusOpt = Annotated[list[str] | None, typer.Option(
+    "--status", help="Keep only this session status: succeeded, failed, running (repeatable) [data.status].",
+    show_default=False)]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Dotted overrides such as trainer.min_reward=0.9 trainer.learning_key=null.",
                    show_default=False),
 ]
+
+
+def filter_flags(min_reward: float | None, learning_key: str | None, include_status: list[str] | None,
+                 all_statuses: bool, status: list[str] | None) -> dict[str, tuple[str, Any]]:
+    """The shared filter flags as load_profile's flags: each names the profile key it sets."""
+    from ..config import Null, Widen
+
+    if all_statuses and include_status:
+        raise UsageError("--all-statuses and --include-status contradict each other.", fix="Pass only one.")
+    review = Null() if all_statuses else Widen(include_status) if include_status else None
+    return {"--min-reward": ("trainer.min_reward", min_reward), "--learning-key": ("trainer.learning_key", learning_key),
+            "--include-status" if include_status else "--all-statuses": ("data.review_status", review),
+            "--status": ("data.status", status or None)}
 
 
 def split_args(args: list[str] | None) -> tuple[list[str], list[str]]:
@@ -57,9 +85,9 @@ def show_error(exc: AtlasDistillError, *, json_mode: bool) -> None:
     if json_mode:
         print_json({"error": {"type": type(exc).__name__, "message": exc.message, "fix": exc.fix},
                     "exit_code": exc.exit_code})
-    err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
-    if exc.fix:
-        err.print(f"[bold]Fix:[/] {exc.fix}", markup=True, highlight=False)
+    err.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, highlight=False)
+    if exc.fix:  # escaped: a fix such as data.review_status=[approved,pending] is text, not Rich markup
+        err.print(f"[bold]Fix:[/] {escape(exc.fix)}", markup=True, highlight=False)
 
 
 def fail(exc: AtlasDistillError, *, json_mode: bool) -> NoReturn:
@@ -91,7 +119,7 @@ def reporting_errors(json_mode: bool = False) -> Iterator[None]:
         if os.environ.get(DEBUG_ENV):
             raise
         message = f"Internal error: {type(exc).__name__}: {exc}"
-        err.print(f"[bold red]{message}[/]\nThis is a bug; rerun with {DEBUG_ENV}=1 for the traceback and "
+        err.print(f"[bold red]{escape(message)}[/]\nThis is a bug; rerun with {DEBUG_ENV}=1 for the traceback and "
                   "report it.", markup=True, highlight=False)
         raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 

@@ -12,7 +12,8 @@ from rich.table import Table
 from ..db import resolve_db_url
 from ..errors import UsageError
 from ..traces.jsonl import check_trace_file
-from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, split_args
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
+                      err, filter_flags, out, print_json, reporting_errors, split_args)
 from .train import _live
 
 Opt = typer.Option
@@ -31,6 +32,11 @@ def chain(
     database_url: Annotated[str | None, Opt("--database-url", help="Atlas Postgres URL; default: profile "
                                             "database.url, then $ATLAS_DB_URL.", show_default=False)] = None,
     max_steps: Annotated[int | None, Opt(help="[trainer.max_steps] for every stage.", show_default=False)] = None,
+    min_reward: MinRewardOpt = None,
+    learning_key: LearningKeyOpt = None,
+    include_status: IncludeStatusOpt = None,
+    all_statuses: AllStatusesOpt = False,
+    status: StatusOpt = None,
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate the chain and print the plan; train nothing.")] = False,
     profile: ProfileOpt = "default",
     json_out: JsonOpt = False,
@@ -46,7 +52,8 @@ def chain(
         check_trace_file(traces)  # --dry-run too: every stage would read it
         from ..chain import plan_chain, run_chain
 
-        flags = {"--family": ("model.family", family), "--max-steps": ("trainer.max_steps", max_steps)}
+        flags = {"--family": ("model.family", family), "--max-steps": ("trainer.max_steps", max_steps),
+                 **filter_flags(min_reward, learning_key, include_status, all_statuses, status)}
         plan = plan_chain(positionals[0], profile, overrides, flags, name=name, output_dir=output_dir)
         if dry_run:
             document = {"name": plan.name, "root": str(plan.root), "stages": [

@@ -7,11 +7,13 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import load_profile
 from ..errors import TargetsNotMet, UsageError
-from ._common import JsonOpt, ProfileOpt, err, out, print_json, reporting_errors, save_plot, split_args
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
+                      err, filter_flags, out, print_json, reporting_errors, save_plot, split_args)
 
 Opt = typer.Option
 COLUMNS = ("run", "success", "step / episode", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
@@ -38,6 +40,11 @@ def compare(
     fail_on_miss: Annotated[bool, Opt("--fail-on-miss", help="Exit 3 when a compared run misses its "
                                       "targets (the reference itself is not checked).")] = False,
     skip_invalid: Annotated[bool, Opt(help="Skip malformed --traces lines and count them.")] = False,
+    min_reward: MinRewardOpt = None,
+    learning_key: LearningKeyOpt = None,
+    include_status: IncludeStatusOpt = None,
+    all_statuses: AllStatusesOpt = False,
+    status: StatusOpt = None,
     profile: ProfileOpt = "default",
     json_out: JsonOpt = False,
 ) -> None:
@@ -46,7 +53,8 @@ def compare(
         runs, overrides = split_args(args)
         if json_out and markdown:
             raise UsageError("--json and --markdown both choose the output.", fix="Pass only one of them.")
-        config = load_profile(profile, overrides)
+        config = load_profile(profile, overrides, filter_flags(min_reward, learning_key, include_status, all_statuses,
+                                                               status))
         from ..compare import compare_runs, plot_comparison
 
         with _Progress(quiet=json_out or markdown) as on_event, contextlib.redirect_stdout(sys.stderr):
@@ -65,7 +73,7 @@ def compare(
     if fail_on_miss and comparison.missed:
         missed = ", ".join(row.name for row in comparison.missed)
         exc = TargetsNotMet(f"Targets not met by {len(comparison.missed)} of {len(comparison.rows)} rows: {missed}.")
-        err.print(f"[bold red]❌[/] {exc.message}", markup=True, highlight=False)
+        err.print(f"[bold red]❌[/] {escape(exc.message)}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code)
 
 

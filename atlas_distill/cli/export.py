@@ -14,7 +14,8 @@ from ..errors import UsageError
 from ..export import NoSessionsMatched, export_traces
 from ..traces import TraceFilter
 from ..traces.postgres import Reconnect
-from ._common import DbUrlOpt, JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, progress_bar, reporting_errors
+from ._common import (AllStatusesOpt, DbUrlOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg,
+                      ProfileOpt, StatusOpt, err, filter_flags, out, print_json, progress_bar, reporting_errors)
 
 
 def export(
@@ -22,17 +23,11 @@ def export(
     database_url: DbUrlOpt = None,
     output: Annotated[str, typer.Option("--output", "-o", help="JSONL file to write (.gz compresses; - is stdout).")]
     = "traces/runtime.jsonl",
-    min_reward: Annotated[float | None, typer.Option(help="Keep sessions with reward_stats.score >= this "
-                                                      "[profile: trainer.min_reward].", show_default=False)] = None,
-    learning_key: Annotated[str | None, typer.Option(help="Keep one metadata.learning_key "
-                                                     "[profile: trainer.learning_key].", show_default=False)] = None,
-    include_status: Annotated[list[str] | None, typer.Option(
-        "--include-status", help="Also keep this review status (repeatable); approved is kept by default.",
-        show_default=False)] = None,
-    all_statuses: Annotated[bool, typer.Option("--all-statuses", help="Drop the review-status filter.")] = False,
-    status: Annotated[list[str] | None, typer.Option(
-        "--status", help="Keep only this session status: succeeded, failed, running (repeatable).",
-        show_default=False)] = None,
+    min_reward: MinRewardOpt = None,
+    learning_key: LearningKeyOpt = None,
+    include_status: IncludeStatusOpt = None,
+    all_statuses: AllStatusesOpt = False,
+    status: StatusOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many sessions.", show_default=False)] = None,
     session_id: Annotated[list[int] | None, typer.Option(help="Only this session id (repeatable).",
                                                          show_default=False)] = None,
@@ -48,20 +43,12 @@ def export(
     with reporting_errors(json_out):
         if json_out and output == "-":
             raise UsageError("--json and --output - both want stdout.", fix="Write the JSONL to a file with --output.")
-        if all_statuses and include_status:
-            raise UsageError("--all-statuses and --include-status contradict each other.", fix="Pass only one.")
         config = load_profile(profile, overrides, {
-            "--min-reward": ("trainer.min_reward", min_reward),
-            "--learning-key": ("trainer.learning_key", learning_key),
-            "--status": ("data.status", status or None),
+            **filter_flags(min_reward, learning_key, include_status, all_statuses, status),
             "--limit": ("data.limit", limit),
             "--session-id": ("data.session_ids", session_id or None),
             "--created-after": ("data.created_after", created_after),
         })
-        if all_statuses:
-            config.data.review_status = None
-        elif include_status and config.data.review_status is not None:
-            config.data.review_status = sorted(set(config.data.review_status) | set(include_status))
         url = require_db_url(database_url, config.database.url)
         filters = TraceFilter.from_profile(config)
         try:

@@ -15,7 +15,8 @@ from ..config import load_profile
 from ..db import resolve_db_url
 from ..errors import AtlasDistillError, UsageError
 from ..traces.jsonl import check_trace_file
-from ._common import JsonOpt, OverridesArg, ProfileOpt, err, out, print_json, reporting_errors
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg, ProfileOpt,
+                      StatusOpt, err, filter_flags, out, print_json, reporting_errors)
 
 Opt = typer.Option
 _REPORT_GRACE = 2.0  # seconds another process waits, on an error, for the main process to report it
@@ -31,8 +32,11 @@ def train(
                                       show_default=False)] = None,
     database_url: Annotated[str | None, Opt("--database-url", help="Atlas Postgres URL; default: profile "
                                             "database.url, then $ATLAS_DB_URL.", show_default=False)] = None,
-    min_reward: Annotated[float | None, Opt(help="[trainer.min_reward]", show_default=False)] = None,
-    learning_key: Annotated[str | None, Opt(help="[trainer.learning_key]", show_default=False)] = None,
+    min_reward: MinRewardOpt = None,
+    learning_key: LearningKeyOpt = None,
+    include_status: IncludeStatusOpt = None,
+    all_statuses: AllStatusesOpt = False,
+    status: StatusOpt = None,
     max_steps: Annotated[int | None, Opt(help="[trainer.max_steps]", show_default=False)] = None,
     output_dir: Annotated[str | None, Opt(help="[output_dir]", show_default=False)] = None,
     run_name: Annotated[str | None, Opt(help="[run_name]", show_default=False)] = None,
@@ -52,7 +56,7 @@ def train(
             raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
         config = load_profile(profile, overrides, {
             "--teacher": ("teacher_model_name_or_path", teacher), "--student": ("model.model_name_or_path", student),
-            "--min-reward": ("trainer.min_reward", min_reward), "--learning-key": ("trainer.learning_key", learning_key),
+            **filter_flags(min_reward, learning_key, include_status, all_statuses, status),
             "--max-steps": ("trainer.max_steps", max_steps), "--output-dir": ("output_dir", output_dir),
             "--run-name": ("run_name", run_name),
         })

@@ -1,8 +1,8 @@
 """Atlas traces: the session record, Postgres and JSONL sources, the JSONL sink, filters."""
 
-from .filters import TraceFilter
+from .filters import FunnelStage, TraceFilter
 from .jsonl import JsonlTraceSink, JsonlTraceSource
-from .postgres import FunnelStage, PostgresTraceSource
+from .postgres import PostgresTraceSource
 from .record import AtlasSession, RecordError
 
 __all__ = ["AtlasSession", "FunnelStage", "JsonlTraceSink", "JsonlTraceSource", "PostgresTraceSource",

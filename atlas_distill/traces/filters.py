@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ..config import Profile
@@ -16,6 +17,39 @@ _REWARD_SQL = (
     "CASE WHEN jsonb_typeof(s.reward_stats->'score') = 'number' "
     "THEN (s.reward_stats->>'score')::float8 END >= %(min_reward)s"
 )
+
+
+@dataclass(frozen=True)
+class FunnelStage:
+    """How many sessions remain after a filter (`total` first)."""
+
+    label: str
+    remaining: int
+
+
+def describe_funnel(funnel: list[FunnelStage]) -> str:
+    """`sessions in database: 12 -> reward >= 0.8: 0 (the filter `reward >= 0.8` left none)`."""
+    parts = [f"{stage.label}: {stage.remaining}" for stage in funnel]
+    emptied = next((stage.label for stage in funnel if stage.remaining == 0), None)
+    text = " -> ".join(parts)
+    return f"{text} (the filter `{emptied}` left none)" if emptied and emptied != funnel[0].label else text
+
+
+def no_match_fix(traces: str | None) -> str:
+    """What to try when the filters leave nothing: flags and keys that export, train, chain and compare all take."""
+    source = (f"Check that {traces} holds the sessions you meant" if traces else
+              "Confirm the database URL (--database-url or ATLAS_DB_URL) points at the right cluster")
+    return (f"{source}, lower --min-reward (e.g. --min-reward 0.5), drop the task filter "
+            "(trainer.learning_key=null), or widen the review filter (--include-status pending, or --all-statuses).")
+
+
+class Stage(NamedTuple):
+    """One active filter: its funnel label, its SQL condition and parameters, and the same test in Python."""
+
+    label: str
+    sql: str
+    params: dict[str, Any]
+    keeps: Callable[[AtlasSession], bool]
 
 
 @dataclass(frozen=True)
@@ -41,28 +75,28 @@ class TraceFilter:
             limit=data.limit,
         )
 
-    def stages(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """The active filters in funnel order: (label, SQL condition, parameters)."""
-        stages: list[tuple[str, str, dict[str, Any]]] = []
-        if self.review_status is not None:
-            stages.append(
-                (f"review_status in {list(self.review_status)}", "s.review_status = ANY(%(review_status)s)",
-                 {"review_status": list(self.review_status)})
-            )
-        if self.status is not None:
-            stages.append((f"status in {list(self.status)}", "s.status = ANY(%(status)s)",
-                           {"status": list(self.status)}))
-        if self.learning_key is not None:
-            stages.append((f"learning_key = {self.learning_key!r}", "s.metadata->>'learning_key' = %(learning_key)s",
-                           {"learning_key": self.learning_key}))
-        if self.min_reward is not None:
-            stages.append((f"reward >= {self.min_reward:g}", _REWARD_SQL, {"min_reward": self.min_reward}))
+    def stages(self) -> list[Stage]:
+        """The active filters in funnel order."""
+        stages: list[Stage] = []
+        if (review := self.review_status) is not None:
+            stages.append(Stage(f"review_status in {list(review)}", "s.review_status = ANY(%(review_status)s)",
+                                {"review_status": list(review)}, lambda s: s.review_status in review))
+        if (status := self.status) is not None:
+            stages.append(Stage(f"status in {list(status)}", "s.status = ANY(%(status)s)", {"status": list(status)},
+                                lambda s: s.status in status))
+        if (key := self.learning_key) is not None:
+            stages.append(Stage(f"learning_key = {key!r}", "s.metadata->>'learning_key' = %(learning_key)s",
+                                {"learning_key": key}, lambda s: s.learning_key == key))
+        if (floor := self.min_reward) is not None:
+            stages.append(Stage(f"reward >= {floor:g}", _REWARD_SQL, {"min_reward": floor},
+                                lambda s: s.reward is not None and s.reward >= floor))
         if self.created_after is not None:
-            stages.append((f"created after {self.created_after.isoformat()}", "s.created_at > %(created_after)s",
-                           {"created_after": self._aware(self.created_after)}))
-        if self.session_ids is not None:
-            stages.append((f"session id in {len(self.session_ids)} given", "s.id = ANY(%(session_ids)s)",
-                           {"session_ids": list(self.session_ids)}))
+            after = self._aware(self.created_after)
+            stages.append(Stage(f"created after {self.created_after.isoformat()}", "s.created_at > %(created_after)s",
+                                {"created_after": after}, lambda s: _created_after(s, after)))
+        if (ids := self.session_ids) is not None:
+            stages.append(Stage(f"session id in {len(ids)} given", "s.id = ANY(%(session_ids)s)",
+                                {"session_ids": list(ids)}, lambda s: s.session_id in ids))
         return stages
 
     @staticmethod
@@ -71,21 +105,12 @@ class TraceFilter:
 
     def matches(self, session: AtlasSession) -> bool:
         """The same filter, for sessions read from a file (limit is applied by the reader)."""
-        if self.review_status is not None and session.review_status not in self.review_status:
-            return False
-        if self.status is not None and session.status not in self.status:
-            return False
-        if self.learning_key is not None and session.learning_key != self.learning_key:
-            return False
-        if self.min_reward is not None and (session.reward is None or session.reward < self.min_reward):
-            return False
-        if self.created_after is not None:
-            created = _parse_time(session.metadata.get("created_at"))
-            if created is None or created <= self._aware(self.created_after):
-                return False
-        if self.session_ids is not None and session.session_id not in self.session_ids:
-            return False
-        return True
+        return all(stage.keeps(session) for stage in self.stages())
+
+
+def _created_after(session: AtlasSession, after: datetime) -> bool:
+    created = _parse_time(session.metadata.get("created_at"))
+    return created is not None and created > after
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -20,7 +20,7 @@ from typing import IO
 
 from ..errors import InvalidTraceData, NoTracesFound, OutputError
 from ..jsonfast import loads
-from .filters import TraceFilter
+from .filters import FunnelStage, TraceFilter
 from .record import AtlasSession, RecordError
 
 
@@ -54,7 +54,22 @@ class JsonlTraceSource:
         self.valid = 0
         self.invalid = 0
         self.comments = 0
-        self.filtered_out = 0
+        self.filtered_out = 0  # sessions the filters removed
+        self.stopped_at_limit = False
+        self._stages = filters.stages() if filters is not None else []
+        self._removed = [0] * len(self._stages)  # sessions each filter removed (the first one that failed)
+
+    @property
+    def funnel(self) -> list[FunnelStage]:
+        """As Postgres reports it: the valid sessions read, then how many remain after each filter in turn."""
+        where = "standard input" if self.path == "-" else self.path
+        funnel = [FunnelStage(f"sessions read from {where}" if self.stopped_at_limit else f"sessions in {where}",
+                              self.valid)]
+        for stage, removed in zip(self._stages, self._removed, strict=True):
+            funnel.append(FunnelStage(stage.label, funnel[-1].remaining - removed))
+        if self.stopped_at_limit:
+            funnel.append(FunnelStage(f"limit {self.filters.limit}", self.filters.limit))
+        return funnel
 
     def _open(self) -> IO[bytes]:
         if self.path == "-":
@@ -99,12 +114,15 @@ class JsonlTraceSource:
                     self._reject(lineno, f"not an Atlas session: {exc}")
                     continue
                 self.valid += 1
-                if self.filters is not None and not self.filters.matches(session):
+                failed = next((i for i, stage in enumerate(self._stages) if not stage.keeps(session)), None)
+                if failed is not None:
+                    self._removed[failed] += 1
                     self.filtered_out += 1
                     continue
                 yield session
                 kept += 1
                 if limit is not None and kept >= limit:
+                    self.stopped_at_limit = True
                     return
         except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
             raise InvalidTraceData(f"{self.path}: cannot be read to the end: {exc}.",

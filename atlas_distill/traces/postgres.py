@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..db import connect, mask_url, query_error, scrub
 from ..errors import DatabaseConnectionLost, DatabaseError
 from ..jsonfast import loads
-from .filters import TraceFilter
+from .filters import FunnelStage, TraceFilter
 from .record import AtlasSession
 
 if TYPE_CHECKING:
@@ -63,14 +63,6 @@ _FROM_METADATA = ("execution_mode", "adaptive_summary", "learning_history", "tea
 
 
 @dataclass(frozen=True)
-class FunnelStage:
-    """How many sessions remain after a filter (`total` first)."""
-
-    label: str
-    remaining: int
-
-
-@dataclass(frozen=True)
 class Reconnect:
     """A lost connection about to be retried: attempt `attempt` of `retries`, after `delay` seconds."""
 
@@ -111,9 +103,9 @@ class PostgresTraceSource:
 
     def _where(self) -> tuple[str, dict[str, Any]]:
         conditions, params = ["true"], {}
-        for _label, sql, values in self.filters.stages():
-            conditions.append(sql)
-            params.update(values)
+        for stage in self.filters.stages():
+            conditions.append(stage.sql)
+            params.update(stage.params)
         if self._last_id is not None:
             conditions.append("s.id > %(after_id)s")
             params["after_id"] = self._last_id
@@ -122,14 +114,14 @@ class PostgresTraceSource:
     def _count_funnel(self, cur) -> list[FunnelStage]:
         stages = self.filters.stages()
         parts, params, running = ["count(*)"], {}, []
-        for _label, sql, values in stages:
-            running.append(sql)
+        for stage in stages:
+            running.append(stage.sql)
             parts.append(f"count(*) FILTER (WHERE {' AND '.join(running)})")
-            params.update(values)
+            params.update(stage.params)
         cur.execute(f"SELECT {', '.join(parts)} FROM sessions s", params)
         counts = cur.fetchone()
         funnel = [FunnelStage("sessions in database", counts[0])]
-        funnel += [FunnelStage(label, n) for (label, _, _), n in zip(stages, counts[1:], strict=True)]
+        funnel += [FunnelStage(stage.label, n) for stage, n in zip(stages, counts[1:], strict=True)]
         if self.filters.limit is not None and self.filters.limit < funnel[-1].remaining:
             funnel.append(FunnelStage(f"limit {self.filters.limit}", self.filters.limit))
         return funnel
