@@ -124,7 +124,8 @@ class TrainerConfig(_Strict):
     """GKD hyperparameters, data filters and the baseline comparison, as upstream's trainer config."""
 
     min_reward: float | None = Field(
-        0.8, description="Keep sessions whose reward_stats.score is at least this. Null: no reward filter."
+        0.8, description="Keep sessions whose reward (reward_stats.score, else session_reward.score, else "
+        "reward_summary.score) is at least this, in [0, 1]. Null: no reward filter."
     )
     learning_key: str | None = Field(None, description="Keep sessions with this metadata.learning_key.")
     lmbda: float = Field(1.0, ge=0.0, le=1.0, description="On-policy fraction: share of steps the student generates.")
@@ -181,7 +182,7 @@ class TrainerConfig(_Strict):
     def _reward_range(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 <= value <= 1.0:
             closest = "" if math.isnan(value) else f"; the closest valid value is {0 if value < 0 else 1}"
-            raise ValueError(f"a reward (reward_stats.score) lies in [0, 1]{closest}")
+            raise ValueError(f"a reward (a judge score) lies in [0, 1]{closest}")
         return value
 
 

@@ -29,6 +29,7 @@ class InspectReport:
     comment_lines: int = 0
     reward: list[Bin] = field(default_factory=list)
     no_reward: int = 0
+    reward_fields: list[Bin] = field(default_factory=list)  # which field each session's reward was read from
     learning_keys: list[Bin] = field(default_factory=list)
     status: list[Bin] = field(default_factory=list)
     review_status: list[Bin] = field(default_factory=list)
@@ -60,14 +61,16 @@ def inspect_sessions(sessions: Iterable[AtlasSession], *, source: str, top: int 
                      progress: Callable[[int], None] | None = None) -> InspectReport:
     report = InspectReport(source=source)
     rewards: list[float] = []
-    keys, status, review = Counter(), Counter(), Counter()
+    keys, status, review, reward_fields = Counter(), Counter(), Counter(), Counter()
     turns, tokens = [], []
     for session in sessions:
         report.sessions += 1
-        if session.reward is None:
+        reward, reward_field = session.reward_source()
+        if reward is None:
             report.no_reward += 1
         else:
-            rewards.append(session.reward)
+            rewards.append(reward)
+            reward_fields[reward_field] += 1
         keys[session.learning_key or "(none)"] += 1
         status[session.status or "(none)"] += 1
         review[session.review_status or "(none)"] += 1
@@ -81,6 +84,7 @@ def inspect_sessions(sessions: Iterable[AtlasSession], *, source: str, top: int 
     per_bin = Counter(int(min(max(r * REWARD_BINS, 0), REWARD_BINS - 1)) for r in rewards)
     report.reward = [Bin(f"{i / REWARD_BINS:.1f}-{(i + 1) / REWARD_BINS:.1f}", per_bin[i]) for i in range(REWARD_BINS)]
     report.reward_mean = sum(r / len(rewards) for r in rewards) if rewards else None
+    report.reward_fields = _counts(reward_fields)
     report.learning_keys = _counts(keys, top)
     report.status = _counts(status)
     report.review_status = _counts(review)
@@ -96,7 +100,7 @@ def plot_report(report: InspectReport, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("Reward (reward_stats.score)", report.reward + [Bin("none", report.no_reward)]),
+    panels = [("Reward", report.reward + [Bin("none", report.no_reward)]),
               ("learning_key", report.learning_keys), ("Turns per conversation", report.turns),
               ("Approx. tokens per conversation", report.approx_tokens)]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))

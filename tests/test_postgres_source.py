@@ -138,3 +138,74 @@ def test_postgres_and_file_paths_give_the_same_sessions(seeded_db, tmp_path):
 @pytest.mark.parametrize("limit", [1, 299, 300, 1000])
 def test_limit_boundaries(seeded_db, limit):
     assert len(list(PostgresTraceSource(seeded_db, TraceFilter(review_status=None, limit=limit)))) == min(limit, 300)
+
+
+def test_a_reward_is_read_from_the_first_field_that_has_one_in_postgres_and_files_alike(empty_db, tmp_path, cli):
+    """reward_stats.score first (the column), then session_reward.score (the reward column), then reward_summary
+    (the runtime writes it into metadata), each at the top level before session_metadata; a score that is not a
+    number falls through to the next field. The SQL filter and the file filter agree, and inspect names the fields."""
+    rows = [  # task, reward_stats, reward, metadata
+        ("a", '{"score": 0.9}', None, None),
+        ("b", None, '{"score": 0.85}', None),
+        ("c", None, None, '{"reward_summary": {"score": 0.95}}'),
+        ("d", '{"score": 0.2}', '{"score": 0.99}', None),
+        ("e", None, None, '{"reward_stats": {"score": 0.9}, "session_reward": {"score": 0.1}}'),
+        ("f", '{"score": "high"}', '{"score": 0.9}', None),
+        ("g", None, '{"rationale": "no score"}', '{"reward_summary": {"average": 0.9}}'),
+    ]
+    with connect(empty_db) as conn:
+        create_schema(conn)
+        for task, stats, reward, metadata in rows:
+            conn.execute("INSERT INTO sessions (task, review_status, reward_stats, reward, metadata) "
+                         "VALUES (%s, 'approved', %s, %s, %s)", (task, stats, reward, metadata))
+        conn.commit()
+    high = TraceFilter(min_reward=0.8)
+    assert [s.task for s in PostgresTraceSource(empty_db, high)] == ["a", "b", "c", "e", "f"]
+    sink = JsonlTraceSink(tmp_path / "all.jsonl")
+    for session in PostgresTraceSource(empty_db, TraceFilter(min_reward=None)):
+        sink.write(session)
+    sink.commit()
+    from_file = list(JsonlTraceSource(tmp_path / "all.jsonl", TraceFilter(min_reward=None)))
+    assert {s.task: s.reward_source() for s in from_file} == {
+        "a": (0.9, "reward_stats.score"), "b": (0.85, "session_reward.score"), "c": (0.95, "reward_summary.score"),
+        "d": (0.2, "reward_stats.score"), "e": (0.9, "session_metadata.reward_stats.score"),
+        "f": (0.9, "session_reward.score"), "g": (None, None)}
+    assert [s.task for s in JsonlTraceSource(tmp_path / "all.jsonl", high)] == ["a", "b", "c", "e", "f"]
+    report = cli("inspect", str(tmp_path / "all.jsonl"), "--json").json()
+    assert {b["label"]: b["count"] for b in report["reward_fields"]} == {
+        "reward_stats.score": 2, "session_reward.score": 2, "reward_summary.score": 1,
+        "session_metadata.reward_stats.score": 1}
+    assert report["no_reward"] == 1
+    text = cli("inspect", str(tmp_path / "all.jsonl")).stdout
+    assert "Reward (read from reward_stats.score: 2, session_reward.score: 2" in " ".join(text.split())
+
+
+def test_export_lifts_every_key_the_sdk_exporter_lifts_from_metadata(empty_db):
+    """A session as the SDK's runtime leaves it (atlas/core _collect_session_insights writes these into the
+    metadata column; the learning columns may be empty), exported with the top-level keys the SDK's own exporter
+    (atlas/cli/jsonl_writer.py) writes for it, including its two fallbacks."""
+    import json
+
+    metadata = {
+        "learning_key": "crm", "triage_dossier": {"summary": "lookup", "risks": []},
+        "adaptive_summary": {"adaptive_mode": "coach", "confidence": 0.7}, "token_usage": {"total_tokens": 90},
+        "session_reward": {"score": 0.9}, "reward_summary": {"score": 0.9}, "learning_history": {"count": 2},
+        "teacher_notes": ["check the email"], "drift": {"drift_alert": True, "z": 3.1},
+        "student_learning": "verify emails first", "teacher_learning": "ask for the id"}
+    with connect(empty_db) as conn:
+        create_schema(conn)
+        conn.execute("INSERT INTO sessions (task, review_status, metadata) VALUES ('t', 'approved', %s)",
+                     (json.dumps(metadata),))
+        conn.execute("INSERT INTO sessions (task, review_status, metadata) VALUES ('u', 'approved', %s)",
+                     (json.dumps({"execution_mode": "auto", "adaptive_summary": {"adaptive_mode": "coach"},
+                                  "drift_alert": False, "drift": {"drift_alert": True}}),))
+        conn.commit()
+    first, second = (s.data for s in PostgresTraceSource(empty_db, TraceFilter(min_reward=None)))
+    expected = {"execution_mode": "coach", "adaptive_summary": metadata["adaptive_summary"],
+                "triage_dossier": metadata["triage_dossier"], "learning_history": {"count": 2},
+                "teacher_notes": ["check the email"], "reward_summary": {"score": 0.9}, "drift": metadata["drift"],
+                "drift_alert": True, "learning_key": "crm", "student_learning": "verify emails first",
+                "teacher_learning": "ask for the id"}
+    assert {key: first.get(key) for key in expected} == expected
+    assert first["session_metadata"]["token_usage"] == {"total_tokens": 90}  # the rest stays in session_metadata
+    assert (second["execution_mode"], second["drift_alert"]) == ("auto", False)  # given values win over fallbacks

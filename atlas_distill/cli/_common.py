@@ -35,8 +35,8 @@ DbUrlOpt = Annotated[
 ]
 # The session filters every command that reads sessions takes, by the same names (export's vocabulary).
 MinRewardOpt = Annotated[float | None, typer.Option(
-    "--min-reward", help="Keep sessions with reward_stats.score >= this, in [0, 1] [trainer.min_reward].",
-    show_default=False)]
+    "--min-reward", help="Keep sessions whose reward (reward_stats, else session_reward, else reward_summary "
+    "score) is >= this, in [0, 1] [trainer.min_reward].", show_default=False)]
 LearningKeyOpt = Annotated[str | None, typer.Option(
     "--learning-key", help="Keep one metadata.learning_key [trainer.learning_key].", show_default=False)]
 IncludeStatusOpt = Annotated[list[str] | None, typer.Option(
@@ -62,7 +62,8 @@ def filter_flags(min_reward: float | None, learning_key: str | None, include_sta
     if all_statuses and include_status:
         raise UsageError("--all-statuses and --include-status contradict each other.", fix="Pass only one.")
     review = Null() if all_statuses else Widen(include_status) if include_status else None
-    return {"--min-reward": ("trainer.min_reward", min_reward), "--learning-key": ("trainer.learning_key", learning_key),
+    return {"--min-reward": ("trainer.min_reward", min_reward),
+            "--learning-key": ("trainer.learning_key", learning_key),
             "--include-status" if include_status else "--all-statuses": ("data.review_status", review),
             "--status": ("data.status", status or None)}
 

@@ -80,7 +80,7 @@ def inspect(
     skipped = f", {report.invalid_skipped} invalid lines skipped" if report.invalid_skipped else ""
     skipped += f", {report.comment_lines} comment lines (#)" if report.comment_lines else ""
     out.print(f"[bold]{path}[/]: {report.sessions} sessions{mean}{skipped}")
-    out.print(_histogram("Reward (reward_stats.score)", report.reward + _no_reward(report)))
+    out.print(_histogram(f"Reward ({_reward_fields(report)})", report.reward + _no_reward(report)))
     out.print(_histogram("learning_key", report.learning_keys))
     out.print(_histogram("Session status", report.status))
     out.print(_histogram("Review status", report.review_status))
@@ -88,6 +88,13 @@ def inspect(
     out.print(_histogram("Approx. tokens per conversation (chars/4)", report.approx_tokens))
     if plot:
         out.print(f"Plot written to {plot}")
+
+
+def _reward_fields(report) -> str:
+    """Where the rewards were read from: `reward_stats.score`, or each field with its count when they differ."""
+    if len(report.reward_fields) <= 1:
+        return report.reward_fields[0].label if report.reward_fields else "no session has one"
+    return "read from " + ", ".join(f"{b.label}: {b.count}" for b in report.reward_fields)
 
 
 def _no_reward(report) -> list:

@@ -57,9 +57,11 @@ ORDER BY s.id
 {{limit}}
 """
 
-# Optional arc-atlas keys that the SDK derives from the metadata column.
-_FROM_METADATA = ("execution_mode", "adaptive_summary", "learning_history", "teacher_notes",
-                  "reward_summary", "drift", "drift_alert")
+# Optional arc-atlas keys that the SDK's exporter (atlas/cli/jsonl_writer.py) lifts out of the metadata column,
+# where its runtime writes them (atlas/core: _collect_session_insights); execution_mode and drift_alert have
+# fallbacks of their own.
+_FROM_METADATA = ("adaptive_summary", "triage_dossier", "learning_history", "teacher_notes", "reward_summary",
+                  "drift")
 
 
 @dataclass(frozen=True)
@@ -232,13 +234,30 @@ def session_payload(row: tuple) -> dict[str, Any]:
     }
     optional = {
         "review_status": review_status, "review_notes": review_notes, "reward_stats": reward_stats,
-        "reward_audit": reward_audit, "session_reward": reward, "student_learning": student_learning,
-        "teacher_learning": teacher_learning, "learning_key": metadata.get("learning_key"),
+        "reward_audit": reward_audit, "session_reward": reward,
+        "student_learning": student_learning or metadata.get("student_learning"),
+        "teacher_learning": teacher_learning or metadata.get("teacher_learning"),
+        "learning_key": metadata.get("learning_key"), "execution_mode": _execution_mode(metadata),
+        "drift_alert": _get(metadata, "drift_alert") if metadata.get("drift_alert") is not None
+        else _get(metadata.get("drift"), "drift_alert"),
         **{key: metadata.get(key) for key in _FROM_METADATA},
         "trajectory_events": events,
     }
     payload.update((key, value) for key, value in optional.items() if value is not None)
     return payload
+
+
+def _execution_mode(metadata: dict[str, Any]) -> str | None:
+    """As the SDK's exporter: metadata.execution_mode, else the adaptive summary's adaptive_mode."""
+    mode = metadata.get("execution_mode")
+    if isinstance(mode, str) and mode:
+        return mode
+    mode = _get(metadata.get("adaptive_summary"), "adaptive_mode")
+    return mode if isinstance(mode, str) and mode else None
+
+
+def _get(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, dict) else None
 
 
 def _steps_payload(rows: list[dict[str, Any]], plan_steps: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -40,6 +40,11 @@ def _type_name(value: Any) -> str:
     return {bool: "a boolean", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+# Where a session's reward is read, in order: the judges' aggregate (the sessions.reward_stats column), the
+# session reward (sessions.reward, exported as session_reward), then the runtime's reward_summary.
+REWARD_FIELDS = ("reward_stats", "session_reward", "reward_summary")
+
+
 def _score(value: Any) -> float | None:
     """A finite number as a float; anything else (NaN, Infinity, an integer beyond any float) is no score."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -103,9 +108,18 @@ class AtlasSession:
 
     @property
     def reward(self) -> float | None:
-        """reward_stats.score, the value min_reward filters on; None when the session has none."""
-        stats = self.data.get("reward_stats")
-        return _score(stats.get("score")) if isinstance(stats, dict) else None
+        """The value min_reward filters on (see reward_source); None when the session has none."""
+        return self.reward_source()[0]
+
+    def reward_source(self) -> tuple[float | None, str | None]:
+        """(score, the field it came from): the first numeric `score` in REWARD_FIELDS order, each field read at
+        the top level first, then inside session_metadata (where the SDK's runtime also writes them)."""
+        for name in REWARD_FIELDS:
+            for where, prefix in ((self.data, ""), (self.metadata, "session_metadata.")):
+                value = where.get(name)
+                if isinstance(value, dict) and (score := _score(value.get("score"))) is not None:
+                    return score, f"{prefix}{name}.score"
+        return None, None
 
     @property
     def learning_key(self) -> str | None:
