@@ -12,6 +12,7 @@ import copy
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -243,6 +244,41 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_noted_upstream: set[Path] = set()
+
+
+def _from_upstream(tree: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An upstream Atlas run config (configs/run/*.yaml) read as a profile: its Hydra `defaults:` list is ignored
+    with one note (a profile is whole by itself, and train always runs GKD), its top-level `model_name_or_path`
+    is the student (model.model_name_or_path), and a top-level trainer setting (lmbda, beta, ...) goes under
+    trainer. Anything else is validated as ours."""
+    if "defaults" not in tree and "model_name_or_path" not in tree and not set(tree) & set(TrainerConfig.model_fields):
+        return tree
+    tree = dict(tree)
+    defaults = tree.pop("defaults", None)
+    moved = []
+    if "model_name_or_path" in tree:
+        model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+        tree["model"] = {**model, "model_name_or_path": tree.pop("model_name_or_path")}
+        moved.append("model_name_or_path -> model.model_name_or_path")
+    for key in [k for k in tree if k in TrainerConfig.model_fields and k not in Profile.model_fields]:
+        trainer = tree.get("trainer") if isinstance(tree.get("trainer"), dict) else {}
+        tree["trainer"] = {key: tree.pop(key), **trainer}  # a value under trainer: wins over a top-level one
+        moved.append(f"{key} -> trainer.{key}")
+    if path not in _noted_upstream:
+        _noted_upstream.add(path)
+        said = ([f"its Hydra `defaults` list ({_brief(defaults)}) is ignored: a profile is whole by itself and "
+                 "`train` always runs GKD"] if defaults is not None else [])
+        said += [f"read the upstream keys as ours ({', '.join(moved)})"] if moved else []
+        print(f"Note: {path} is an upstream Atlas run config: {'; '.join(said)}.", file=sys.stderr, flush=True)
+    return tree
+
+
+def _brief(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -327,7 +363,7 @@ def load_profile(
     sources: dict[str, str] = {}
     if profile:
         path = resolve_profile_path(profile)
-        tree = _read_yaml(path)
+        tree = _from_upstream(_read_yaml(path), path)
         sources.update({key: str(path) for key in _flatten(tree)})
     problems: list[str] = []
     for text in overrides or []:

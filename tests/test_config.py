@@ -107,3 +107,39 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
 def test_known_keys_are_dotted_leaves():
     keys = known_keys()
     assert "trainer.min_reward" in keys and "model.model_name_or_path" in keys and "trainer" not in keys
+
+
+UPSTREAM_HIGH_QUALITY = """\
+# configs/run/gkd_high_quality.yaml
+defaults:
+  - override /trainer@_global_: gkd
+
+teacher_model_name_or_path: Qwen/Qwen2.5-14B-Instruct
+model_name_or_path: Qwen/Qwen2.5-7B-Instruct
+
+trainer:
+  min_reward: 0.9           # Only excellent traces
+  num_train_epochs: 5       # More training
+  learning_rate: 3e-6       # Lower learning rate
+"""
+
+
+def test_an_upstream_run_config_loads_as_a_profile_with_one_note(cli, tmp_path):
+    """The upstream page's configs/run/gkd_high_quality.yaml, verbatim: Hydra's `defaults` list is ignored with a
+    note, the top-level model_name_or_path is the student, and a top-level trainer key moves under trainer."""
+    (tmp_path / "gkd_high_quality.yaml").write_text(UPSTREAM_HIGH_QUALITY)
+    shown = cli("profile", "show", "gkd_high_quality.yaml", "--json")
+    assert shown.code == 0, shown.stderr
+    profile = shown.json()
+    assert profile["model"]["model_name_or_path"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert profile["teacher_model_name_or_path"] == "Qwen/Qwen2.5-14B-Instruct"
+    assert (profile["trainer"]["min_reward"], profile["trainer"]["num_train_epochs"],
+            profile["trainer"]["learning_rate"]) == (0.9, 5, 3e-6)
+    assert shown.stderr.count("Note:") == 1 and "Hydra `defaults` list" in shown.stderr
+    assert "model_name_or_path -> model.model_name_or_path" in shown.stderr
+    (tmp_path / "top.yaml").write_text("lmbda: 0.5\nbeta: 0.3\ntrainer:\n  beta: 0.2\n")
+    top = cli("profile", "show", "top.yaml", "--json")
+    assert (top.json()["trainer"]["lmbda"], top.json()["trainer"]["beta"]) == (0.5, 0.2)  # the nested one wins
+    assert "lmbda -> trainer.lmbda" in top.stderr
+    ours = cli("profile", "show", "fast")
+    assert ours.code == 0 and "Note:" not in ours.stderr  # our own profiles say nothing
