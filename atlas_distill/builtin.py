@@ -9,10 +9,12 @@ safetensors in the cache directory. From then on it loads like any local model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import ModelSpecError
@@ -20,6 +22,13 @@ from .errors import ModelSpecError
 BUILTIN_NAME = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "ATLAS_DISTILL_CACHE"
+
+# Model preparation reports (phase, done, total) through this: the one-time conversion and fine-tuning take minutes.
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def no_progress(phase: str, done: int, total: int | None) -> None:
+    pass
 
 
 def cache_dir() -> Path:
@@ -77,7 +86,26 @@ def builtin_tokenizer_dir() -> Path:
     return _publish(build, cache_dir() / "tokenizers" / BUILTIN_NAME)
 
 
-def builtin_model_dir() -> Path:
+@contextlib.contextmanager
+def _gguf_progress(phase: str, progress: Progress) -> Iterator[None]:
+    """transformers converts GGUF tensors under a bare tqdm bar of its own: report them through `progress`."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    def counted(items, desc=None, **kwargs):
+        items = list(items)
+        for done, item in enumerate(items):
+            progress(phase, done, len(items))
+            yield item
+        progress(phase, len(items), len(items))
+
+    bar, gguf.tqdm = gguf.tqdm, counted
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
+def builtin_model_dir(progress: Progress = no_progress) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors checkpoint with its tokenizer."""
 
     def build(tmp: Path) -> None:
@@ -85,9 +113,10 @@ def builtin_model_dir() -> Path:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the CLI shows its own stage line
+        hf_logging.disable_progress_bar()  # progress is ours to show
         folder = _gguf_folder()
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+        with _gguf_progress(f"Converting the builtin {BUILTIN_NAME} from GGUF (once)", progress):
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
         state = quantized.state_dict()
         config_dict = quantized.config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -103,11 +132,11 @@ def builtin_model_dir() -> Path:
     return _publish(build, cache_dir() / "models" / BUILTIN_NAME)
 
 
-def _demo_teacher_dir() -> Path:
+def _demo_teacher_dir(progress: Progress = no_progress) -> Path:
     from .demo.teacher import crm_teacher_dir
 
-    return crm_teacher_dir()
+    return crm_teacher_dir(progress)
 
 
-# Models that need no network: name -> function building (once) and returning the checkpoint directory.
+# Models that need no network: name -> function(progress) building (once) and returning the checkpoint directory.
 BUILTINS = {BUILTIN_NAME: builtin_model_dir, "smollm2-135m-crm": _demo_teacher_dir}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .builtin import BUILTIN_NAME, BUILTINS
+from .builtin import BUILTIN_NAME, BUILTINS, Progress, no_progress
 from .errors import ModelSpecError, TrainingError
 from .pruning import check_keep_layers, pruned_copy
 
@@ -110,12 +110,13 @@ def _layer_count(spec: ModelSpec) -> int | None:
     return None
 
 
-def materialize(spec: ModelSpec) -> str:
-    """What to pass to from_pretrained; a pruned copy is built once into the cache (pruning.py)."""
+def materialize(spec: ModelSpec, progress: Progress = no_progress) -> str:
+    """What to pass to from_pretrained; a builtin or pruned copy is built once into the cache, reporting
+    (phase, done, total) to `progress` while it is."""
     if spec.kind == "builtin":
-        return str(BUILTINS[spec.source]())
+        return str(BUILTINS[spec.source](progress))
     if spec.kind == "pruned":
-        return str(pruned_copy(spec, materialize(spec.base)))
+        return str(pruned_copy(spec, materialize(spec.base, progress), progress))
     return spec.source
 
 

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .builtin import _publish, cache_dir
+from .builtin import Progress, _publish, cache_dir, no_progress
 from .errors import ModelSpecError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _cache_name(spec: ModelSpec) -> str:
     return spec.source.replace("/", "--")
 
 
-def pruned_copy(spec: ModelSpec, base_path: str) -> Path:
+def pruned_copy(spec: ModelSpec, base_path: str, progress: Progress = no_progress) -> Path:
     """The cached copy of `base_path` keeping `spec.keep_layers` layers; built once, atomically."""
     target = cache_dir() / "models" / _cache_name(spec)
     if (target / "config.json").is_file():
@@ -99,6 +99,7 @@ def pruned_copy(spec: ModelSpec, base_path: str) -> Path:
     check_keep_layers(spec, load_pretrained(AutoConfig, base_path, spec.base.spec).num_hidden_layers)
 
     def build(tmp: Path) -> None:
+        progress(f"Pruning {spec.base.name} to {spec.keep_layers} layers (once)", 0, None)
         # dtype="auto": the checkpoint's own dtype, so the copy is neither widened nor rounded
         model = load_pretrained(AutoModelForCausalLM, base_path, spec.base.spec, dtype="auto")
         prune_layers(model, kept_layer_indices(len(decoder_layers(model)), spec.keep_layers))

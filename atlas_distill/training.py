@@ -153,7 +153,11 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
 
     emit("stage", "Preparing models (first use builds converted, specialised or pruned models into the cache)")
     with state.main_process_first():  # the main process builds into the cache, the others then read it
-        teacher_path, student_path = models.materialize(teacher_spec), models.materialize(student_spec)
+        def prepare(phase: str, done: int, total: int | None) -> None:
+            emit("prepare", (phase, done, total))
+
+        teacher_path = models.materialize(teacher_spec, prepare)
+        student_path = models.materialize(student_spec, prepare)
     timings = {"prepare_models": time.perf_counter() - started}
     trust = profile.model.trust_remote_code
     tokenizer = models.load_tokenizer(student_path, trust_remote_code=trust)

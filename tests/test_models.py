@@ -294,3 +294,20 @@ def test_builtin_pruned_to_15_layers():
     assert count_parameters(model) < full
     tokenizer = load_tokenizer(path)
     assert len(_greedy(model, tokenizer, use_cache=True)) == 12
+
+
+def test_model_preparation_reports_its_own_progress_and_no_third_party_bars(cli, trace_file, tmp_path):
+    """The one-time GGUF conversion of the builtin printed transformers' raw tqdm bar; in a log it is now a few
+    plain lines of ours (the phase, each quarter, the end). A fresh cache makes this run build it."""
+    result = cli("train", "--teacher", "smollm2-135m", "--student", "smollm2-135m@2L", "--traces", str(trace_file),
+                 "--learning-key", "nope", env={"ATLAS_DISTILL_CACHE": str(tmp_path / "fresh-cache")})
+    assert result.code == 2, result.stderr  # no data: it stops right after preparing the models
+    lines = result.stderr.splitlines()
+    start = lines.index("Converting the builtin smollm2-135m from GGUF (once) ...")
+    assert [line.split(" in ")[0].strip() for line in lines[start + 1:start + 5]] == [
+        "68/272 (25%)", "136/272 (50%)", "204/272 (75%)", "272/272 (100%)"]
+    assert "Pruning smollm2-135m to 2 layers (once) ..." in lines
+    assert "de-quantizing" not in result.stderr and "it/s]" not in result.stderr and "%|" not in result.stderr
+    again = cli("train", "--teacher", "smollm2-135m", "--student", "smollm2-135m@2L", "--traces", str(trace_file),
+                "--learning-key", "nope", env={"ATLAS_DISTILL_CACHE": str(tmp_path / "fresh-cache")})
+    assert "(once)" not in again.stderr  # built once: nothing to prepare the second time

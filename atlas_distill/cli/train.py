@@ -107,6 +107,7 @@ class _live:
         self.progress = None
         self.task = None
         self.last: dict = {}
+        self.phase: tuple[str, float, int] | None = None  # model preparation: (phase, started, quarters said)
 
     def __enter__(self):
         if err.is_terminal and not self.quiet:
@@ -123,13 +124,32 @@ class _live:
         if kind == "line":
             (self.progress.console if self.progress else err).print(data, markup=False, highlight=False)
         elif kind == "stage" and self.progress:
-            self.progress.update(self.task, description=data)
+            self.progress.update(self.task, description=data, completed=0, total=None)
+        elif kind == "prepare":
+            self._prepare(*data)
         elif kind == "step" and self.progress:
             self.progress.update(self.task, completed=data[0], total=data[1], metrics=self._metrics())
         elif kind == "log":
             self.last.update({k: v for k, v in data.items() if isinstance(v, int | float)})
             if not self.progress and "train/loss" in data:
                 err.print(f"  Step {data['step']}: loss={data['train/loss']:.4f}", highlight=False)
+
+    def _prepare(self, phase: str, done: int, total: int | None) -> None:
+        """A one-time model preparation: the bar on a terminal; in a log, its start, each quarter and its end."""
+        if self.progress:
+            self.progress.update(self.task, description=phase, completed=done, total=total)
+            return
+        if self.phase is None or self.phase[0] != phase:
+            self.phase = (phase, time.perf_counter(), 0)
+            err.print(f"{phase} ...", markup=False, highlight=False)
+        name, started, said = self.phase
+        quarter = 4 * done // total if total else 0
+        if quarter <= said:
+            return
+        self.phase = (name, started, quarter)
+        elapsed = time.perf_counter() - started
+        eta = f", about {elapsed * (total - done) / done:.0f} s left" if done < total else ""
+        err.print(f"  {done}/{total} ({done / total:.0%}) in {elapsed:.0f} s{eta}", markup=False, highlight=False)
 
     def _metrics(self) -> str:
         parts = [f"loss={self.last['train/loss']:.4f}" if "train/loss" in self.last else "",

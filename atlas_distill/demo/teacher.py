@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..builtin import _publish, builtin_model_dir, cache_dir
+from ..builtin import Progress, _publish, no_progress, builtin_model_dir, cache_dir
 from . import DEMO_TRACES
 
 DEMO_TEACHER = "smollm2-135m-crm"
@@ -48,18 +48,23 @@ class _TargetLabels:
         return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
-def crm_teacher_dir() -> Path:
+def crm_teacher_dir(progress: Progress = no_progress) -> Path:
     def build(tmp: Path) -> None:
         import torch
         from datasets import Dataset, disable_progress_bars
         from transformers import (AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, Trainer,
-                                  TrainingArguments)
+                                  TrainerCallback, TrainingArguments)
         from transformers.utils import logging as hf_logging
 
-        disable_progress_bars()  # the CLI shows a stage line; dataset and step bars would garble it
+        disable_progress_bars()  # progress is ours to show; dataset and step bars would garble it
         hf_logging.disable_progress_bar()
+        phase = f"Fine-tuning the demo teacher {DEMO_TEACHER} on the demo traces (once)"
 
-        base = builtin_model_dir()
+        class Steps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                progress(phase, state.global_step, state.max_steps)
+
+        base = builtin_model_dir(progress)
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         args = TrainingArguments(output_dir=str(tmp / "sft"), max_steps=SFT_STEPS,
@@ -73,6 +78,8 @@ def crm_teacher_dir() -> Path:
                           train_dataset=Dataset.from_list([r | {"length": len(str(r["messages"]))} for r in rows]))
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(Steps())
+        progress(phase, 0, SFT_STEPS)
         trainer.train()
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
