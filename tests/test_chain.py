@@ -49,6 +49,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, make_tiny_model, tmp_pa
     result = cli("chain", spec, "--dry-run", "--json", "--name", "plan", "stage2.trainer.learning_rate=1e-5")
     assert result.code == 0, result.stderr
     assert list(tmp_path.iterdir()) == []  # no outputs/chain/plan/: a dry run checks, and writes nothing
+    text = cli("chain", spec, "--dry-run", "--name", "plan", env={"COLUMNS": "80"}).stdout
+    assert "…" not in text and "stage-1-" in text and "stage-2-" in text  # whole, at 80 columns too
+    assert "Outputs go under the chain directory outputs/chain/plan" in text
     plan = result.json()
     assert [s["stage"] for s in plan["stages"]] == [1, 2]
     assert plan["stages"][1]["teacher"] == "stage 1 final"

@@ -126,3 +126,21 @@ def test_comment_lines_are_counted_never_an_error(cli, trace_file, tmp_path):
     prepared = load_prepared(traces=str(commented), filters=TraceFilter(min_reward=None, review_status=None),
                              eval_split=0.2)
     assert prepared.stats.sessions == 20  # training reads the same twenty sessions
+
+
+def test_learning_keys_are_shown_whole_at_80_columns(cli, tmp_path):
+    """A sha256 learning key cut with an ellipsis could not be copied into --learning-key; at 80 columns it is
+    printed whole and the bars take what width is left."""
+    import hashlib
+    import json
+
+    from rich.cells import cell_len
+
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
+    lines = [json.dumps({"task": f"t{i}", "final_answer": "a", "learning_key": keys[i % 3]}) for i in range(9)]
+    (tmp_path / "sha.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("inspect", "sha.jsonl", env={"COLUMNS": "80"})
+    assert result.code == 0, result.stderr
+    for key in keys:
+        assert f"  {key}  " in result.stdout
+    assert max(cell_len(line) for line in result.stdout.splitlines()) <= 80

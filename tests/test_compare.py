@@ -44,12 +44,27 @@ def test_table_shows_every_run_against_the_first(cli, runs):
     cells = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
              if line.strip().startswith("run-")}
     assert cells == {
-        "run-a": ["60.0%", "—", "+0.0", "pp", "100.0", "+0.0%", "ref", "0.5000", "134.5M", "—"],
-        "run-b": ["75.0%", "90.0%", "/", "70.0%", "+15.0", "pp", "60.0", "+40.0%", "✅", "0.2500", "99.1M", "—"],
-        "run-c": ["65.0%", "—", "+5.0", "pp", "90.0", "+10.0%", "❌", "—", "790.0K", "—"],
+        "run-a": ["60.0%", "—", "+0.0", "pp", "100.0", "+0.0%", "ref", "0.5000", "134.5M"],
+        "run-b": ["75.0%", "90.0%", "/", "70.0%", "+15.0", "pp", "60.0", "+40.0%", "✅", "0.2500", "99.1M"],
+        "run-c": ["65.0%", "—", "+5.0", "pp", "90.0", "+10.0%", "❌", "—", "790.0K"],
     }
+    assert "tokens/s" not in result.stdout  # no row has one: the column is left out
     assert "Reference: success 60.0% (run-a), 100.0 tokens (run-a)." in result.stdout
     assert "success delta >= 10.0 pp, token reduction >= 30.0%" in result.stdout
+
+
+def test_the_table_fits_80_columns_turned_when_it_must(cli, runs):
+    """Ten figures per run do not fit 80 columns: the table is turned (a row per figure, a column per run), and no
+    line is wider than the terminal, so nothing wraps or is cut."""
+    from rich.cells import cell_len
+
+    result = cli("compare", *runs, env={"COLUMNS": "80"})
+    assert result.code == 0, result.stderr
+    table = result.stdout.split("Reference:")[0]
+    assert max(cell_len(line) for line in table.splitlines()) <= 80, table
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.strip()}
+    assert rows["run"] == ["run-a", "run-b", "run-c"] and rows["success"] == ["60.0%", "75.0%", "65.0%"]
+    assert rows["params"] == ["134.5M", "99.1M", "790.0K"]
 
 
 def test_json_deltas_match_the_hand_computed_ones(cli, runs):

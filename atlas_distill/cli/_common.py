@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from ..errors import AtlasDistillError, OutputError, UsageError
 
@@ -148,6 +149,51 @@ def progress_bar(label: str, unit: str = "sessions") -> Iterator[Callable[[int, 
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+EMPTY = "—"
+
+
+def fit_table(title: str, headers: list[str], rows: list[list[str]], *, caption: str | None = None,
+              left: int = 1, console: Console | None = None) -> Table:
+    """Figures in a table that fits the console (80 columns and up): a column that is empty (—) in every row is
+    left out; when the rest is still too wide, the table is turned, one row per figure and one column per row.
+    Cells fold rather than end in an ellipsis, so that a name or path is always whole. The first `left` columns
+    are text (left-aligned), the rest figures."""
+    from rich import box
+
+    console = console or out
+    keep = [i for i, _ in enumerate(headers) if i < left or any(row[i] != EMPTY for row in rows)]
+    headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, caption_justify="left", title_justify="left")
+    for index, header in enumerate(headers):
+        # figures keep their width and headers wrap instead; text folds
+        longest = max([len(row[index]) for row in rows] + [len(word) for word in header.split()])
+        table.add_column(header, justify="left" if index < left else "right", overflow="fold",
+                         min_width=min(longest, 36) if index < left else longest)
+    for row in rows:
+        table.add_row(*row)
+    if _rendered_width(table, console.width) <= console.width:
+        return table
+    turned = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, caption_justify="left", title_justify="left")
+    turned.add_column(headers[0], overflow="fold")
+    for row in rows:
+        turned.add_column(row[0], justify="left" if left >= len(headers) else "right", overflow="fold")
+    for index, header in enumerate(headers[1:], start=1):
+        turned.add_row(header, *(row[index] for row in rows))
+    return turned
+
+
+def _rendered_width(table: Table, width: int) -> int:
+    """How wide the table prints (Rich's own measure can promise less than it then uses)."""
+    import io
+
+    from rich.cells import cell_len
+
+    probe = Console(width=width, file=io.StringIO(), soft_wrap=True, highlight=False)
+    with probe.capture() as captured:
+        probe.print(table)
+    return max((cell_len(line) for line in captured.get().splitlines()), default=0)
 
 
 def save_plot(draw: Callable[[str], None], path: str) -> None:

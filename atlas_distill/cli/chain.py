@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +14,7 @@ from ..db import resolve_db_url
 from ..errors import UsageError
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
-                      err, filter_flags, out, print_json, reporting_errors, split_args)
+                      err, filter_flags, fit_table, out, print_json, reporting_errors, split_args)
 from .train import _live
 
 Opt = typer.Option
@@ -75,24 +76,22 @@ def chain(
 
 
 def _plan_table(document: dict) -> Table:
-    table = Table(title=f"Chain {document['name']} (dry run: nothing trained)")
-    for column in ("stage", "teacher", "student", "output", "stage overrides"):
-        table.add_column(column)
-    for s in document["stages"]:
-        table.add_row(str(s["stage"]), s["teacher"], s["student"], s["run_dir"], " ".join(s["overrides"]) or "-")
-    return table
+    rows = [[str(s["stage"]), s["teacher"], s["student"], Path(s["run_dir"]).name, " ".join(s["overrides"]) or "-"]
+            for s in document["stages"]]
+    return fit_table(f"Chain {document['name']} (dry run: nothing trained)",
+                     ["stage", "teacher", "student", "output", "stage overrides"], rows,
+                     caption=f"Outputs go under the chain directory {document['root']}", left=5)
 
 
 def _result_table(summary: dict) -> Table:
-    table = Table(title=f"Chain {summary['name']}")
-    for column in ("stage", "teacher", "student", "params", "success", "Δ vs baseline", "avg tokens",
-                   "token reduction", "meets target", "wall time"):
-        table.add_column(column, justify="right" if column not in ("teacher", "student") else "left")
+    rows = []
     for r in summary["stages"]:
         reduction = "n/a" if r["token_reduction_pct"] is None else f"{r['token_reduction_pct']:.1f}%"
         params = f"{r['student_parameters'] / 1e6:.1f}M" if r["student_parameters"] else "?"
         wall = f"{r['seconds']:.0f} s" + (" (done before)" if r["skipped"] else "")
-        table.add_row(str(r["stage"]), r["teacher"], r["student"], params, f"{r['success_rate']:.1%}",
-                      f"{r['success_delta'] * 100:+.1f} pp", f"{r['avg_tokens']:.1f}", reduction,
-                      "✅" if r["meets_target"] else "❌", wall)
-    return table
+        rows.append([str(r["stage"]), r["teacher"], r["student"], params, f"{r['success_rate']:.1%}",
+                     f"{r['success_delta'] * 100:+.1f} pp", f"{r['avg_tokens']:.1f}", reduction,
+                     "✅" if r["meets_target"] else "❌", wall])
+    return fit_table(f"Chain {summary['name']}", ["stage", "teacher", "student", "params", "success", "Δ vs baseline",
+                                                   "avg tokens", "token reduction", "meets target", "wall time"],
+                     rows, left=3)

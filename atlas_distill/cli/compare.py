@@ -13,7 +13,7 @@ from rich.table import Table
 from ..config import load_profile
 from ..errors import TargetsNotMet, UsageError
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
-                      err, filter_flags, out, print_json, reporting_errors, save_plot, split_args)
+                      err, filter_flags, fit_table, out, print_json, reporting_errors, save_plot, split_args)
 
 Opt = typer.Option
 COLUMNS = ("run", "success", "step / episode", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
@@ -107,20 +107,8 @@ def _reference_text(comparison) -> str:
 
 
 def _table(comparison) -> Table:
-    from rich import box
-
-    # Light borders, so that the columns fit a terminal.
-    table = Table(title="Baseline comparison", caption=_reference_text(comparison), box=box.SIMPLE_HEAD,
-                  caption_justify="left")
-    cells = [_cells(row) for row in comparison.rows]
-    for index, name in enumerate(TABLE_HEADERS):
-        # Figures keep their width (headers wrap instead); a long run name folds.
-        longest = max([len(row[index]) for row in cells] + [len(word) for word in name.split()])
-        width = min(longest, 36) if index == 0 else longest
-        table.add_column(name, justify="left" if index == 0 else "right", overflow="fold", min_width=width)
-    for row in cells:
-        table.add_row(*row)
-    return table
+    return fit_table("Baseline comparison", list(TABLE_HEADERS), [_cells(row) for row in comparison.rows],
+                     caption=_reference_text(comparison))
 
 
 def to_markdown(comparison) -> str:

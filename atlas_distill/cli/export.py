@@ -70,8 +70,8 @@ def export(
         print_json(summary)
         return
     table = Table(title=f"Exported {result.exported} sessions", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", overflow="fold")  # a path or URL folds, never cut
     for label, value in [("output", output), ("database", summary["database"]), ("sessions", result.exported),
                          ("steps", result.steps), ("trajectory events", result.events),
                          ("bytes", f"{result.bytes:,}"), ("seconds", f"{result.seconds:.2f}"),
@@ -86,8 +86,8 @@ def export(
 
 def _funnel_table(funnel) -> Table:
     table = Table(title="Sessions remaining after each filter")
-    table.add_column("filter")
-    table.add_column("remaining", justify="right")
+    table.add_column("filter", overflow="fold")
+    table.add_column("remaining", justify="right", no_wrap=True)
     for stage in funnel:
         table.add_row(stage.label, str(stage.remaining), style="bold red" if stage.remaining == 0 else None)
     return table

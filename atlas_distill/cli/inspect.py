@@ -104,11 +104,19 @@ def _no_reward(report) -> list:
 
 
 def _histogram(title: str, bins) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("bin")
-    table.add_column("sessions", justify="right")
-    table.add_column("")
+    """Labels are printed whole (a sha256 learning key must be copyable into --learning-key); the bars take the
+    width that is left, up to BAR_WIDTH, and are left out when none is."""
+    from rich import box
+
+    longest = max((len(b.label) for b in bins), default=3)
+    bar_width = min(BAR_WIDTH, out.width - max(longest, 3) - len("sessions") - 8)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("bin", no_wrap=True, min_width=longest)
+    table.add_column("sessions", justify="right", no_wrap=True)
+    if bar_width > 0:
+        table.add_column("", no_wrap=True, overflow="crop")
     peak = max((b.count for b in bins), default=0) or 1
     for b in bins:
-        table.add_row(b.label, str(b.count), "█" * round(BAR_WIDTH * b.count / peak))
+        bar = ["█" * round(bar_width * b.count / peak)] if bar_width > 0 else []
+        table.add_row(b.label, str(b.count), *bar)
     return table

@@ -172,8 +172,8 @@ def _rates(figures: dict) -> str:
 def _summary_table(summary: dict) -> Table:
     b = summary["baseline"]
     table = Table(title=f"GKD run {summary['run_dir']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", overflow="fold")  # a path or URL folds, never cut
     reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:.1f}%"
     rows = [("teacher", f"{summary['teacher']} ({summary['teacher_parameters'] / 1e6:.1f}M)"),
             ("student", f"{summary['student']} ({summary['student_parameters'] / 1e6:.1f}M)"),
