@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Profile
 from .errors import ProfileError, UsageError
 from .evaluate import compute_baseline_summary
-from .runs import RunSummary, read_runs
+from .runs import RunSummary, read_runs, summary_problems
 
 if TYPE_CHECKING:
     from .model_eval import ModelEvaluation
@@ -32,7 +32,8 @@ class CompareRow:
 
     name: str
     kind: str
-    """`run`, `stage` (of a chain) or `model` (evaluated on the spot)."""
+    """`run`, `stage` (of a chain), `model` (evaluated on the spot), or `teacher` / `before` (a run's own
+    measurements of its teacher and of its student before training, with --before)."""
     path: str
     """The summary.json read, or the directory the model was loaded from."""
     success_rate: float
@@ -91,7 +92,8 @@ class Comparison:
 
     @property
     def missed(self) -> list[CompareRow]:
-        return [row for row in self.rows if row.meets_target is False]
+        """Compared runs and models that miss their targets (a run's teacher and before rows are context)."""
+        return [row for row in self.rows if row.meets_target is False and row.kind not in ("teacher", "before")]
 
     def to_dict(self) -> dict[str, Any]:
         return {"reference": asdict(self.reference),
@@ -115,6 +117,25 @@ def row_from_run(run: RunSummary) -> CompareRow:
                       episode_success_rate=_rate(evaluation.get("episode_success_rate")),
                       parameters=s.get("student_parameters"), eval_sessions=data.get("eval_used"),
                       model=s.get("student") if isinstance(s.get("student"), str) else None)
+
+
+def rows_measured_before(run: RunSummary) -> list[CompareRow]:
+    """A train run's teacher and its student before training, as the run measured them on its own eval sessions
+    (summary teacher_eval / student_before); none for a run without both."""
+    s, data = run.summary, run.summary.get("data") if isinstance(run.summary.get("data"), dict) else {}
+    rows = []
+    for key, label, model, parameters in (("teacher_eval", "teacher", "teacher", "teacher_parameters"),
+                                          ("student_before", "before", "student", "student_parameters")):
+        figures = s.get(key)
+        if not isinstance(figures, dict) or summary_problems({"eval": figures}):
+            return []
+        rows.append(CompareRow(name=f"{run.name} ({label})", kind=label, path=run.path,
+                               success_rate=float(figures["success_rate"]), avg_tokens=float(figures["avg_tokens"]),
+                               step_success_rate=_rate(figures.get("step_success_rate")),
+                               episode_success_rate=_rate(figures.get("episode_success_rate")),
+                               parameters=s.get(parameters), eval_sessions=data.get("eval_used"),
+                               model=s.get(model) if isinstance(s.get(model), str) else None))
+    return rows
 
 
 def row_from_model(m: ModelEvaluation) -> CompareRow:
@@ -172,12 +193,14 @@ def _profile_figures(profile: Profile) -> tuple[float | None, float | None | str
 
 
 def choose_reference(rows: list[CompareRow], profile: Profile, baseline: str | None = None) -> Reference:
-    """--baseline's row; else the profile's numbers where they are numbers and the first row for the rest.
+    """--baseline's row; else the profile's numbers where they are numbers and the first row for the rest (a
+    teacher row is never the default: with --before, the first run's student before training is).
 
     `trainer.baseline_tokens: null` always means "no token target", whatever the reference.
     """
     success, tokens = _profile_figures(profile)
-    index = _reference_index(rows, baseline) if baseline is not None else 0
+    first = next((i for i, row in enumerate(rows) if row.kind != "teacher"), 0)
+    index = _reference_index(rows, baseline) if baseline is not None else first
     row = rows[index]
     from_row = baseline is not None or success is None or tokens == "auto"
     if baseline is not None or success is None:
@@ -196,15 +219,18 @@ def choose_reference(rows: list[CompareRow], profile: Profile, baseline: str | N
 
 
 def compare_runs(runs: list[str], *, profile: Profile, baseline: str | None = None, models: Sequence[str] = (),
-                 traces: str | None = None, skip_invalid: bool = False, on_event: Event | None = None) -> Comparison:
-    """Read the runs, evaluate the models, compare every row with the reference."""
+                 traces: str | None = None, skip_invalid: bool = False, on_event: Event | None = None,
+                 before: bool = False) -> Comparison:
+    """Read the runs, evaluate the models, compare every row with the reference. With `before`, each train run
+    brings its teacher and its student before training, as it measured them, in rows just before its own."""
     if not runs and not models:
         raise UsageError("Nothing to compare.", fix="Pass run directories (outputs/gkd/<run>) and/or "
                          "--model SPEC with --traces FILE.")
     if models and not traces:
         raise UsageError("--model needs --traces FILE: the sessions to evaluate the models on.",
                          fix="Pass --traces traces/runtime.jsonl (written by `atlas-distill export`).")
-    rows = [row_from_run(run) for arg in runs for run in read_runs(arg)]
+    rows = [row for arg in runs for run in read_runs(arg)
+            for row in (rows_measured_before(run) if before else []) + [row_from_run(run)]]
     # Models are named by their spec; checking --baseline and the profile now spares a failed evaluation.
     _profile_figures(profile)
     if baseline is not None:

@@ -1,11 +1,13 @@
-"""`make demo`: the main job on builtin data and models, through the real CLI.
+"""`make demo`: the product's own pipeline on builtin data and models, through the real CLI.
 
-1. Traces: seeds a demo Atlas store with synthetic sessions, exports the
-   approved high-reward ones to JSONL and inspects them. Uses the server in
+1. Traces: `demo-db` fills a demo Atlas store with the demo task's sessions (the
+   generator and seed of the bundled traces), `export --profile demo` writes the
+   approved high-reward ones to JSONL, and `inspect` shows them. Uses the server in
    $ATLAS_DB_URL when set (in a separate `atlas_distill_demo` database, never the
    store's own), else an embedded PostgreSQL (pgserver), stopped afterwards.
-2. Training: `atlas-distill train --profile demo`, GKD from a specialised
-   SmolLM2-135M teacher into a depth-pruned student on the bundled traces.
+2. Training: `train --profile demo --traces` that very export (GKD from a specialised
+   SmolLM2-135M teacher into a depth-pruned student), then `compare --before`: the
+   teacher, the student before and the student after, as a table and a PNG.
    `--traces-only` skips this part.
 """
 
@@ -18,9 +20,11 @@ import sys
 import tempfile
 import warnings
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 
 from atlas_distill.db import connect, embedded_postgres, mask_url, with_database
+from atlas_distill.demo import DEMO_SEED, DEMO_SESSIONS
 
 # pgserver asks platformdirs for a runtime directory; without XDG_RUNTIME_DIR it warns and uses /tmp, which is fine
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
@@ -56,8 +60,8 @@ def main() -> int:
             print("No ATLAS_DB_URL: started an embedded PostgreSQL (pgserver); it stops when the demo ends")
         url = fresh_database(server)
         try:
-            run("demo-db", "--database-url", url, "--sessions", "2000")
-            run("export", "--database-url", url, "--min-reward", "0.8", "--output", str(OUT / "runtime.jsonl"))
+            run("demo-db", "--database-url", url, "--sessions", str(DEMO_SESSIONS), "--seed", str(DEMO_SEED))
+            run("export", "--database-url", url, "--profile", "demo", "--output", str(OUT / "runtime.jsonl"))
             run("inspect", str(OUT / "runtime.jsonl"), "--plot", str(OUT / "inspect.png"))
         except subprocess.CalledProcessError as exc:
             print(f"demo step failed with exit code {exc.returncode}", file=sys.stderr)
@@ -65,13 +69,16 @@ def main() -> int:
     if traces_only:
         print(f"\nDone: {OUT / 'runtime.jsonl'} and {OUT / 'inspect.png'}.")
         return 0
+    name = f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     try:
-        run("train", "--profile", "demo", "--output-dir", str(OUT / "gkd"))
+        run("train", "--profile", "demo", "--traces", str(OUT / "runtime.jsonl"), "--output-dir", str(OUT / "gkd"),
+            "--run-name", name)
+        run("compare", str(OUT / "gkd" / name), "--before", "--profile", "demo", "--plot", str(OUT / "compare.png"))
     except subprocess.CalledProcessError as exc:
         print(f"demo training failed with exit code {exc.returncode}", file=sys.stderr)
         return exc.returncode
     print(f"\nDone: traces in {OUT / 'runtime.jsonl'} ({OUT / 'inspect.png'}); the run (final/ student, "
-          f"summary.json, metrics.jsonl) in the newest directory under {OUT / 'gkd'}.")
+          f"summary.json, metrics.jsonl) in {OUT / 'gkd' / name}; the comparison in {OUT / 'compare.png'}.")
     return 0
 
 

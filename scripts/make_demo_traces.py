@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from atlas_distill.demo import DEMO_SEED, DEMO_SESSIONS
 from atlas_distill.traces import AtlasSession, JsonlTraceSink
 from atlas_distill.traces.synthetic import generate_sessions, to_record
 
@@ -20,8 +21,8 @@ TARGET = Path(__file__).resolve().parents[1] / "atlas_distill" / "demo" / "crm_t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sessions", type=int, default=1600)
-    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--sessions", type=int, default=DEMO_SESSIONS)
+    parser.add_argument("--seed", type=int, default=DEMO_SEED)
     args = parser.parse_args()
     sink = JsonlTraceSink(TARGET)
     for session_id, session in enumerate(generate_sessions(args.sessions, seed=args.seed), start=1):

@@ -67,6 +67,26 @@ def test_the_table_fits_80_columns_turned_when_it_must(cli, runs):
     assert rows["params"] == ["134.5M", "99.1M", "790.0K"]
 
 
+def test_before_adds_each_runs_teacher_and_student_before_as_it_measured_them(cli, tmp_path):
+    """`compare RUN --before`: the run's own teacher_eval and student_before as rows (no model is loaded), the
+    student before training as the default reference, and only the run itself judged by --fail-on-miss."""
+    write_summary(tmp_path / "run", 0.80, 40.0, 0.3, 1_000, teacher_eval={
+        "success_rate": 0.95, "step_success_rate": 0.98, "episode_success_rate": 0.95, "avg_tokens": 50.0},
+        student_before={"success_rate": 0.10, "step_success_rate": 0.4, "episode_success_rate": 0.05,
+                        "avg_tokens": 70.0})
+    write_summary(tmp_path / "old", 0.5, 10.0, None, 10)  # a run without before-training figures: just its row
+    result = cli("compare", "run", "old", "--before", "--json", "--fail-on-miss", "trainer.baseline_tokens=null")
+    rows = rows_by_name(result.json())
+    assert list(rows) == ["run (teacher)", "run (before)", "run", "old"]
+    teacher, before, after = rows["run (teacher)"], rows["run (before)"], rows["run"]
+    assert (teacher["kind"], teacher["success_rate"], teacher["parameters"]) == ("teacher", 0.95, 2_000)
+    assert (before["kind"], before["episode_success_rate"], before["parameters"]) == ("before", 0.05, 1_000)
+    assert before["reference"] and after["success_delta_pp"] == pytest.approx(70.0)
+    assert result.json()["missed"] == [] and result.code == 0  # old: +40 pp; the context rows are not judged
+    table = cli("compare", "run", "--before", env=WIDE).stdout
+    assert "run (teacher)" in table and "run (before)" in table
+
+
 def test_json_deltas_match_the_hand_computed_ones(cli, runs):
     result = cli("compare", *runs, "--json")
     assert result.code == 0, result.stderr

@@ -1,5 +1,5 @@
 """`make demo` runs scripts/demo.py: seed, export, inspect on an embedded server (the training half,
-minutes of CPU, is checked by `make demo-check`)."""
+minutes of CPU, is checked by `make demo-check`; `compare --before`, which ends it, by test_compare)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def test_demo_runs_end_to_end_without_a_database_url(tmp_path):
     assert len(rows) > 100
     assert all(r["review_status"] == "approved" and r["reward_stats"]["score"] >= 0.8 for r in rows)
     assert (tmp_path / "demo-output" / "inspect.png").stat().st_size > 10_000
+    # the store held the demo task's sessions: the export is exactly what `train --profile demo` selects from
+    # the bundled traces (the demo then trains on that export)
+    from atlas_distill.config import load_profile
+    from atlas_distill.demo import DEMO_TRACES
+    from atlas_distill.traces import JsonlTraceSource, TraceFilter
+
+    bundled = JsonlTraceSource(DEMO_TRACES, TraceFilter.from_profile(load_profile("demo")))
+    assert [(r["task"], r["final_answer"], r["steps"]) for r in rows] == [
+        (s.data["task"], s.data["final_answer"], s.data["steps"]) for s in bundled]

@@ -37,6 +37,8 @@ def compare(
     markdown: Annotated[bool, Opt("--markdown", help="Print a Markdown table (for a PR) instead.")] = False,
     plot: Annotated[str | None, Opt(help="Also draw grouped bars (success rate, avg tokens) into this PNG.",
                                     show_default=False)] = None,
+    before: Annotated[bool, Opt("--before", help="Also show each train run's teacher and its student before "
+                                "training, as the run measured them (rows `RUN (teacher)`, `RUN (before)`).")] = False,
     fail_on_miss: Annotated[bool, Opt("--fail-on-miss", help="Exit 3 when a compared run misses its "
                                       "targets (the reference itself is not checked).")] = False,
     skip_invalid: Annotated[bool, Opt(help="Skip malformed --traces lines and count them.")] = False,
@@ -59,7 +61,7 @@ def compare(
 
         with _Progress(quiet=json_out or markdown) as on_event, contextlib.redirect_stdout(sys.stderr):
             comparison = compare_runs(runs, profile=config, baseline=baseline, models=model or [], traces=traces,
-                                      skip_invalid=skip_invalid, on_event=on_event)
+                                      skip_invalid=skip_invalid, on_event=on_event, before=before)
         if plot:
             save_plot(lambda path: plot_comparison(comparison, path), plot)
     if json_out:
