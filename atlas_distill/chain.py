@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import Profile, load_profile
 from .errors import AtlasDistillError, ModelSpecError, UsageError
-from .models import ModelSpec, resolve_model_spec
+from .models import ModelSpec, resolve_model_spec, tokenizer_family
 from .outputs import check_writable_dir, ensure_writable_dir, write_json
 
 _ROOT_FIX = "Choose a writable --output-dir or free disk space."
@@ -60,6 +60,8 @@ class ChainPlan:
     stages: list[Stage]
     flags: dict[str, Any]
     database_url: str | None = None
+    trust_remote_code: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def default_chain_name(spec: str) -> str:
@@ -120,7 +122,10 @@ def check_tokenizers(specs: list[ModelSpec], trust_remote_code: bool = False) ->
 
 
 def plan_chain(spec: str, profile_name: str, overrides: list[str], flags: dict[str, Any], *,
-               name: str | None = None, output_dir: str = "outputs/chain", check_models: bool = True) -> ChainPlan:
+               name: str | None = None, output_dir: str = "outputs/chain", check_models: bool = True,
+               dry_run: bool = False) -> ChainPlan:
+    """The validated chain. A dry run whose models are not on this machine (no hub, nothing cached) still plans a
+    chain of one family the tool knows (Qwen2.5): the tokenizer check is then a note, run for real later."""
     common, per_stage = split_stage_overrides(overrides, max(spec.count(":"), 1))
     profile = load_profile(profile_name, common, flags)
     specs = parse_chain(spec, profile.model.family)
@@ -129,13 +134,37 @@ def plan_chain(spec: str, profile_name: str, overrides: list[str], flags: dict[s
     stages = [Stage(k, specs[0] if k == 1 else None, specs[k],
                     root / f"stage-{k}-{default_chain_name(specs[k].name)}", common + per_stage[k])
               for k in range(1, len(specs))]
-    plan = ChainPlan(profile_name, name, root, specs, stages, flags, profile.database.url)
+    plan = ChainPlan(profile_name, name, root, specs, stages, flags, profile.database.url,
+                     profile.model.trust_remote_code)
     for stage in stages:  # every stage's configuration is checked now, not hours into the chain
         stage_profile(plan, stage, teacher="previous-stage")
-    if check_models:
-        check_tokenizers(specs, profile.model.trust_remote_code)
     check_writable_dir(root, "chain directory", fix=_ROOT_FIX)  # made when the chain starts: a dry run writes nothing
+    if check_models:
+        check_chain_tokenizers(plan, dry_run=dry_run)
     return plan
+
+
+def check_chain_tokenizers(plan: ChainPlan, *, dry_run: bool = False) -> None:
+    """Neighbouring models share a tokenizer (tokenizer files only). A dry run whose models are not on this
+    machine, in one family the tool knows, gets a note instead (plan.notes)."""
+    try:
+        check_tokenizers(plan.specs, plan.trust_remote_code)
+    except ModelSpecError:
+        families = {tokenizer_family(spec) for spec in plan.specs}
+        if not dry_run or len(families) != 1 or None in families:
+            raise
+        plan.notes.append(_family_note(families.pop(), plan.specs))
+
+
+def _family_note(family: str, specs: list[ModelSpec]) -> str:
+    from .families import TOKENIZER_SIZE, known_config
+
+    shared = TOKENIZER_SIZE[family]
+    rows = sorted({known_config((s.base if s.kind == "pruned" else s).source)["vocab_size"] for s in specs})
+    return (f"the models are not on this machine, so their tokenizer files were not compared; "
+            f"the {family} family shares one tokenizer ({shared:,} tokens; embedding rows "
+            f"{' and '.join(f'{n:,}' for n in rows)}: the divergence runs over the {shared:,} shared ones). "
+            "The check runs when the chain starts.")
 
 
 def stage_profile(plan: ChainPlan, stage: Stage, teacher: str) -> Profile:

@@ -275,7 +275,10 @@ def _from_upstream(tree: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _brief(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    except (yaml.YAMLError, RecursionError):
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 

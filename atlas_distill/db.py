@@ -135,6 +135,18 @@ def query_error(exc: Exception, url: str) -> DatabaseError:
     return DatabaseError(f"A query on {mask_url(url)} failed: {detail}.", fix="See the server log for details.")
 
 
+def check_database(url: str) -> None:
+    """Fail now, with the error reading would give, when the store cannot be reached or holds no Atlas
+    sessions table: before minutes of model preparation, not after."""
+    import psycopg
+
+    with connect(url) as conn:
+        try:
+            conn.execute("SELECT 1 FROM sessions LIMIT 0")
+        except psycopg.Error as exc:
+            raise query_error(exc, url) from None
+
+
 @contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """A real PostgreSQL from the pgserver wheel, for machines without a server; stopped on exit."""

@@ -148,6 +148,32 @@ def use_cache_if_hub_unreachable() -> None:
               "only. Set HF_HUB_OFFLINE=1 to skip this check.", file=sys.stderr, flush=True)
 
 
+def model_parameters(spec: ModelSpec) -> int | None:
+    """The parameter count from a config alone (no weights): a local or already built model's config.json, or
+    what the tool knows of the Qwen2.5 family; None when neither is at hand."""
+    from .families import known_config, local_config, parameter_count
+
+    base, layers = (spec.base, spec.keep_layers) if spec.kind == "pruned" else (spec, None)
+    if base.kind in ("hub", "alias"):
+        config = known_config(base.source)
+    elif base.kind == "builtin":
+        from .builtin import cache_dir
+
+        config = local_config(str(cache_dir() / "models" / base.source))  # once it is built
+    else:
+        config = local_config(base.source)
+    return parameter_count(config, layers) if config else None
+
+
+def tokenizer_family(spec: ModelSpec) -> str | None:
+    """The family whose one tokenizer the model uses, when the tool knows it without the model's files."""
+    from .families import known_config
+
+    base = spec.base if spec.kind == "pruned" else spec
+    config = known_config(base.source) if base.kind in ("hub", "alias") else None
+    return config["family"] if config else None
+
+
 def load_pretrained(auto_class, path_or_id: str, spec: str | None = None, **kwargs):
     """auto_class.from_pretrained; a missing model (or no network) becomes a ModelSpecError naming `spec`."""
     if not Path(path_or_id).expanduser().exists():  # a hub id: from the cache, or the hub if it answers

@@ -103,13 +103,33 @@ def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, 
     assert stage_complete(stage1) is not None and (stage1 / "final/model.safetensors").is_file()
 
 
-def test_an_unreachable_hub_is_found_once_quickly_and_said_in_one_line(cli):
-    """The README's own `chain 14b:7b:3b:1.5b --dry-run` on a machine without the hub: huggingface_hub retried each
-    file five times (about 50 s of `Retrying in 8s` lines) before the offline error. A closed port stands in for
-    the unreachable hub; HF_HUB_OFFLINE is unset, as on a user's machine."""
-    result = cli("chain", "14b:7b:3b:1.5b", "--dry-run", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+def test_an_unreachable_hub_is_found_once_quickly_and_said_in_one_line(cli, tmp_path):
+    """A chain of hub models on a machine without the hub: huggingface_hub retried each file five times (about
+    50 s of `Retrying in 8s` lines) before the offline error. A closed port stands in for the unreachable hub;
+    HF_HUB_OFFLINE is unset, as on a user's machine."""
+    (tmp_path / "t.jsonl").write_text('{"task": "x"}\n')
+    result = cli("chain", "14b:7b:3b:1.5b", "--traces", "t.jsonl",
+                 env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert result.code == 1, result.stderr
     assert result.stderr.count("the model hub (http://127.0.0.1:9) is unreachable") == 1, result.stderr
     assert "Retrying" not in result.stderr and "cannot load model `Qwen/Qwen2.5-14B-Instruct`" in result.stderr
     assert "This machine may be offline" in result.stderr
+
+
+def test_the_documented_qwen_chain_plans_offline_from_what_the_tool_knows(cli, tmp_path):
+    """The README's `chain 14b:7b:3b:1.5b --dry-run` on a machine with neither the hub nor the models: the plan,
+    with each model's size from the family's shipped config numbers, and a note that the tokenizer check runs
+    when the models are present. The sizes are the models' published ones (14.7B, 7.61B, 3.09B, 1.54B)."""
+    result = cli("chain", "14b:7b:3b:1.5b", "--dry-run", "--json")
+    assert result.code == 0, result.stderr
+    plan = result.json()
+    sizes = [(s["teacher_parameters"], s["student_parameters"]) for s in plan["stages"]]
+    assert sizes == [(14_770_033_664, 7_615_616_512), (7_615_616_512, 3_085_938_688), (3_085_938_688, 1_543_714_304)]
+    (note,) = plan["notes"]
+    assert "the Qwen2.5 family shares one tokenizer (151,665 tokens" in note and "when the chain starts" in note
+    text = cli("chain", "14b:7b:3b:1.5b", "--dry-run")
+    assert "Qwen2.5-14B-Instruct (14.77B)" in text.stdout and "Note: the models are not on this machine" in text.stderr
+    assert list(tmp_path.iterdir()) == []
+    mixed = cli("chain", "14b:smollm2-135m", "--dry-run")  # not one known family: the check cannot be skipped
+    assert mixed.code == 1 and "cannot load model" in mixed.stderr
 

@@ -132,12 +132,11 @@ def test_no_data_errors_show_the_funnel_and_name_only_flags_and_keys_each_comman
     assert not (tmp_path / "outputs/gkd").exists()  # train's failed validation left no run directory
     file_funnel = " ".join(runs["train"].stderr.split())
     assert f"sessions in {trace_file}: " in file_funnel and "review_status in ['approved']: " in file_funnel
-    widened = cli("train", "--teacher", teacher, "--student", student, "--traces", str(trace_file),
-                  "--learning-key", "nope", "--include-status", "pending")
+    # the review flags as every command reads them (export: no model to load)
+    widened = cli("export", "--database-url", seeded_db, "--learning-key", "nope", "--include-status", "pending")
     assert "review_status in ['approved', 'pending']" in " ".join(widened.stderr.split())
-    everything = cli("train", "--teacher", teacher, "--student", student, "--traces", str(trace_file),
-                     "--learning-key", "nope", "--all-statuses")
-    assert "review_status" not in everything.stderr.split("Fix:")[0]  # no review filter at all
+    everything = cli("export", "--database-url", seeded_db, "--learning-key", "nope", "--all-statuses")
+    assert everything.code == 2 and "review_status" not in everything.stderr.split("Fix:")[0]
 
 
 def test_out_of_range_filters_are_errors_naming_the_closest_valid_value(cli, tmp_path):
@@ -282,9 +281,10 @@ def test_out_of_memory_becomes_advice():
         assert advice in error.fix
 
 
-def test_a_missing_trace_file_is_reported_before_torch_is_imported(cli, tmp_path):
-    """train and chain (--dry-run too) check --traces first: with torch made unimportable (a sitecustomize on
-    PYTHONPATH), the missing file is still reported as such."""
+def test_input_problems_are_reported_before_torch_is_imported(cli, tmp_path, empty_db):
+    """train and chain (--dry-run too) check their inputs first: with torch made unimportable (a sitecustomize on
+    PYTHONPATH), a missing or empty trace file, a bad model spec, an unreachable database and one without the
+    Atlas schema are each reported as such, not as the import (or minutes later, after model preparation)."""
     env = startup_hook(tmp_path / "hook",
                        "import sys\n"
                        "class NoTorch:\n"
@@ -296,7 +296,19 @@ def test_a_missing_trace_file_is_reported_before_torch_is_imported(cli, tmp_path
         result = cli(*command, "--traces", "missing.jsonl", env=env)
         assert result.code == 5, result.stderr
         assert "Trace file missing.jsonl does not exist" in result.stderr and "torch" not in result.stderr
+    (tmp_path / "empty.jsonl").write_text("# an SDK trace file's header, and no session\n\n")
     (tmp_path / "present.jsonl").write_text('{"task": "x", "final_answer": "y"}\n')
+    closed = "postgresql://postgres@127.0.0.1:9/atlas"  # nothing listens on port 9
+    cases = [(["train", "--traces", "empty.jsonl"], 2, "Trace file empty.jsonl is empty"),
+             (["chain", "smollm2-135m:smollm2-135m@8L", "--dry-run", "--traces", "empty.jsonl"], 2, "is empty"),
+             (["train", "--traces", "present.jsonl", "--student", "nosuch!!"], 1, "nosuch!!"),
+             (["train", "--database-url", closed], 4, "127.0.0.1"),
+             (["chain", "smollm2-135m:smollm2-135m@8L", "--dry-run", "--database-url", closed], 4, "127.0.0.1"),
+             (["train", "--database-url", empty_db], 4, "does not hold the Atlas schema")]
+    for args, code, message in cases:
+        result = cli(*args, env=env)
+        assert result.code == code and message in result.stderr, (args, result.stderr)
+        assert "torch" not in result.stderr, args
     reached = cli("train", "--traces", "present.jsonl", env=env)  # the hook does stop whatever imports torch
     assert reached.code == 70 and "torch was imported" in reached.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("profile.yaml"))

@@ -308,6 +308,26 @@ def test_model_preparation_reports_its_own_progress_and_no_third_party_bars(cli,
         "68/272 (25%)", "136/272 (50%)", "204/272 (75%)", "272/272 (100%)"]
     assert "Pruning smollm2-135m to 2 layers (once) ..." in lines
     assert "de-quantizing" not in result.stderr and "it/s]" not in result.stderr and "%|" not in result.stderr
-    again = cli("train", "--teacher", "smollm2-135m", "--student", "smollm2-135m@2L", "--traces", str(trace_file),
-                "--learning-key", "nope", env={"ATLAS_DISTILL_CACHE": str(tmp_path / "fresh-cache")})
-    assert "(once)" not in again.stderr  # built once: nothing to prepare the second time
+
+
+def test_parameter_count_from_a_config_matches_the_built_model():
+    """The arithmetic the dry run uses for sizes (families.parameter_count) against real models built from small
+    configs: Qwen2 (q/k/v biases; tied and untied heads), Llama/SmolLM2, and a pruned depth."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from atlas_distill.families import parameter_count
+
+    configs = [Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied) for tied in (True, False)]
+    configs.append(LlamaConfig(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                               num_key_value_heads=2, vocab_size=250, tie_word_embeddings=True))
+    for config in configs:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        expected = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+        assert parameter_count(config.to_dict()) == expected, config.model_type
+    pruned = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    assert parameter_count(configs[0].to_dict(), layers=1) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_config(pruned).parameters())

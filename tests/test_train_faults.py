@@ -165,7 +165,8 @@ def test_unwritable_output_directory_is_exit_6_before_any_model_loads(cli, make_
     blocker.write_text("a file where the output directory should go")
     result = cli("train", *models(make_tiny_model), *TINY, "--output-dir", str(blocker / "runs"), "--run-name", "x")
     assert result.code == 6, result.stderr
-    assert f"Cannot write the output directory {blocker / 'runs'}: Not a directory." in result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"Cannot write the output directory {blocker / 'runs'}: {blocker} is not a directory." in message
     assert "Fix: Choose a writable output_dir (--output-dir)" in result.stderr
     assert "Loaded datasets" not in result.stderr and "Traceback" not in result.stderr
 

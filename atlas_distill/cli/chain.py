@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..db import resolve_db_url
+from ..db import check_database, resolve_db_url
 from ..errors import UsageError
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
@@ -51,21 +51,30 @@ def chain(
         if traces and database_url:
             raise UsageError("--traces and --database-url both name a data source.", fix="Pass only one.")
         check_trace_file(traces)  # --dry-run too: every stage would read it
-        from ..chain import plan_chain, run_chain
+        from ..chain import check_chain_tokenizers, plan_chain, run_chain
+        from ..models import model_parameters
 
         flags = {"--family": ("model.family", family), "--max-steps": ("trainer.max_steps", max_steps),
                  **filter_flags(min_reward, learning_key, include_status, all_statuses, status)}
-        plan = plan_chain(positionals[0], profile, overrides, flags, name=name, output_dir=output_dir)
+        plan = plan_chain(positionals[0], profile, overrides, flags, name=name, output_dir=output_dir,
+                          check_models=False)
+        url = None if traces else resolve_db_url(database_url, plan.database_url)
+        if url:
+            check_database(url)  # --dry-run too: every stage would read it; before tokenizers import torch
+        check_chain_tokenizers(plan, dry_run=dry_run)
         if dry_run:
-            document = {"name": plan.name, "root": str(plan.root), "stages": [
+            sizes = [model_parameters(spec) for spec in plan.specs]  # from configs only: no weights load
+            document = {"name": plan.name, "root": str(plan.root), "notes": plan.notes, "stages": [
                 {"stage": s.index, "teacher": s.teacher_name, "student": s.student.name, "run_dir": str(s.run_dir),
+                 "teacher_parameters": sizes[s.index - 1], "student_parameters": sizes[s.index],
                  "overrides": s.overrides} for s in plan.stages]}
             if json_out:
                 print_json(document)
             else:
                 out.print(_plan_table(document))
+                for note in plan.notes:
+                    err.print(f"Note: {note}", markup=False, highlight=False)
             return
-        url = None if traces else resolve_db_url(database_url, plan.database_url)
         with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
             summary = run_chain(plan, db_url=url, traces=traces, on_event=on_event)
     if json_out:
@@ -76,11 +85,18 @@ def chain(
 
 
 def _plan_table(document: dict) -> Table:
-    rows = [[str(s["stage"]), s["teacher"], s["student"], Path(s["run_dir"]).name, " ".join(s["overrides"]) or "-"]
+    rows = [[str(s["stage"]), _sized(s["teacher"], s["teacher_parameters"]),
+             _sized(s["student"], s["student_parameters"]), Path(s["run_dir"]).name, " ".join(s["overrides"]) or "-"]
             for s in document["stages"]]
     return fit_table(f"Chain {document['name']} (dry run: nothing trained)",
                      ["stage", "teacher", "student", "output", "stage overrides"], rows,
                      caption=f"Outputs go under the chain directory {document['root']}", left=5)
+
+
+def _sized(name: str, parameters: int | None) -> str:
+    if parameters is None:
+        return name
+    return f"{name} ({parameters / 1e9:.2f}B)" if parameters >= 1e9 else f"{name} ({parameters / 1e6:.1f}M)"
 
 
 def _result_table(summary: dict) -> Table:

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from ..config import load_profile
-from ..db import resolve_db_url
+from ..db import check_database, resolve_db_url
+from ..models import resolve_model_spec
 from ..errors import AtlasDistillError, UsageError
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg, ProfileOpt,
@@ -63,7 +64,12 @@ def train(
         if resume and not config.run_name:
             raise UsageError("--resume needs the run to continue.", fix="Pass --run-name NAME of the run directory.")
         url = None if traces else resolve_db_url(database_url, config.database.url)
-        check_trace_file(traces)  # in a moment, not after importing torch and the models
+        # Input problems are found in a moment, not after importing torch and preparing the models.
+        check_trace_file(traces)
+        for spec in (config.teacher_model_name_or_path, config.model.model_name_or_path):
+            resolve_model_spec(spec, config.model.family)
+        if url:
+            check_database(url)
         from ..training import run_training
 
         # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.

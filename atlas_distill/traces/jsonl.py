@@ -8,6 +8,7 @@ or nothing, never a truncated one.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -37,9 +38,25 @@ def open_trace_file(path: str) -> IO[bytes]:
 
 
 def check_trace_file(path: str | None) -> None:
-    """Fail now, with the same error reading would give, when a trace file cannot be opened (stdin passes)."""
-    if path and path != "-":
-        open_trace_file(path).close()
+    """Fail now, with the error reading would give, when a trace file cannot be opened or holds no session line
+    (only blank and `#` lines); stdin passes. Reads up to the first session line only."""
+    if not path or path == "-":
+        return
+    with open_trace_file(path) as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+        handle.seek(0)
+        try:
+            with gzip.open(handle, "rb") if gzipped else contextlib.nullcontext(handle) as lines:
+                if any(line.strip() and not line.lstrip().startswith(b"#") for line in lines):
+                    return
+        except (OSError, EOFError, zlib.error):  # damaged: reading says where
+            return
+    raise _empty(path)
+
+
+def _empty(path: str) -> NoTracesFound:
+    return NoTracesFound(f"Trace file {path} is empty: it holds no sessions.",
+                         fix="Export sessions into it with `atlas-distill export --output ...`.")
 
 
 class JsonlTraceSource:
@@ -131,8 +148,7 @@ class JsonlTraceSource:
             if handle is not sys.stdin.buffer:
                 handle.close()
         if self.valid == 0 and self.invalid == 0:
-            raise NoTracesFound(f"Trace file {self.path} is empty: it holds no sessions.",
-                                fix="Export sessions into it with `atlas-distill export --output ...`.")
+            raise _empty(self.path)
 
 
 class JsonlTraceSink:

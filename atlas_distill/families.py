@@ -1,0 +1,70 @@
+"""What the tool knows about model families without their files: the few config numbers of each Qwen2.5 size
+(the family the README's chains use), and a model's parameter count from a config by arithmetic.
+
+A dry run on a machine without the hub plans the documented chain from these: sizes, and the tokenizer the
+family shares. They are the models' published config.json values (hidden_size, intermediate_size,
+num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size, tie_word_embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Qwen/Qwen2.5-{size}-Instruct (the base models have the same shapes).
+_QWEN25 = {
+    "0.5B": (896, 4864, 24, 14, 2, 151_936, True),
+    "1.5B": (1536, 8960, 28, 12, 2, 151_936, True),
+    "3B": (2048, 11008, 36, 16, 2, 151_936, True),
+    "7B": (3584, 18944, 28, 28, 4, 152_064, False),
+    "14B": (5120, 13824, 48, 40, 8, 152_064, False),
+    "32B": (5120, 27648, 64, 40, 8, 152_064, False),
+    "72B": (8192, 29568, 80, 64, 8, 152_064, False),
+}
+_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "vocab_size", "tie_word_embeddings")
+QWEN25_FAMILY = "Qwen2.5"
+# len(tokenizer) of the one tokenizer each family shares: Qwen2.5's 151,643 tokens and 22 special ones
+TOKENIZER_SIZE = {QWEN25_FAMILY: 151_665}
+
+
+def known_config(hub_id: str) -> dict[str, Any] | None:
+    """The config numbers of a Qwen2.5 size by its hub id (Qwen/Qwen2.5-7B-Instruct, Qwen/Qwen2.5-7B)."""
+    org, _, name = hub_id.partition("/")
+    if org != "Qwen" or not name.startswith("Qwen2.5-"):
+        return None
+    size = name.removeprefix("Qwen2.5-").removesuffix("-Instruct")
+    values = _QWEN25.get(size)
+    return dict(zip(_FIELDS, values, strict=True)) | {"model_type": "qwen2", "family": QWEN25_FAMILY} \
+        if values else None
+
+
+def local_config(directory: str) -> dict[str, Any] | None:
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def parameter_count(config: dict[str, Any], layers: int | None = None) -> int | None:
+    """Parameters of a Llama-style decoder (Qwen2, Llama, SmolLM2) from its config: embeddings, attention
+    (with Qwen2's q/k/v biases), the gated MLP, the norms and, unless tied, the output head. None when a number
+    is missing or the architecture is another."""
+    try:
+        hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or heads)
+        vocab, depth = int(config["vocab_size"]), int(layers or config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if config.get("model_type") not in ("qwen2", "llama"):
+        return None
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = kv_heads * head_dim
+    attention = hidden * heads * head_dim + 2 * hidden * kv + heads * head_dim * hidden
+    if config.get("model_type") == "qwen2":
+        attention += heads * head_dim + 2 * kv  # q, k and v biases
+    per_layer = attention + 3 * hidden * inner + 2 * hidden
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return embeddings + depth * per_layer + hidden
