@@ -176,13 +176,14 @@ def tokenizer_family(spec: ModelSpec) -> str | None:
 
 def load_pretrained(auto_class, path_or_id: str, spec: str | None = None, **kwargs):
     """auto_class.from_pretrained; a missing model (or no network) becomes a ModelSpecError naming `spec`."""
-    if not Path(path_or_id).expanduser().exists():  # a hub id: from the cache, or the hub if it answers
+    looks_local = path_or_id.startswith(("/", ".", "~"))
+    if not looks_local and not Path(path_or_id).exists():  # a hub id: from the cache, or the hub if it answers
         use_cache_if_hub_unreachable()
     try:
         return auto_class.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
-        looks_local = path_or_id.startswith(("/", ".", "~")) and not Path(path_or_id).expanduser().exists()
-        reason = f"no directory {path_or_id} exists" if looks_local else str(exc).splitlines()[0].rstrip(".")
+        missing = looks_local and not Path(path_or_id).expanduser().exists()
+        reason = f"no directory {path_or_id} exists" if missing else str(exc).splitlines()[0].rstrip(".")
         where = "" if spec in (None, path_or_id) else f" from {path_or_id}"
         raise ModelSpecError(
             f"cannot load model `{spec or path_or_id}`{where}: {reason}.",

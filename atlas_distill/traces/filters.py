@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from ..config import Profile
     from .record import AtlasSession
 
-def _number(path: str) -> str:
+
+def _sql_number(path: str) -> str:
     """A JSON value as float8 when it is a number, else NULL: a malformed score never breaks the query."""
     return f"CASE WHEN jsonb_typeof({path}) = 'number' THEN ({path})::text::float8 END"
 
@@ -19,7 +20,7 @@ def _number(path: str) -> str:
 # The reward as AtlasSession.reward_source reads it, field by field in REWARD_FIELDS order, as the export writes
 # the columns: reward_stats and reward (session_reward) at the top, the metadata column as session_metadata, and
 # reward_summary lifted from it. No numeric score anywhere: NULL, which never passes.
-_REWARD = "COALESCE(" + ", ".join(_number(f"{column}->'score'") for column in (
+_REWARD = "COALESCE(" + ", ".join(_sql_number(f"{column}->'score'") for column in (
     "s.reward_stats", "s.metadata->'reward_stats'", "s.reward", "s.metadata->'session_reward'",
     "s.metadata->'reward_summary'")) + ")"
 _REWARD_SQL = f"{_REWARD} >= %(min_reward)s"
