@@ -14,21 +14,15 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ModelSpecError
+from .progress import Progress, no_progress
 
 BUILTIN_NAME = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "ATLAS_DISTILL_CACHE"
-
-# Model preparation reports (phase, done, total) through this: the one-time conversion and fine-tuning take minutes.
-Progress = Callable[[str, int, "int | None"], None]
-
-
-def no_progress(phase: str, done: int, total: int | None) -> None:
-    pass
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,7 @@ and recomputes every row's success delta and token reduction against it with
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 from .config import Profile
 from .errors import ProfileError, UsageError
 from .evaluate import compute_baseline_summary
+from .progress import Event
 from .runs import RunSummary, read_runs, summary_problems
 
 if TYPE_CHECKING:
     from .model_eval import ModelEvaluation
-
-Event = Callable[[str, Any], None]
 
 
 @dataclass

@@ -54,7 +54,8 @@ def parameter_count(config: dict[str, Any], layers: int | None = None) -> int | 
     is missing or the architecture is another."""
     try:
         hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
-        heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or heads)
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)  # none given: as many as attention heads
         vocab, depth = int(config["vocab_size"]), int(layers or config["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
         return None

@@ -10,17 +10,15 @@ turn, timing the generation to give tokens/s on this machine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .config import Profile
+from .progress import Event
 from .traces.jsonl import check_trace_file
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
-
-Event = Callable[[str, Any], None]
 
 
 @dataclass

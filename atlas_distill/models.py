@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .builtin import BUILTIN_NAME, BUILTINS, Progress, no_progress
+from .builtin import BUILTIN_NAME, BUILTINS
+from .progress import Progress, no_progress
 from .errors import ModelSpecError, TrainingError
 from .pruning import check_keep_layers, pruned_copy
 

@@ -11,7 +11,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .builtin import Progress, _publish, cache_dir, no_progress
+from .builtin import _publish, cache_dir
+from .progress import Progress, no_progress
 from .errors import ModelSpecError
 
 if TYPE_CHECKING:

@@ -25,8 +25,7 @@ from .demo import DEMO_TRACES
 from .errors import AtlasDistillError, OutputError, TrainingError, UsageError
 from .outputs import (FREE_SPACE_FIX, check_free_space, check_writable_dir, ensure_writable_dir,
                       last_complete_checkpoint, remove_incomplete_checkpoints, write_json)
-
-Event = Callable[[str, Any], None]
+from .progress import Event
 
 
 @dataclass
@@ -261,6 +260,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     if state.is_main_process:
         write_json(run_dir / "summary.json", summary)
         _write(final_dir / "README.md", _model_card(summary, profile))
+        _write(final_dir / "profile.yaml", profile_to_yaml(profile))  # a copied final/ keeps its configuration
     state.wait_for_everyone()
     closing = format_baseline_line(summary["baseline"])
     if not (last["summary"] and format_baseline_line(last["summary"]) == closing):
@@ -383,5 +383,6 @@ def _model_card(summary: dict[str, Any], profile: Profile) -> str:
         f"| metrics/success_delta | {b['success_delta'] * 100:+.1f} pp |\n"
         f"| metrics/token_reduction_pct | {reduction} |\n| metrics/meets_target | {b['meets_all_targets']} |\n\n"
         "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.\n"
-        "The resolved profile is `../profile.yaml`; metrics per step are in `../metrics.jsonl`.\n"
+        "The resolved profile is `profile.yaml` here (as `../profile.yaml`); metrics per step are in "
+        "`../metrics.jsonl`.\n"
     )

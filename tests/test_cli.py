@@ -128,3 +128,39 @@ def test_a_closed_pipe_exits_0_quietly_in_every_command(cli, tmp_path, trace_fil
         done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.stdout.strip() == "rc=0", (command, done.stderr)
         assert done.stderr == "", (command, done.stderr)
+
+
+def test_a_gkd_surface_missing_from_trl_fails_at_import_with_what_to_install():
+    """Everything taken from TRL is imported in gkd/trl_surface.py; a TRL without one of those names (here
+    `_ForwardRedirection`, a private one, removed before the import) fails there with the pinned version."""
+    code = ("import trl.models.utils as u\n"
+            "del u._ForwardRedirection\n"
+            "import atlas_distill.gkd.trl_surface\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: atlas-distill needs TRL's GKD surface") and "pip install trl==1.16.0" in last
+
+
+HELP_PAGES = [[], ["export"], ["inspect"], ["train"], ["chain"], ["compare"], ["demo-db"], ["profile"],
+              ["profile", "show"], ["profile", "list"]]
+
+
+def test_every_help_page_is_pinned(cli):
+    """`--help` of the tool and of each command, pinned in tests/data/help/ so that a change to them is a deliberate
+    one: regenerate with `UPDATE_HELP=1 pytest tests/test_cli.py -k help_page` and review the diff."""
+    import os
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "help"
+    for command in HELP_PAGES:
+        shown = cli(*command, "--help", env={"COLUMNS": "100"})
+        assert shown.code == 0, shown.stderr
+        pinned = folder / ("-".join(["atlas-distill", *command]) + ".txt")
+        if os.environ.get("UPDATE_HELP"):
+            folder.mkdir(parents=True, exist_ok=True)
+            pinned.write_text(shown.stdout)
+        assert pinned.is_file(), f"{pinned} is missing: run UPDATE_HELP=1 pytest tests/test_cli.py -k help_page"
+        assert shown.stdout == pinned.read_text(), f"`atlas-distill {' '.join(command)} --help` changed; if " \
+            "that is deliberate, run UPDATE_HELP=1 pytest tests/test_cli.py -k help_page and commit the diff"
+

@@ -49,6 +49,7 @@ def test_short_train_writes_checkpoint_summary_and_metrics(cli, make_tiny_model,
     assert last["step"] == 3 and (summary["eval"]["success_rate"], summary["eval"]["avg_tokens"]) == (
         last["eval/success_rate"], last["eval/avg_tokens"])
     assert (run / "checkpoint-3").is_dir() and (run / "profile.yaml").is_file()
+    assert (run / "final/profile.yaml").read_text() == (run / "profile.yaml").read_text()  # final/ travels whole
     assert "eval/success_rate" in (run / "final/README.md").read_text()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

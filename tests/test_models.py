@@ -327,6 +327,12 @@ def test_parameter_count_from_a_config_matches_the_built_model():
         model = AutoModelForCausalLM.from_config(config)
         expected = sum(p.numel() for p in model.parameters())  # tied weights are counted once
         assert parameter_count(config.to_dict()) == expected, config.model_type
+    no_kv = LlamaConfig(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                        vocab_size=250).to_dict()  # a config without num_key_value_heads: one per attention head
+    no_kv.pop("num_key_value_heads", None)
+    assert parameter_count(no_kv) == sum(p.numel() for p in AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                    num_key_value_heads=6, vocab_size=250)).parameters())
     pruned = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
     assert parameter_count(configs[0].to_dict(), layers=1) == sum(

@@ -3,9 +3,7 @@ by a seeded draw, and judged per step and per episode."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 
 import pytest
 import torch

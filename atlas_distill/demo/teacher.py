@@ -13,7 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..builtin import Progress, _publish, no_progress, builtin_model_dir, cache_dir
+from ..builtin import _publish, builtin_model_dir, cache_dir
+from ..progress import Progress, no_progress
 from . import DEMO_TRACES
 
 DEMO_TEACHER = "smollm2-135m-crm"

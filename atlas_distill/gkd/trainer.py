@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import platform
 import random
 import warnings
@@ -46,17 +45,11 @@ from typing import Any
 
 import torch
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from trl import SFTTrainer  # noqa: E402
-from trl.experimental.gkd import GKDConfig as TRLGKDConfig  # noqa: E402
-from trl.experimental.gkd import GKDTrainer  # noqa: E402
-from trl.models.utils import unwrap_model_for_generation  # noqa: E402
-
-from trl.models.utils import _ForwardRedirection  # noqa: E402
-
-from ..models import shared_vocab_size  # noqa: E402
-from . import divergence  # noqa: E402
-from .collator import TargetSpanCollator  # noqa: E402
+from ..models import shared_vocab_size
+from . import divergence
+from .collator import TargetSpanCollator
+from .trl_surface import GKDConfig as TRLGKDConfig
+from .trl_surface import GKDTrainer, SFTTrainer, _ForwardRedirection, unwrap_model_for_generation
 
 __all__ = ["AtlasGKDTrainer", "GKDConfig"]
 
