@@ -160,7 +160,7 @@ def _family_note(family: str, specs: list[ModelSpec]) -> str:
     from .families import TOKENIZER_SIZE, known_config
 
     shared = TOKENIZER_SIZE[family]
-    rows = sorted({known_config((s.base if s.kind == "pruned" else s).source)["vocab_size"] for s in specs})
+    rows = sorted({known_config(s.unpruned.source)["vocab_size"] for s in specs})
     return (f"the models are not on this machine, so their tokenizer files were not compared; "
             f"the {family} family shares one tokenizer ({shared:,} tokens; embedding rows "
             f"{' and '.join(f'{n:,}' for n in rows)}: the divergence runs over the {shared:,} shared ones). "

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .builtin import BUILTIN_NAME, BUILTINS
-from .progress import Progress, no_progress
 from .errors import ModelSpecError, TrainingError
+from .progress import Progress, no_progress
 from .pruning import check_keep_layers, pruned_copy
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ class ModelSpec:
     """The model a pruned spec keeps layers of."""
     keep_layers: int | None = None
     """How many decoder layers a pruned spec keeps."""
+
+    @property
+    def unpruned(self) -> ModelSpec:
+        """The model whose files and config this one derives from: its base when pruned, else itself."""
+        return self.base if self.kind == "pruned" else self
 
 
 def _accepted_forms(family: str) -> str:
@@ -154,7 +159,7 @@ def model_parameters(spec: ModelSpec) -> int | None:
     what the tool knows of the Qwen2.5 family; None when neither is at hand."""
     from .families import known_config, local_config, parameter_count
 
-    base, layers = (spec.base, spec.keep_layers) if spec.kind == "pruned" else (spec, None)
+    base, layers = spec.unpruned, spec.keep_layers
     if base.kind in ("hub", "alias"):
         config = known_config(base.source)
     elif base.kind == "builtin":
@@ -170,7 +175,7 @@ def tokenizer_family(spec: ModelSpec) -> str | None:
     """The family whose one tokenizer the model uses, when the tool knows it without the model's files."""
     from .families import known_config
 
-    base = spec.base if spec.kind == "pruned" else spec
+    base = spec.unpruned
     config = known_config(base.source) if base.kind in ("hub", "alias") else None
     return config["family"] if config else None
 

@@ -36,9 +36,14 @@ def ensure_writable_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the closest of its parents that exists (a directory a run will make may not be there yet)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_writable_dir(path: Path, what: str, fix: str) -> Path:
     """Prove `path` could be made and written to, making nothing (a failed check or a dry run leaves no trace)."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = _nearest_existing(path)
     if not existing.is_dir():
         raise OutputError(f"Cannot write the {what} {path}: {existing} is not a directory.", fix=fix)
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -61,7 +66,7 @@ def write_failure(exc: BaseException, path: Path) -> OutputError | None:
     if not isinstance(exc, OSError) and not _WRITE_FAILURE.search(str(exc)):
         return None
     text = next((line.strip(" .") for line in str(exc).splitlines() if line.strip(" .")), type(exc).__name__)
-    free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    free = shutil.disk_usage(_nearest_existing(path)).free
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
     elif re.search(r"no space left|os error 28", text, re.I) or free < 2**20:
@@ -139,8 +144,7 @@ def check_free_space(run_dir: Path, model, keep: int | None) -> str | None:
     """OutputError when the disk cannot hold one checkpoint plus final/; a warning (returned) when it cannot
     hold the `keep` checkpoints (+1 while the next is written) that the run keeps."""
     checkpoint, weights = checkpoint_bytes(model)
-    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())  # the run's dir may not be yet
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(_nearest_existing(run_dir)).free
     needed = checkpoint + weights
     if free < needed:
         raise OutputError(

@@ -1,4 +1,4 @@
-"""The two callbacks long work reports through, so that the CLI renders it (library code prints nothing).
+"""The two callbacks long work reports through, so that the CLI renders it (library code does not print it).
 
 - Event(kind, data): a run's lines, stages, steps, logs and model preparation (training, compare, evaluation).
 - Progress(phase, done, total): one-time model preparation (GGUF conversion, the demo teacher, pruning).

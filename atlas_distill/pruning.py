@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .builtin import _publish, cache_dir
-from .progress import Progress, no_progress
 from .errors import ModelSpecError
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

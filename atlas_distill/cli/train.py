@@ -13,8 +13,8 @@ from rich.table import Table
 
 from ..config import load_profile
 from ..db import check_database, resolve_db_url
-from ..models import resolve_model_spec
 from ..errors import AtlasDistillError, UsageError
+from ..models import resolve_model_spec
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg, ProfileOpt,
                       StatusOpt, err, filter_flags, out, print_json, reporting_errors)

@@ -8,7 +8,6 @@ or nothing, never a truncated one.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -37,18 +36,27 @@ def open_trace_file(path: str) -> IO[bytes]:
                                fix="Pass a readable .jsonl or .jsonl.gz file.") from None
 
 
+def _decompressed(handle: IO[bytes]) -> IO[bytes]:
+    """The file's lines: gunzipped when it starts with gzip's magic bytes, else as they are."""
+    gzipped = handle.read(2) == b"\x1f\x8b"
+    handle.seek(0)
+    return gzip.open(handle, "rb") if gzipped else handle
+
+
+def _comment(raw: bytes) -> bool:
+    """A `#` line: the SDK's own trace files open with one."""
+    return raw.lstrip().startswith(b"#")
+
+
 def check_trace_file(path: str | None) -> None:
     """Fail now, with the error reading would give, when a trace file cannot be opened or holds no session line
     (only blank and `#` lines); stdin passes. Reads up to the first session line only."""
     if not path or path == "-":
         return
     with open_trace_file(path) as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-        handle.seek(0)
         try:
-            with gzip.open(handle, "rb") if gzipped else contextlib.nullcontext(handle) as lines:
-                if any(line.strip() and not line.lstrip().startswith(b"#") for line in lines):
-                    return
+            if any(raw.strip() and not _comment(raw) for raw in _decompressed(handle)):
+                return
         except (OSError, EOFError, zlib.error):  # damaged: reading says where
             return
     raise _empty(path)
@@ -71,10 +79,14 @@ class JsonlTraceSource:
         self.valid = 0
         self.invalid = 0
         self.comments = 0
-        self.filtered_out = 0  # sessions the filters removed
         self.stopped_at_limit = False
         self._stages = filters.stages() if filters is not None else []
         self._removed = [0] * len(self._stages)  # sessions each filter removed (the first one that failed)
+
+    @property
+    def filtered_out(self) -> int:
+        """Sessions the filters removed."""
+        return sum(self._removed)
 
     @property
     def funnel(self) -> list[FunnelStage]:
@@ -89,14 +101,7 @@ class JsonlTraceSource:
         return funnel
 
     def _open(self) -> IO[bytes]:
-        if self.path == "-":
-            return sys.stdin.buffer
-        handle = open_trace_file(self.path)
-        if handle.read(2) == b"\x1f\x8b":
-            handle.seek(0)
-            return gzip.open(handle, "rb")
-        handle.seek(0)
-        return handle
+        return sys.stdin.buffer if self.path == "-" else _decompressed(open_trace_file(self.path))
 
     def _reject(self, lineno: int, problem: str) -> None:
         self.invalid += 1
@@ -115,7 +120,7 @@ class JsonlTraceSource:
                 self.read_lines = lineno
                 if not raw.strip():
                     continue
-                if raw.lstrip().startswith(b"#"):
+                if _comment(raw):
                     self.comments += 1
                     continue
                 try:
@@ -134,7 +139,6 @@ class JsonlTraceSource:
                 failed = next((i for i, stage in enumerate(self._stages) if not stage.keeps(session)), None)
                 if failed is not None:
                     self._removed[failed] += 1
-                    self.filtered_out += 1
                     continue
                 yield session
                 kept += 1
