@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ProfileError
+from .gkd.settings import setting
 
 PACKAGED_PROFILES = Path(__file__).parent / "profiles"
 LOCAL_PROFILE_DIR = Path("profiles")
@@ -69,13 +70,11 @@ class DataConfig(_Strict):
     created_after: datetime | None = Field(None, description="Keep sessions created after this time.")
     session_ids: list[int] | None = Field(None, description="Keep only these session ids.")
     limit: int | None = Field(None, ge=1, description="At most this many sessions (lowest ids first).")
-    eval_split: float = Field(0.15, ge=0.0, lt=1.0, description="Fraction of sessions held out for evaluation.")
+    eval_split: float = setting("eval_split", ge=0.0, lt=1.0)
     prompt: Literal["conversation", "task"] = Field(
         "conversation", description="conversation: the whole multi-turn exchange; "
         "task: only the task before the final answer (shorter; the final answer is then the only target).")
-    targets: Literal["all", "final"] = Field(
-        "all", description="What the student learns: all: every action of the agent (each step's output or "
-        "tool call) and the final answer; final: only the final answer, the rest of the episode is prompt.")
+    targets: Literal["all", "final"] = setting("targets")
 
     @field_validator("review_status")
     @classmethod
@@ -128,7 +127,7 @@ class TrainerConfig(_Strict):
         0.8, description="Keep sessions whose reward (reward_stats.score, else session_reward.score, else "
         "reward_summary.score) is at least this, in [0, 1]. Null: no reward filter."
     )
-    learning_key: str | None = Field(None, description="Keep sessions with this metadata.learning_key.")
+    learning_key: str | None = setting("learning_key")
     lmbda: float = Field(1.0, ge=0.0, le=1.0, description="On-policy fraction: share of steps the student generates.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="Generalized JSD interpolation: 0 forward KL, 1 reverse KL.")
     temperature: float = Field(0.9, gt=0.0, description="Sampling and divergence temperature.")
@@ -147,36 +146,27 @@ class TrainerConfig(_Strict):
     )
     max_new_tokens: int = Field(128, ge=1, description="Tokens generated per completion (on-policy and eval).")
     seq_kd: bool = Field(False, description="Off-policy steps train on teacher-generated completions.")
-    offpolicy_warmup_steps: int = Field(
-        0, ge=0, description="First steps off-policy (lmbda 0) at offpolicy_warmup_beta: forward KL on the traces' "
-        "own completions, which a freshly pruned student needs before on-policy JSD gives gradient.")
-    offpolicy_warmup_beta: float = Field(0.0, ge=0.0, le=1.0, description="beta during the warmup (0: forward KL).")
+    offpolicy_warmup_steps: int = setting("offpolicy_warmup_steps", ge=0)
+    offpolicy_warmup_beta: float = setting("offpolicy_warmup_beta", ge=0.0, le=1.0)
     max_length: int = Field(1024, ge=16, description="Max tokens of a conversation; longer ones lose whole turns "
                             "from the left.")
-    kv_cache_generation: bool = Field(True, description="On-policy generation uses the KV cache, also under gradient "
-                                      "checkpointing (TRL generates without one then).")
-    chunked_loss: bool = Field(True, description="Divergence from hidden states through lm_head in tiles, completion "
-                               "positions only; false: both models' full logits, as TRL.")
-    teacher_cache_topk: int = Field(256, ge=0, description="Off-policy batches keep the teacher's top-k log-probs and a "
-                                    "tail bucket; a repeated example (next epoch) skips the teacher. 0: off.")
-    group_by_length: bool = Field(True, description="Batches of similar-length examples (less padding).")
-    generation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="On-policy samples from a copy of the student in this dtype; auto: bfloat16 for an fp32 "
-        "student on a CPU with native bf16 (AVX512-BF16/AMX), else the student itself.")
+    kv_cache_generation: bool = setting("kv_cache_generation")
+    chunked_loss: bool = setting("chunked_loss")
+    teacher_cache_topk: int = setting("teacher_cache_topk", ge=0)
+    group_by_length: bool = setting("group_by_length")
+    generation_dtype: Literal["auto", "float32", "bfloat16"] = setting("generation_dtype")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Learning-rate warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     logging_steps: int = Field(10, ge=1, description="Log train metrics every this many steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for model init, data order and sampling.")
-    scorer: Literal["auto", "exact", "numeric", "json", "contains"] = Field(
-        "auto", description="How an eval answer is judged against the reference.")
-    eval_max_sessions: int | None = Field(
-        None, ge=1, description="Generate on at most this many eval sessions per evaluation (null: all).")
+    scorer: Literal["auto", "exact", "numeric", "json", "contains"] = setting("scorer")
+    eval_max_sessions: int | None = setting("eval_max_sessions", ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1, description="Eval sessions generated at once.")
     report_to: list[str] = Field(["wandb"], description="Trackers; wandb runs offline without an API key. [] for none.")
-    success_delta_target: float = Field(0.10, description="Success delta needed to meet target (0.10 = 10 pp).")
-    token_reduction_target: float = Field(30.0, description="Token reduction (percent) needed to meet target.")
+    success_delta_target: float = setting("success_delta_target")
+    token_reduction_target: float = setting("token_reduction_target")
 
     @field_validator("min_reward")
     @classmethod

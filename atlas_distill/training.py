@@ -102,28 +102,6 @@ def _process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _gkd_args(profile: Profile, run_dir: Path, report_to: list[str]):
-    import torch
-
-    from .gkd import GKDConfig
-
-    t = profile.trainer
-    bf16 = profile.model.dtype == "bfloat16" or (
-        profile.model.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return GKDConfig(
-        output_dir=str(run_dir), run_name=run_dir.name, report_to=report_to, seed=t.seed,
-        per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, logging_steps=t.logging_steps,
-        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, lmbda=t.lmbda, beta=t.beta, temperature=t.temperature,
-        max_new_tokens=t.max_new_tokens, seq_kd=t.seq_kd, max_length=t.max_length,
-        gradient_checkpointing=profile.model.gradient_checkpointing, bf16=bf16, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, save_only_model=False,
-    )
-
-
 def _baseline(profile: Profile, measured: dict[str, float] | None) -> dict[str, Any]:
     t = profile.trainer
     success = measured["success_rate"] if t.baseline_success == "auto" else t.baseline_success
@@ -184,6 +162,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     from datasets import Dataset
 
     from .gkd import AtlasGKDTrainer
+    from .gkd.config import from_profile
 
     eval_rows = prepared.eval_sample(profile.trainer.eval_max_sessions)
     timings["load"] = time.perf_counter() - started - sum(timings.values())
@@ -191,15 +170,10 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     tracker = RunTracker(run_dir, on_log=lambda record: emit("log", record),
                          on_step=lambda step, total: emit("step", (step, total)))
     trainer = AtlasGKDTrainer(
-        model=student, teacher_model=teacher, args=_gkd_args(profile, run_dir, report_to),
+        model=student, teacher_model=teacher, args=from_profile(profile, run_dir, report_to),
         train_dataset=Dataset.from_list(prepared.train), eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer, offpolicy_warmup_steps=profile.trainer.offpolicy_warmup_steps,
-        offpolicy_warmup_beta=profile.trainer.offpolicy_warmup_beta, scorer=profile.trainer.scorer,
-        kv_cache_generation=profile.trainer.kv_cache_generation, chunked_loss=profile.trainer.chunked_loss,
-        teacher_cache_topk=profile.trainer.teacher_cache_topk, group_by_length=profile.trainer.group_by_length,
-        generation_dtype=profile.trainer.generation_dtype, targets=profile.data.targets,
-        callbacks=[tracker],
-        on_evaluation=lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"])))
+        processing_class=tokenizer, callbacks=[tracker])
+    trainer.on_evaluation = lambda ev: ev["summary"] and emit("line", "  " + format_baseline_line(ev["summary"]))
     _quiet_console(trainer)
 
     emit("stage", "Evaluating teacher and student before training")
@@ -209,7 +183,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
                                                  "scorer": profile.trainer.scorer, "targets": profile.data.targets,
                                                  "prompt": profile.data.prompt})
     baseline = _baseline(profile, before)
-    trainer.baseline = baseline
+    trainer.args.baseline_success, trainer.args.baseline_tokens = baseline["success"], baseline["tokens"]
     emit("line", format_reference_line(baseline["success"], baseline["tokens"]))
     # upstream's order: the reference line, then this one
     emit("line", f"AtlasGKDTrainer initialized with lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}")

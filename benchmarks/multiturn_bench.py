@@ -59,8 +59,9 @@ def run(mode: str, rows: list[dict]) -> dict:
     steps = -(-len(rows) // BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = AtlasGKDTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
-                                  args=_config(tmp, steps, gc=False, lmbda=0.0, seed=SETTINGS["seed"], bf16=False),
-                                  train_dataset=Dataset.from_list(rows), teacher_cache_topk=0, group_by_length=False)
+                                  args=_config(tmp, steps, gc=False, lmbda=0.0, seed=SETTINGS["seed"], bf16=False,
+                                               teacher_cache_topk=0, group_by_length=False),
+                                  train_dataset=Dataset.from_list(rows))
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # stdout is the --json document

@@ -62,7 +62,7 @@ def _datasets(tokenizer):
                              max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
 
 
-def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16: bool):
+def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16: bool, **ours):
     import torch
 
     from atlas_distill.gkd import GKDConfig
@@ -72,7 +72,7 @@ def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16
         beta=SETTINGS["beta"], temperature=SETTINGS["temperature"], max_new_tokens=SETTINGS["max_new_tokens"],
         learning_rate=SETTINGS["learning_rate"], seed=seed, max_length=SETTINGS["max_length"],
         gradient_checkpointing=gc, bf16=bf16, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **ours)
 
 
 def heldout_loss(student, teacher, tokenizer, rows, temperature: float, beta: float) -> float:
@@ -154,15 +154,15 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     before = heldout_loss(student, teacher, tokenizer, heldout_rows, SETTINGS["temperature"],
                           SETTINGS["beta"]) if learning else None
     with tempfile.TemporaryDirectory() as tmp:
-        args = _config(tmp, steps, gc, lmbda, seed, bf16)
+        switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
+                     "group_by_length": False, "generation_dtype": "float32"} if atlas_off else {})
+        args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer, "callbacks": [Clock()]}
         if trainer_name == "trl":
             trainer = GKDTrainer(**common)
         else:
-            switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
-                         "group_by_length": False, "generation_dtype": "float32"} if atlas_off else {})
-            trainer = AtlasGKDTrainer(**common, **switches)
+            trainer = AtlasGKDTrainer(**common)
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     times = [b - a for a, b in zip(stamps, stamps[1:])]

@@ -18,8 +18,8 @@ import torch
 from test_gkd_trainer import batch, make_trainer
 
 from atlas_distill.gkd import divergence
-from atlas_distill.gkd import trainer as trainer_module
-from atlas_distill.gkd.trainer import GKDTrainer
+from atlas_distill.gkd import sampling
+from atlas_distill.gkd.trl_surface import GKDTrainer
 
 V, H, N = 300, 24, 40
 
@@ -209,34 +209,34 @@ def cpuinfo_variant(remove: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> 
 def test_native_bf16_is_read_from_the_flags_of_real_cpuinfo_texts():
     recorded = cpuinfo_variant()
     assert recorded.count("processor\t:") == 2 and "avx512_bf16" in recorded
-    assert trainer_module.native_bf16(recorded)  # Zen 4
-    assert not trainer_module.native_bf16(cpuinfo_variant(remove=("avx512",)))  # AVX2 only
-    assert not trainer_module.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)))  # AVX512F, no bf16
-    assert trainer_module.native_bf16(cpuinfo_variant(remove=("avx512_bf16",),
+    assert sampling.native_bf16(recorded)  # Zen 4
+    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512",)))  # AVX2 only
+    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)))  # AVX512F, no bf16
+    assert sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",),
                                                       add=("amx_bf16", "amx_tile", "amx_int8")))  # AMX
     # only the flags count: a word elsewhere in the text does not
-    assert not trainer_module.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
+    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
         "model name\t: AMD EPYC", "model name\t: AMD EPYC avx512_bf16"))
-    assert not trainer_module.native_bf16("")
+    assert not sampling.native_bf16("")
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(tmp_path, make_tiny_model,
                                                                                 monkeypatch, fast_bf16):
-    monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(sampling, "bf16_cpu", lambda: fast_bf16)
     trainer = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2))
     assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None)
 
 
 def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: False)
+    monkeypatch.setattr(sampling, "bf16_cpu", lambda: False)
     with pytest.warns(UserWarning, match=r"7x slower.*GKDConfig\(bf16=False\); with `atlas-distill train`"):
         make_trainer(tmp_path, student, teacher, args={"bf16": True})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*bf16 autocast.*")
         make_trainer(tmp_path, student, teacher, args={"bf16": False})
-        monkeypatch.setattr(trainer_module, "bf16_cpu", lambda: True)
+        monkeypatch.setattr(sampling, "bf16_cpu", lambda: True)
         make_trainer(tmp_path, student, teacher, args={"bf16": True})
 
 
@@ -253,7 +253,7 @@ def test_every_speedup_can_be_switched_off(tmp_path, make_tiny_model):
 
 
 def test_teacher_cache_stops_storing_at_its_memory_budget():
-    from atlas_distill.gkd.trainer import TeacherCache
+    from atlas_distill.gkd.teacher_cache import TeacherCache
 
     cache = TeacherCache(k=4, max_bytes=3 * 5 * (4 * 4 + 4 * 4 + 4))  # room for three rows of 5 positions
     topk = (torch.zeros(25, 4, dtype=torch.int32), torch.zeros(25, 4), torch.zeros(25))

@@ -10,6 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
+from atlas_distill.gkd.settings import SETTINGS
 
 from helpers import greedy_answers
 
@@ -27,6 +28,7 @@ def make_trainer(tmp_path, student_dir, teacher_dir, **overrides):
                     max_new_tokens=4, use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
                     max_length=128, seed=3, bf16=False)
     settings.update(overrides.pop("args", {}))
+    settings.update({name: overrides.pop(name) for name in list(overrides) if name in SETTINGS})  # ours, in args
     eval_rows = overrides.pop("eval_rows", None) or rows(3)
     return AtlasGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),
@@ -134,7 +136,7 @@ def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
     for index in (0, 2):
         eval_rows[index]["messages"][-1]["content"] = eval_rows[index]["reference"] = own[index]
     trainer = make_trainer(tmp_path, student, teacher, eval_rows=eval_rows,
-                           baseline={"success": 0.0, "tokens": 10.0, "success_target": 0.1, "token_target": 30.0})
+                           baseline_success=0.0, baseline_tokens=10.0)
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_success_rate", "eval_avg_tokens", "metrics/success_delta",
             "metrics/token_reduction_pct", "metrics/meets_target"} <= set(metrics)

@@ -232,11 +232,10 @@ def test_one_off_policy_pass_over_all_targets_equals_the_naive_expansion(tmp_pat
              for t in conversation.targets]
     args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=1, report_to=[],
                      use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=1024, bf16=False, lmbda=0.0,
-                     beta=0.3)
+                     beta=0.3, teacher_cache_topk=0)
     trainer = AtlasGKDTrainer(model=AutoModelForCausalLM.from_pretrained(make_tiny_model(seed=1)),
                               teacher_model=AutoModelForCausalLM.from_pretrained(make_tiny_model(seed=2)),
-                              args=args, train_dataset=Dataset.from_list([whole]), processing_class=tokenizer,
-                              teacher_cache_topk=0)
+                              args=args, train_dataset=Dataset.from_list([whole]), processing_class=tokenizer)
 
     def loss_and_tokens(row):
         batch = trainer.data_collator([row])
@@ -249,7 +248,7 @@ def test_one_off_policy_pass_over_all_targets_equals_the_naive_expansion(tmp_pat
 
 
 def test_the_teacher_cache_key_includes_the_target_spans(tokenizer):
-    from atlas_distill.gkd.trainer import TeacherCache
+    from atlas_distill.gkd.teacher_cache import TeacherCache
 
     conversation = session_to_conversation(session(trajectory_events=_events()))
     collate = TargetSpanCollator(tokenizer, 1024)

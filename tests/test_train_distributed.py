@@ -122,9 +122,9 @@ conversations = [[{{"role": "system", "content": "Answer."}},
                   {{"role": "user", "content": f"Question {{i}}" * (i + 1)}},
                   {{"role": "assistant", "content": "x"}}] for i in range(5)]
 references = ["x"] * 5
-fake = types.SimpleNamespace(accelerator=accelerator, processing_class=tokenizer, scorer="exact",
+fake = types.SimpleNamespace(accelerator=accelerator, processing_class=tokenizer,
                              is_fsdp_enabled=False, is_deepspeed_enabled=False,
-                             args=types.SimpleNamespace(max_new_tokens=5, per_device_eval_batch_size=2))
+                             args=types.SimpleNamespace(max_new_tokens=5, per_device_eval_batch_size=2, scorer="exact"))
 result = AtlasGKDTrainer.evaluate_model(fake, model, conversations, references)
 alone = evaluate_conversations(model, tokenizer, conversations, references, scorer="exact", max_new_tokens=5,
                                batch_size=2)

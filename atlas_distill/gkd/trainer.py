@@ -3,7 +3,7 @@
 On top of `trl.experimental.gkd.GKDTrainer` (its on-policy generation and generalized
 JSD are used as they are), this trainer:
 - builds its datasets from Postgres (`db_url=`) or a trace file (`traces=`), and learns every
-  target turn of a conversation (each action of the agent and the final answer; `targets=`):
+  target turn of a conversation (each action of the agent and the final answer; `args.targets`):
   its collator (gkd/collator.py) labels every target span for one off-policy pass and picks one
   target turn per conversation, seeded, as the on-policy prompt;
 - applies `temperature` in the divergence too (TRL only samples with it);
@@ -33,61 +33,23 @@ Each speedup is on by default and has a switch to turn it off:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import platform
 import random
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..models import shared_vocab_size
-from . import divergence
+from . import divergence, sampling
 from .collator import TargetSpanCollator
-from .trl_surface import GKDConfig as TRLGKDConfig
+from .config import AtlasGKDConfig, GKDConfig
+from .settings import AtlasSettings
+from .teacher_cache import TeacherCache
 from .trl_surface import GKDTrainer, SFTTrainer, _ForwardRedirection, unwrap_model_for_generation
 
-__all__ = ["AtlasGKDTrainer", "GKDConfig"]
-
-
-@dataclasses.dataclass
-class GKDConfig(TRLGKDConfig):
-    """TRL's GKDConfig, except where `bf16` is left unset: bf16 on a GPU that has it, else fp32. TRL's default
-    (bf16 wherever fp16 is off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on a
-    CPU with transformers' "doesn't support bf16/gpu" error; `bf16=True` still asks for it explicitly."""
-
-    def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            from transformers.utils import is_torch_bf16_gpu_available
-
-            self.bf16 = is_torch_bf16_gpu_available()
-        super().__post_init__()
-
-
-@functools.cache
-def bf16_cpu() -> bool:
-    """Whether this CPU has native bf16 arithmetic. On x86 that is AVX512-BF16 or AMX, read from
-    /proc/cpuinfo: oneDNN also claims bf16 on plain AVX512, where it emulates it. On a plain AVX2 CPU a bf16
-    matmul ran 6x slower than fp32 here, and a GKD step under bf16 autocast 7x slower."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True  # oneDNN's own check (e.g. Arm's BF16 extension)
-    try:
-        return native_bf16(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return True
-
-
-def native_bf16(cpuinfo: str) -> bool:
-    """Whether an x86 /proc/cpuinfo text lists AVX512-BF16 or AMX-BF16 in the flags of every processor."""
-    flags = [line.partition(":")[2].split() for line in cpuinfo.splitlines()
-             if line.partition(":")[0].strip() == "flags"]
-    return bool(flags) and all({"avx512_bf16", "amx_bf16"} & set(each) for each in flags)
+__all__ = ["AtlasGKDTrainer", "AtlasGKDConfig", "GKDConfig"]
 
 
 @contextmanager
@@ -114,71 +76,30 @@ def _with_lengths(dataset, tokenizer):
     return dataset.add_column("length", lengths)
 
 
-class TeacherCache:
-    """The teacher's top-k log-probs (and tail) at each completion position of the examples it has seen.
-
-    An example is keyed by the digest of its unpadded tokens and its loss positions, so the same example
-    padded differently in another batch finds its entry. Entries are kept on the CPU, in fp32.
-    """
-
-    def __init__(self, k: int, max_bytes: int = 2 * 2**30) -> None:
-        self.k = k
-        self.max_bytes = max_bytes  # a large dataset keeps its first examples only, not all RAM
-        self.bytes = 0
-        self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def keys(inputs, mask: torch.Tensor) -> list[bytes]:
-        import hashlib
-
-        keys = []
-        for ids, attention, positions in zip(inputs["input_ids"], inputs["attention_mask"], mask):
-            digest = hashlib.blake2b(ids[attention.bool()].cpu().numpy().tobytes(), digest_size=16)
-            # loss positions among the real tokens, so left or right padding does not change the key
-            digest.update(positions[(attention[:-1] * attention[1:]).bool()].cpu().numpy().tobytes())
-            keys.append(digest.digest())
-        return keys
-
-    def lookup(self, keys: list[bytes], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The batch's (indices, log-probs, tail), its rows' positions concatenated in order; None on any miss."""
-        found = [self.entries.get(key) for key in keys]
-        if any(entry is None for entry in found):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return tuple(torch.cat([entry[i] for entry in found]).to(device) for i in range(3))
-
-    def store(self, keys: list[bytes], counts: list[int], topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        splits = [part.detach().cpu().split(counts) for part in topk]
-        for key, *parts in zip(keys, *splits):
-            size = sum(part.numel() * part.element_size() for part in parts)
-            if self.bytes + size > self.max_bytes:
-                return
-            self.entries[key] = tuple(part.clone() for part in parts)
-            self.bytes += size
-
-
 class AtlasGKDTrainer(GKDTrainer):
-    def __init__(self, model=None, teacher_model=None, args: GKDConfig | None = None, *, db_url: str | None = None,
-                 traces: str | None = None, min_reward: float | None = 0.8, learning_key: str | None = None,
-                 eval_split: float = 0.15, train_dataset=None, eval_dataset=None, processing_class=None,
-                 offpolicy_warmup_steps: int = 0, offpolicy_warmup_beta: float = 0.0, scorer: str = "auto",
-                 eval_max_sessions: int | None = None, baseline: dict[str, Any] | None = None,
-                 on_evaluation: Callable[[dict[str, Any]], None] | None = None, kv_cache_generation: bool = True,
-                 chunked_loss: bool = True, teacher_cache_topk: int = 256, group_by_length: bool = True,
-                 generation_dtype: str = "auto", targets: str = "all", **kwargs):
+    """TRL's GKDTrainer on Atlas traces. It takes TRL's arguments, with `args` an AtlasGKDConfig (every setting of
+    ours lives there), plus upstream's `db_url=` / `traces=` and `min_reward=` to build its own datasets when
+    `train_dataset` is not given. After construction, `on_evaluation` may be set to a callable that receives each
+    generation evaluation (`last_generation_eval`)."""
+
+    def __init__(self, model=None, teacher_model=None, args: AtlasGKDConfig | None = None, *,
+                 db_url: str | None = None, traces: str | None = None, min_reward: float | None = 0.8,
+                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        if not isinstance(args, AtlasSettings):
+            raise TypeError("AtlasGKDTrainer needs atlas-distill's config as `args`: `from atlas_distill import "
+                            "GKDConfig` (TRL's GKDConfig plus our settings), not "
+                            f"{type(args).__module__}.{type(args).__name__}.")
         if train_dataset is None:
             from ..data import build_gkd_dataset
 
             train_dataset, built_eval = build_gkd_dataset(
-                db_url, traces=traces, min_reward=min_reward, learning_key=learning_key, eval_split=eval_split,
-                seed=args.seed, tokenizer=processing_class, max_length=args.max_length, targets=targets)
+                db_url, traces=traces, min_reward=min_reward, learning_key=args.learning_key,
+                eval_split=args.eval_split, seed=args.seed, tokenizer=processing_class, max_length=args.max_length,
+                targets=args.targets)
             eval_dataset = built_eval if eval_dataset is None else eval_dataset
         if kwargs.get("data_collator") is None and processing_class is not None:
             kwargs["data_collator"] = TargetSpanCollator(processing_class, args.max_length, seed=args.seed)
-        if group_by_length and hasattr(train_dataset, "column_names"):
+        if args.group_by_length and hasattr(train_dataset, "column_names"):
             # Trainer applies the strategy to the eval sampler too, so both datasets carry lengths.
             train_dataset = _with_lengths(train_dataset, processing_class)
             if hasattr(eval_dataset, "column_names"):
@@ -188,32 +109,29 @@ class AtlasGKDTrainer(GKDTrainer):
             super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.shared_vocab = shared_vocab_size(processing_class, processing_class, self.model, teacher_model)
-        self.offpolicy_warmup_steps = offpolicy_warmup_steps
-        self.offpolicy_warmup_beta = offpolicy_warmup_beta
-        self.scorer = scorer
-        self.eval_max_sessions = eval_max_sessions
-        self.baseline = baseline
-        self.on_evaluation = on_evaluation
+        self.on_evaluation: Callable[[dict[str, Any]], None] | None = None
         self.step_beta = self.beta
         self.policy_rng = random.Random(args.seed)
         self.last_generation_eval: dict[str, Any] | None = None
-        if kv_cache_generation:  # unwrap_model_for_generation switches checkpointing off around generate
+        if args.kv_cache_generation:  # unwrap_model_for_generation switches checkpointing off around generate
             self.generation_config.use_cache = self.generation_kwargs["use_cache"] = True
-        self.chunked_loss = chunked_loss and divergence.plain_head(self.model) and divergence.plain_head(teacher_model)
-        self.teacher_cache = TeacherCache(teacher_cache_topk) if self.chunked_loss and teacher_cache_topk > 0 else None
+        self.chunked_loss = (args.chunked_loss and divergence.plain_head(self.model)
+                             and divergence.plain_head(teacher_model))
+        self.teacher_cache = (TeacherCache(args.teacher_cache_topk) if self.chunked_loss and args.teacher_cache_topk > 0
+                              else None)
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
-        self.generation_dtype = self._sampling_dtype(generation_dtype)
-        if self.args.bf16 and self.args.device.type == "cpu" and not bf16_cpu():
-            warnings.warn("bf16=True (GKDConfig's default) trains this CPU run under bf16 autocast, but this CPU "
-                          "has no native bf16 (AVX512-BF16 or AMX): a GKD step measured 7x slower than in fp32. "
-                          "Train in fp32: GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto "
-                          "or float32.", stacklevel=2)
+        self.generation_dtype = self._sampling_dtype(args.generation_dtype)
+        if self.args.bf16 and self.args.device.type == "cpu" and not sampling.bf16_cpu():
+            warnings.warn("bf16=True trains this CPU run under bf16 autocast, but this CPU has no native bf16 "
+                          "(AVX512-BF16 or AMX): a GKD step measured 7x slower than in fp32. Train in fp32: "
+                          "GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto or float32.",
+                          stacklevel=2)
         self._sampler: torch.nn.Module | None = None
         self._sampler_step = -1
 
     def in_warmup(self) -> bool:
-        return self.state.global_step < self.offpolicy_warmup_steps
+        return self.state.global_step < self.args.offpolicy_warmup_steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self.chunked_loss:  # evaluation's prediction_step wants the logits
@@ -292,7 +210,7 @@ class AtlasGKDTrainer(GKDTrainer):
                  and not self.is_fsdp_enabled and not self.is_deepspeed_enabled)
         if setting == "bfloat16":
             return torch.bfloat16 if plain else None
-        fast_bf16 = next(student.parameters()).device.type == "cpu" and bf16_cpu()
+        fast_bf16 = next(student.parameters()).device.type == "cpu" and sampling.bf16_cpu()
         return torch.bfloat16 if plain and fast_bf16 and student.dtype == torch.float32 else None
 
     def _sampling_copy(self) -> torch.nn.Module:
@@ -313,7 +231,7 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         warm = self.in_warmup()
-        self.step_beta = self.offpolicy_warmup_beta if warm else self.beta
+        self.step_beta = self.args.offpolicy_warmup_beta if warm else self.beta
         lmbda = 0.0 if warm else self.lmbda
         self._batch_from_dataset = False
         if self.policy_rng.random() < lmbda:
@@ -342,18 +260,18 @@ class AtlasGKDTrainer(GKDTrainer):
         """Generate every target turn of the eval sessions and judge it; add the baseline comparison when set."""
         from ..evaluate import compute_baseline_summary
 
-        rows = dataset if self.eval_max_sessions is None else dataset.select(range(min(len(dataset),
-                                                                                     self.eval_max_sessions)))
+        limit = self.args.eval_max_sessions
+        rows = dataset if limit is None else dataset.select(range(min(len(dataset), limit)))
         targets = list(rows["targets"]) if "targets" in rows.column_names else None
         result = self.evaluate_model(self.model_wrapped, list(rows["messages"]), list(rows["reference"]), targets)
         metrics: dict[str, Any] = {f"{prefix}_success_rate": result.success_rate,
                                    f"{prefix}_step_success_rate": result.step_success_rate,
                                    f"{prefix}_episode_success_rate": result.episode_success_rate,
                                    f"{prefix}_avg_tokens": result.avg_tokens}
-        if self.baseline is not None:
-            summary = compute_baseline_summary(result, self.baseline["success"], self.baseline.get("tokens"),
-                                               success_target=self.baseline.get("success_target", 0.10),
-                                               token_target=self.baseline.get("token_target", 30.0))
+        if self.args.baseline_success is not None:
+            summary = compute_baseline_summary(result, self.args.baseline_success, self.args.baseline_tokens,
+                                               success_target=self.args.success_delta_target,
+                                               token_target=self.args.token_reduction_target)
             metrics.update({"metrics/success_delta": summary["success_delta"],
                             "metrics/token_reduction_pct": summary["token_reduction_pct"],
                             "metrics/meets_target": summary["meets_all_targets"]})
@@ -377,7 +295,7 @@ class AtlasGKDTrainer(GKDTrainer):
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
             if self.accelerator.num_processes == 1:
                 return evaluate_conversations(unwrapped, self.processing_class, conversations, references,
-                                              targets=targets, scorer=self.scorer, **kwargs)
+                                              targets=targets, scorer=self.args.scorer, **kwargs)
             turns = episode_turns(self.processing_class, conversations, targets)
             flat = [turn for episode in turns for turn in episode]
             # Turns (not sessions) padded to equal shares: under FSDP / ZeRO-3 every process must make as many
@@ -385,7 +303,7 @@ class AtlasGKDTrainer(GKDTrainer):
             with self.accelerator.split_between_processes(list(range(len(flat))), apply_padding=True) as mine:
                 made = generate_answers(unwrapped, self.processing_class, [flat[i] for i in mine], **kwargs)
         by_index = dict(gather_object(list(zip(mine, made))))
-        return judge(turns, [by_index[i] for i in range(len(flat))], references, self.scorer)
+        return judge(turns, [by_index[i] for i in range(len(flat))], references, self.args.scorer)
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         """The loss's token count, per process. transformers counts the tokens of all processes and multiplies
@@ -416,8 +334,9 @@ class AtlasGKDTrainer(GKDTrainer):
         raise TrainingError(
             f"The loss became {bad[0].item()} at step {step} (of {self.state.max_steps}); training stopped before "
             f"that step's update and saved nothing after it. {kept}",
-            fix=f"Lower trainer.learning_rate (now {self.args.learning_rate:g}), check the traces for broken or "
-            "empty answers, or train in bfloat16 or float32 rather than float16 (model.dtype).")
+            fix=f"Lower the learning rate (now {self.args.learning_rate:g}; trainer.learning_rate in a profile), "
+            "check the traces for broken or empty answers, or train in bfloat16 or float32 rather than float16 "
+            "(model.dtype in a profile; GKDConfig(bf16=True) or (bf16=False) in Python).")
 
     def _get_output_dir(self, trial) -> str:
         """The staging directory while `_save_checkpoint` runs, else the run directory."""

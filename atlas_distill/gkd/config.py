@@ -1,0 +1,73 @@
+"""AtlasGKDConfig: TRL's GKDConfig plus our settings (gkd/settings.py), and the one mapping of a profile onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .settings import SETTINGS, AtlasSettings
+from .trl_surface import GKDConfig as TRLGKDConfig
+
+if TYPE_CHECKING:
+    from ..config import Profile
+
+__all__ = ["AtlasGKDConfig", "GKDConfig", "from_profile"]
+
+_CHOICES = {"targets": ("all", "final"), "scorer": ("auto", "exact", "numeric", "json", "contains"),
+            "generation_dtype": ("auto", "float32", "bfloat16")}
+
+
+@dataclass
+class AtlasGKDConfig(TRLGKDConfig, AtlasSettings):
+    """TRL's `GKDConfig` (lmbda, beta, temperature, max_new_tokens, seq_kd, max_length and every
+    `TrainingArguments` field) with atlas-distill's settings (`AtlasSettings`: data, off-policy warm-up,
+    evaluation, speed and memory).
+
+    One default differs from TRL's: with `bf16` left unset it is bf16 on a GPU that has it, else fp32. TRL's
+    default (bf16 wherever fp16 is off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on
+    a CPU with transformers' "doesn't support bf16/gpu" error; `bf16=True` still asks for it explicitly.
+    """
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split={self.eval_split} must lie in [0, 1).")
+        if self.bf16 is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = is_torch_bf16_gpu_available()
+        super().__post_init__()
+
+
+GKDConfig = AtlasGKDConfig  # upstream's name: `from atlas_distill import GKDConfig`
+
+# Where a profile keeps each of our settings, when not under `trainer:`.
+_PROFILE_SECTION = {"eval_split": "data", "targets": "data"}
+
+
+def from_profile(profile: Profile, run_dir: Path, report_to: list[str]) -> AtlasGKDConfig:
+    """The AtlasGKDConfig of a profile: TRL's and transformers' settings from `trainer:` and `model:`, ours copied
+    by name. The baseline is left unset: `atlas-distill train` measures it before training (`auto`)."""
+    import torch
+
+    t = profile.trainer
+    bf16 = profile.model.dtype == "bfloat16" or (
+        profile.model.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    ours = {name: getattr(getattr(profile, _PROFILE_SECTION.get(name, "trainer")), name) for name in SETTINGS
+            if name not in ("baseline_success", "baseline_tokens")}
+    return AtlasGKDConfig(
+        output_dir=str(run_dir), run_name=run_dir.name, report_to=report_to, seed=t.seed,
+        per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, logging_steps=t.logging_steps,
+        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, lmbda=t.lmbda, beta=t.beta, temperature=t.temperature,
+        max_new_tokens=t.max_new_tokens, seq_kd=t.seq_kd, max_length=t.max_length,
+        gradient_checkpointing=profile.model.gradient_checkpointing, bf16=bf16, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, save_only_model=False, **ours,
+    )
+

@@ -1,0 +1,86 @@
+"""Our GKD settings, each written once: its name, default and help.
+
+`AtlasSettings` holds every setting atlas-distill adds to TRL's `GKDConfig`, in TRL's style (a dataclass
+field with its help). `AtlasGKDConfig` (gkd/config.py) inherits them; the CLI's profile schema takes the same
+default and help through `setting(name)` (config.py), and `gkd/config.py::from_profile` copies each by name.
+This module imports neither torch nor TRL, so that reading a profile stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class AtlasSettings:
+    """Settings atlas-distill adds to TRL's `GKDConfig`, in four sections (the `# >` comments below): the data
+    (when the trainer builds its datasets from `db_url=` or `traces=`), the off-policy warm-up, evaluation
+    (generated and judged per turn and per episode), and speed and memory (each on by default, each with a switch
+    to turn it off). Each field's help is in its metadata, as in TRL's configs."""
+
+    # > Parameters that control the data
+    learning_key: str | None = field(
+        default=None, metadata={"help": "Keep sessions with this metadata.learning_key."})
+    eval_split: float = field(
+        default=0.15, metadata={"help": "Fraction of sessions held out for evaluation."})
+    targets: Literal["all", "final"] = field(
+        default="all", metadata={"help": "What the student learns: all: every action of the agent (each step's "
+                                         "output or tool call) and the final answer; final: only the final answer, "
+                                         "the rest of the episode is prompt."})
+
+    # > Parameters that control the off-policy warm-up
+    offpolicy_warmup_steps: int = field(
+        default=0, metadata={"help": "First steps off-policy (lmbda 0) at offpolicy_warmup_beta: forward KL on the "
+                                     "traces' own completions, which a freshly pruned student needs before on-policy "
+                                     "JSD gives gradient."})
+    offpolicy_warmup_beta: float = field(
+        default=0.0, metadata={"help": "beta during the warm-up (0: forward KL)."})
+
+    # > Parameters that control evaluation
+    scorer: Literal["auto", "exact", "numeric", "json", "contains"] = field(
+        default="auto", metadata={"help": "How an eval turn is judged against the recorded one; auto: tool calls by "
+                                          "tool and arguments (json), other turns by their text."})
+    eval_max_sessions: int | None = field(
+        default=None, metadata={"help": "Generate on at most this many eval sessions per evaluation (null: all)."})
+    baseline_success: float | None = field(
+        default=None, metadata={"help": "Reference success rate in [0, 1]; set, each evaluation adds "
+                                        "metrics/success_delta and metrics/meets_target (`atlas-distill train` "
+                                        "measures it before training). None: no baseline comparison."})
+    baseline_tokens: float | None = field(
+        default=None, metadata={"help": "Reference tokens per episode, for metrics/token_reduction_pct; None: no "
+                                        "token target."})
+    success_delta_target: float = field(
+        default=0.10, metadata={"help": "Success delta needed to meet target (0.10 = 10 pp)."})
+    token_reduction_target: float = field(
+        default=30.0, metadata={"help": "Token reduction (percent) needed to meet target."})
+
+    # > Parameters that control speed and memory
+    kv_cache_generation: bool = field(
+        default=True, metadata={"help": "On-policy generation uses the KV cache, also under gradient checkpointing "
+                                        "(TRL generates without one then)."})
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "Divergence from hidden states through lm_head in tiles, completion "
+                                        "positions only; false: both models' full logits, as TRL."})
+    teacher_cache_topk: int = field(
+        default=256, metadata={"help": "Off-policy batches keep the teacher's top-k log-probs and a tail bucket; a "
+                                       "repeated example (next epoch) skips the teacher. 0: off."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batches of similar-length examples (less padding)."})
+    generation_dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
+                                          "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "
+                                          "else the student itself."})
+
+
+SETTINGS = {f.name: f for f in dataclasses.fields(AtlasSettings)}
+
+
+def setting(name: str, **constraints: Any):
+    """The profile schema's pydantic Field for our setting `name`: its default and help from AtlasSettings, plus
+    the profile's own validation (`ge=0`, ...)."""
+    from pydantic import Field
+
+    declared = SETTINGS[name]
+    return Field(declared.default, description=declared.metadata["help"], **constraints)
