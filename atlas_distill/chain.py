@@ -102,7 +102,7 @@ def _tokenizer_source(spec: ModelSpec) -> str:
     if spec.kind == "pruned":
         return _tokenizer_source(spec.base)
     if spec.kind == "builtin":  # every builtin is SmolLM2 with its own tokenizer
-        from .builtin import builtin_tokenizer_dir
+        from .models import builtin_tokenizer_dir
 
         return str(builtin_tokenizer_dir())
     return spec.source

@@ -42,9 +42,9 @@ SETTINGS = {"max_new_tokens": 32, "beta": 0.5, "temperature": 0.9, "learning_rat
 def _models():
     import torch
 
-    from atlas_distill.builtin import builtin_model_dir, builtin_tokenizer_dir
+    from atlas_distill.models.builtin import builtin_model_dir, builtin_tokenizer_dir
     from atlas_distill.models import load_model, load_tokenizer
-    from atlas_distill.pruning import prune_layers
+    from atlas_distill.models.pruning import prune_layers
 
     torch.manual_seed(SETTINGS["seed"])
     tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))

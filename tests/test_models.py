@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from atlas_distill.builtin import builtin_model_dir
+from atlas_distill.models.builtin import builtin_model_dir
 from atlas_distill.config import LoraConfig
 from atlas_distill.errors import ModelSpecError, TrainingError
 from atlas_distill.models import (
@@ -21,7 +21,7 @@ from atlas_distill.models import (
     resolve_model_spec,
     shared_vocab_size,
 )
-from atlas_distill.pruning import decoder_layers, kept_layer_indices, prune_layers
+from atlas_distill.models.pruning import decoder_layers, kept_layer_indices, prune_layers
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..builtin import _publish, builtin_model_dir, cache_dir
+from ..models.builtin import builtin_model_dir
+from ..models.cache import built_model_dir, publish
 from ..progress import Progress, no_progress
 from . import DEMO_TRACES
 
@@ -86,4 +87,4 @@ def crm_teacher_dir(progress: Progress = no_progress) -> Path:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(tmp / "sft", ignore_errors=True)
 
-    return _publish(build, cache_dir() / "models" / DEMO_TEACHER)
+    return publish(build, built_model_dir(DEMO_TEACHER))

@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ModelSpecError
-from .progress import Progress, no_progress
+from ..errors import ModelSpecError
+from ..progress import Progress, no_progress
+from .cache import built_model_dir, cache_dir, publish
 
 BUILTIN_NAME = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "ATLAS_DISTILL_CACHE"
-
-
-def cache_dir() -> Path:
-    """$ATLAS_DISTILL_CACHE, else ~/.cache/atlas-distill (XDG_CACHE_HOME respected)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "atlas-distill"
 
 
 def _gguf_folder() -> Path:
@@ -47,25 +36,6 @@ def _gguf_folder() -> Path:
     return folder
 
 
-def _publish(build, target: Path) -> Path:
-    """Build into a temporary directory beside `target`, then rename: a cache entry is whole or absent."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process published it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def builtin_tokenizer_dir() -> Path:
     """The builtin tokenizer alone (fast to build; tests use it with tiny random models)."""
 
@@ -77,7 +47,7 @@ def builtin_tokenizer_dir() -> Path:
         # save_pretrained writes no config.json for a tokenizer; it marks the entry complete here
         (tmp / "config.json").write_text("{}\n")
 
-    return _publish(build, cache_dir() / "tokenizers" / BUILTIN_NAME)
+    return publish(build, cache_dir() / "tokenizers" / BUILTIN_NAME)
 
 
 @contextlib.contextmanager
@@ -123,14 +93,4 @@ def builtin_model_dir(progress: Progress = no_progress) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(tmp)
 
-    return _publish(build, cache_dir() / "models" / BUILTIN_NAME)
-
-
-def _demo_teacher_dir(progress: Progress = no_progress) -> Path:
-    from .demo.teacher import crm_teacher_dir
-
-    return crm_teacher_dir(progress)
-
-
-# Models that need no network: name -> function(progress) building (once) and returning the checkpoint directory.
-BUILTINS = {BUILTIN_NAME: builtin_model_dir, "smollm2-135m-crm": _demo_teacher_dir}
+    return publish(build, built_model_dir(BUILTIN_NAME))

@@ -2,7 +2,7 @@
 
 A pruned copy starts far from its teacher; distillation then recovers quality
 (DESIGN.md §5). `pruned_copy` builds it once into the cache, where
-`models.materialize` finds it from then on.
+`registry.materialize` finds it from then on.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .builtin import _publish, cache_dir
-from .errors import ModelSpecError
-from .progress import Progress, no_progress
+from ..progress import Progress, no_progress
+from .cache import built_model_dir, publish
+from .loading import load_pretrained
+from .spec import check_keep_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .models import ModelSpec
+    from .spec import ModelSpec
 
 
 def kept_layer_indices(total: int, keep: int) -> list[int]:
@@ -71,13 +72,6 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     return model
 
 
-def check_keep_layers(spec: ModelSpec, total: int | None) -> None:
-    """A pruned spec must keep fewer layers than its base has (when that number is known)."""
-    if total is not None and spec.keep_layers >= total:
-        raise ModelSpecError(f"model spec `{spec.spec}` keeps {spec.keep_layers} layers, but {spec.base.name} "
-                             f"has only {total}.", fix=f"Keep fewer than {total} layers (BASE@NL, 1 <= N < {total}).")
-
-
 def _cache_name(spec: ModelSpec) -> str:
     """The copy's directory name; a local base is told apart by its path and config.json time."""
     if spec.kind == "pruned":
@@ -90,12 +84,10 @@ def _cache_name(spec: ModelSpec) -> str:
 
 def pruned_copy(spec: ModelSpec, base_path: str, progress: Progress = no_progress) -> Path:
     """The cached copy of `base_path` keeping `spec.keep_layers` layers; built once, atomically."""
-    target = cache_dir() / "models" / _cache_name(spec)
+    target = built_model_dir(_cache_name(spec))
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .models import load_pretrained
 
     check_keep_layers(spec, load_pretrained(AutoConfig, base_path, spec.base.spec).num_hidden_layers)
 
@@ -107,4 +99,4 @@ def pruned_copy(spec: ModelSpec, base_path: str, progress: Progress = no_progres
         model.save_pretrained(tmp, safe_serialization=True)
         load_pretrained(AutoTokenizer, base_path, spec.base.spec).save_pretrained(tmp)
 
-    return _publish(build, target)
+    return publish(build, target)

