@@ -24,6 +24,7 @@ from .config import Profile, load_profile
 from .errors import AtlasDistillError, ModelSpecError, UsageError
 from .models import ModelSpec, resolve_model_spec, tokenizer_family
 from .outputs import check_writable_dir, ensure_writable_dir, write_json
+from .summary import RunSummary
 
 _ROOT_FIX = "Choose a writable --output-dir or free disk space."
 _STAGE_OVERRIDE = re.compile(r"stage(\d+)\.(.+=.*)", re.DOTALL)
@@ -174,16 +175,17 @@ def stage_profile(plan: ChainPlan, stage: Stage, teacher: str) -> Profile:
         "(chain output)": ("output_dir", str(plan.root)), "(chain stage)": ("run_name", stage.run_dir.name)})
 
 
-def stage_complete(run_dir: Path) -> dict[str, Any] | None:
+def stage_complete(run_dir: Path) -> RunSummary | None:
     """The stage's summary when its final/ checkpoint and summary.json are whole, else None."""
     final = run_dir / "final"
     if not ((final / "config.json").is_file() and any(final.glob("*.safetensors"))):
         return None
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        document = json.loads((run_dir / "summary.json").read_text())
+        summary = RunSummary.from_dict(document) if isinstance(document, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return summary if isinstance(summary, dict) and "eval" in summary and "baseline" in summary else None
+    return summary if summary is not None and summary.baseline is not None else None
 
 
 def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None = None,
@@ -218,12 +220,12 @@ def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None 
     return summary
 
 
-def _row(stage: Stage, summary: dict[str, Any], *, skipped: bool, seconds: float | None = None) -> dict[str, Any]:
-    b = summary["baseline"]
+def _row(stage: Stage, summary: RunSummary, *, skipped: bool, seconds: float | None = None) -> dict[str, Any]:
+    b = summary.baseline
     return {"stage": stage.index, "teacher": stage.teacher_name, "student": stage.student.name,
-            "run_dir": str(stage.run_dir), "student_parameters": summary.get("student_parameters"),
-            "teacher_parameters": summary.get("teacher_parameters"),
-            "success_rate": summary["eval"]["success_rate"], "avg_tokens": summary["eval"]["avg_tokens"],
-            "success_delta": b["success_delta"], "token_reduction_pct": b["token_reduction_pct"],
-            "meets_target": b["meets_all_targets"], "skipped": skipped,
-            "seconds": round(seconds if seconds is not None else summary.get("seconds", 0.0), 1)}
+            "run_dir": str(stage.run_dir), "student_parameters": summary.student_parameters,
+            "teacher_parameters": summary.teacher_parameters,
+            "success_rate": summary.eval.success_rate, "avg_tokens": summary.eval.avg_tokens,
+            "success_delta": b.success_delta, "token_reduction_pct": b.token_reduction_pct,
+            "meets_target": b.meets_target, "skipped": skipped,
+            "seconds": round(seconds if seconds is not None else summary.seconds or 0.0, 1)}

@@ -3,7 +3,7 @@
 `compare_runs` reads each RUN (runs.py), optionally evaluates `--model` specs on the
 same eval split and with the same scorer as `train` (model_eval.py), picks the reference
 and recomputes every row's success delta and token reduction against it with
-`compute_baseline_summary` and the profile's targets. It never prints; progress goes through `on_event(kind, data)`
+`baseline_summary` and the profile's targets. It never prints; progress goes through `on_event(kind, data)`
 (kinds: "stage" text, "progress" (done, total) of the current evaluation).
 """
 
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Profile
 from .errors import ProfileError, UsageError
-from .evaluate import compute_baseline_summary
+from .evaluate import baseline_summary
 from .progress import Event
-from .runs import RunSummary, read_runs, summary_problems
+from .runs import FinishedRun, read_runs
+from .summary import BaselineSummary, Figures
 
 if TYPE_CHECKING:
     from .model_eval import ModelEvaluation
@@ -50,22 +51,23 @@ class CompareRow:
     eval_sessions: int | None = None
     model: str | None = None
     reference: bool = False
-    baseline: dict[str, Any] = field(default_factory=dict)
+    baseline: BaselineSummary | None = None
+    """Against the comparison's reference; set once the reference is chosen."""
 
     @property
     def meets_target(self) -> bool | None:
         """None for the reference itself: it is what the others are compared with."""
-        return None if self.reference else self.baseline.get("meets_all_targets")
+        return None if self.reference or self.baseline is None else self.baseline.meets_target
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "baseline"}
         b = self.baseline
-        compared = not self.reference
+        compared = not self.reference and b is not None
         return data | {
-            "success_delta": b.get("success_delta"), "success_delta_pp": b.get("success_delta_pp"),
-            "token_reduction_pct": b.get("token_reduction_pct"),
-            "meets_success_target": b.get("meets_success_target") if compared else None,
-            "meets_token_target": b.get("meets_token_target") if compared else None,
+            "success_delta": b and b.success_delta, "success_delta_pp": b and b.success_delta_pp,
+            "token_reduction_pct": b and b.token_reduction_pct,
+            "meets_success_target": b.meets_success_target if compared else None,
+            "meets_token_target": b.meets_token_target if compared else None,
             "meets_target": self.meets_target,
         }
 
@@ -101,40 +103,27 @@ class Comparison:
                 "all_meet_targets": not self.missed}
 
 
-def _rate(value: Any) -> float | None:
-    """A rate from a summary: a number in [0, 1], else none (an older run, or a hand-edited file)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    return float(value) if ok else None
+def row_from_run(run: FinishedRun) -> CompareRow:
+    s = run.summary
+    return CompareRow(name=run.name, kind=run.kind, path=run.path, eval_loss=s.eval_loss, parameters=s.student_parameters,
+                      eval_sessions=s.data.get("eval_used"), model=s.student, **_figures(s.eval))
 
 
-def row_from_run(run: RunSummary) -> CompareRow:
-    s, evaluation = run.summary, run.summary["eval"]
-    data = s.get("data") if isinstance(s.get("data"), dict) else {}
-    return CompareRow(name=run.name, kind=run.kind, path=run.path, success_rate=float(evaluation["success_rate"]),
-                      avg_tokens=float(evaluation["avg_tokens"]), eval_loss=evaluation.get("loss"),
-                      step_success_rate=_rate(evaluation.get("step_success_rate")),
-                      episode_success_rate=_rate(evaluation.get("episode_success_rate")),
-                      parameters=s.get("student_parameters"), eval_sessions=data.get("eval_used"),
-                      model=s.get("student") if isinstance(s.get("student"), str) else None)
-
-
-def rows_measured_before(run: RunSummary) -> list[CompareRow]:
+def rows_measured_before(run: FinishedRun) -> list[CompareRow]:
     """A train run's teacher and its student before training, as the run measured them on its own eval sessions
     (summary teacher_eval / student_before); none for a run without both."""
-    s, data = run.summary, run.summary.get("data") if isinstance(run.summary.get("data"), dict) else {}
-    rows = []
-    for key, label, model, parameters in (("teacher_eval", "teacher", "teacher", "teacher_parameters"),
-                                          ("student_before", "before", "student", "student_parameters")):
-        figures = s.get(key)
-        if not isinstance(figures, dict) or summary_problems({"eval": figures}):
-            return []
-        rows.append(CompareRow(name=f"{run.name} ({label})", kind=label, path=run.path,
-                               success_rate=float(figures["success_rate"]), avg_tokens=float(figures["avg_tokens"]),
-                               step_success_rate=_rate(figures.get("step_success_rate")),
-                               episode_success_rate=_rate(figures.get("episode_success_rate")),
-                               parameters=s.get(parameters), eval_sessions=data.get("eval_used"),
-                               model=s.get(model) if isinstance(s.get(model), str) else None))
-    return rows
+    s = run.summary
+    if s.teacher_eval is None or s.student_before is None:
+        return []
+    return [CompareRow(name=f"{run.name} ({label})", kind=label, path=run.path, parameters=parameters,
+                       eval_sessions=s.data.get("eval_used"), model=model, **_figures(figures))
+            for label, figures, model, parameters in (("teacher", s.teacher_eval, s.teacher, s.teacher_parameters),
+                                                      ("before", s.student_before, s.student, s.student_parameters))]
+
+
+def _figures(figures: Figures) -> dict[str, Any]:
+    return {"success_rate": figures.success_rate, "avg_tokens": figures.avg_tokens,
+            "step_success_rate": figures.step_success_rate, "episode_success_rate": figures.episode_success_rate}
 
 
 def row_from_model(m: ModelEvaluation) -> CompareRow:
@@ -245,10 +234,9 @@ def compare_runs(runs: list[str], *, profile: Profile, baseline: str | None = No
     reference = choose_reference(rows, profile, baseline)
     t = profile.trainer
     for row in rows:
-        figures = {"success_rate": row.success_rate, "avg_tokens": row.avg_tokens}
-        row.baseline = compute_baseline_summary(figures, reference.success, reference.tokens,
-                                                success_target=t.success_delta_target,
-                                                token_target=t.token_reduction_target)
+        figures = Figures(success_rate=row.success_rate, avg_tokens=row.avg_tokens)
+        row.baseline = baseline_summary(figures, reference.success, reference.tokens,
+                                        success_target=t.success_delta_target, token_target=t.token_reduction_target)
     return Comparison(reference, rows, t.success_delta_target, t.token_reduction_target)
 
 

@@ -22,6 +22,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .summary import BaselineSummary, Figures
+
 SCORERS = ("auto", "exact", "numeric", "json", "contains")
 
 # A number as written in answers: -3, 42.0, .5, 1,200 (thousands groups only), $1,200.50, -$5.
@@ -174,13 +176,13 @@ class EvalResult:
                    episodes=episodes, step_success_rate=sum(steps) / len(steps),
                    episode_success_rate=sum(e.all_steps_right for e in episodes) / len(episodes))
 
-    def rates(self) -> dict[str, Any]:
+    def figures(self) -> Figures:
         """The figures a summary keeps (no episodes)."""
-        return {"success_rate": self.success_rate, "step_success_rate": self.step_success_rate,
-                "episode_success_rate": self.episode_success_rate, "avg_tokens": self.avg_tokens}
+        return Figures(success_rate=self.success_rate, avg_tokens=self.avg_tokens,
+                       step_success_rate=self.step_success_rate, episode_success_rate=self.episode_success_rate)
 
     def to_dict(self, *, include_episodes: bool = False) -> dict[str, Any]:
-        data = self.rates() | {"count": self.count}
+        data = self.figures().to_dict() | {"count": self.count}
         if include_episodes:
             data["episodes"] = [asdict(episode) for episode in self.episodes]
         return data
@@ -418,7 +420,7 @@ def evaluate_conversations(model, tokenizer, conversations: list[list[dict]], re
 
 
 def _rates(eval_results: Any) -> tuple[float, float]:
-    if isinstance(eval_results, EvalResult):
+    if isinstance(eval_results, EvalResult | Figures):
         eval_results = eval_results.to_dict()
     if isinstance(eval_results, dict):
         def get(key: str) -> Any:  # ours, a metrics.jsonl record, or what transformers' evaluate() returns
@@ -442,9 +444,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def compute_baseline_summary(eval_results, baseline_success: float, baseline_tokens: float | None = None, *,
-                             success_target: float = 0.10, token_target: float = 30.0) -> dict[str, Any]:
-    """The Baseline Comparison metrics: success delta (and in pp), token reduction (%), targets met."""
+def baseline_summary(eval_results, baseline_success: float, baseline_tokens: float | None = None, *,
+                     success_target: float = 0.10, token_target: float = 30.0) -> BaselineSummary:
+    """The Baseline Comparison: success delta, token reduction (%), which targets are met."""
     if not (_is_number(baseline_success) and 0.0 <= baseline_success <= 1.0):
         raise ValueError(f"`baseline_success` must be a number in [0, 1] (resolve `auto` first); "
                          f"got {baseline_success!r}.")
@@ -455,27 +457,28 @@ def compute_baseline_summary(eval_results, baseline_success: float, baseline_tok
     delta = success_rate - baseline_success
     reduction = (baseline_tokens - avg_tokens) / baseline_tokens * 100 if baseline_tokens else None
     # A small tolerance so that e.g. 0.85 - 0.75 (0.0999...98 in floats) meets a 0.10 target.
-    meets_success = delta >= success_target - 1e-9
-    meets_tokens = None if reduction is None else reduction >= token_target - 1e-9
-    meets_all = meets_success and meets_tokens is not False
-    return {
-        "success_rate": success_rate, "avg_tokens": avg_tokens,
-        "baseline_success": float(baseline_success),
-        "baseline_tokens": None if baseline_tokens is None else float(baseline_tokens),
-        "success_delta": delta, "success_delta_pp": delta * 100, "token_reduction_pct": reduction,
-        "success_target": success_target, "token_target": token_target,
-        "meets_success_target": meets_success, "meets_token_target": meets_tokens,
-        "meets_target": meets_all, "meets_all_targets": meets_all,
-    }
+    return BaselineSummary(
+        success_rate=success_rate, avg_tokens=avg_tokens, baseline_success=float(baseline_success),
+        baseline_tokens=None if baseline_tokens is None else float(baseline_tokens), success_delta=delta,
+        token_reduction_pct=reduction, success_target=success_target, token_target=token_target,
+        meets_success_target=delta >= success_target - 1e-9,
+        meets_token_target=None if reduction is None else reduction >= token_target - 1e-9)
 
 
-def format_baseline_line(summary: dict[str, Any]) -> str:
+def compute_baseline_summary(eval_results, baseline_success: float, baseline_tokens: float | None = None, *,
+                             success_target: float = 0.10, token_target: float = 30.0) -> dict[str, Any]:
+    """Upstream's API: `baseline_summary` as a dict, with upstream's `meets_all_targets` beside `meets_target`."""
+    summary = baseline_summary(eval_results, baseline_success, baseline_tokens, success_target=success_target,
+                               token_target=token_target)
+    return summary.to_dict() | {"meets_all_targets": summary.meets_target}
+
+
+def format_baseline_line(summary: BaselineSummary) -> str:
     """`✅ Baseline Comparison targets MET: success delta=12.3 pp, token reduction=35.2%` (as upstream)."""
-    head = "✅ Baseline Comparison targets MET" if summary["meets_all_targets"] else \
-        "❌ Baseline Comparison targets NOT met"
-    line = f"{head}: success delta={summary['success_delta_pp']:.1f} pp"
-    if summary.get("token_reduction_pct") is not None:
-        line += f", token reduction={summary['token_reduction_pct']:.1f}%"
+    head = "✅ Baseline Comparison targets MET" if summary.meets_target else "❌ Baseline Comparison targets NOT met"
+    line = f"{head}: success delta={summary.success_delta_pp:.1f} pp"
+    if summary.token_reduction_pct is not None:
+        line += f", token reduction={summary.token_reduction_pct:.1f}%"
     return line
 
 

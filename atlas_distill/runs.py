@@ -11,13 +11,13 @@ file and what is wrong in it.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRunSummary
+from .summary import RunSummary, figures_problems
 
 SUMMARY = "summary.json"
 _RUN_FIX = ("Pass a run directory that `train` or `chain` finished (it holds summary.json), a chain "
@@ -26,7 +26,7 @@ _STAGE_PATH_KEYS = ("summary", "summary_path", "run_dir", "stage_dir", "output_d
 
 
 @dataclass
-class RunSummary:
+class FinishedRun:
     """One finished run: a display name, where its summary came from, and the summary itself."""
 
     name: str
@@ -34,30 +34,14 @@ class RunSummary:
     """`run` (a train run) or `stage` (one stage of a chain)."""
     path: str
     """The summary.json file (for a stage embedded in a chain summary: that file)."""
-    summary: dict[str, Any]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    summary: RunSummary
 
 
 def summary_problems(summary: Any) -> list[str]:
     """What keeps a summary from being compared; empty when it is usable."""
     if not isinstance(summary, dict):
         return [f"the document is a JSON {type(summary).__name__}, not an object"]
-    evaluation = summary.get("eval")
-    if not isinstance(evaluation, dict):
-        return ["`eval` is missing or not an object (expected {success_rate, avg_tokens, loss})"]
-    problems = []
-    rate, tokens, loss = evaluation.get("success_rate"), evaluation.get("avg_tokens"), evaluation.get("loss")
-    if not (_number(rate) and 0.0 <= rate <= 1.0):
-        problems.append(f"`eval.success_rate` must be a number in [0, 1], got {rate!r}"
-                        if "success_rate" in evaluation else "`eval.success_rate` is missing")
-    if not (_number(tokens) and tokens >= 0):
-        problems.append(f"`eval.avg_tokens` must be a non-negative number, got {tokens!r}"
-                        if "avg_tokens" in evaluation else "`eval.avg_tokens` is missing")
-    if loss is not None and not _number(loss):
-        problems.append(f"`eval.loss` must be a number or null, got {loss!r}")
+    problems = figures_problems(summary.get("eval"))
     params = summary.get("student_parameters")
     if params is not None and not (isinstance(params, int) and not isinstance(params, bool) and params >= 0):
         problems.append(f"`student_parameters` must be a non-negative integer or null, got {params!r}")
@@ -80,11 +64,11 @@ def _load_json(path: Path) -> Any:
         raise _invalid(path, [f"not valid JSON ({exc})"]) from None
 
 
-def _checked(path: Path, summary: Any, name: str, kind: str) -> RunSummary:
+def _checked(path: Path, summary: Any, name: str, kind: str) -> FinishedRun:
     problems = summary_problems(summary)
     if problems:
         raise _invalid(path, problems)
-    return RunSummary(name, kind, str(path), summary)
+    return FinishedRun(name, kind, str(path), RunSummary.from_dict(summary))
 
 
 def _stage_number(directory: Path) -> tuple[int, str]:
@@ -111,7 +95,7 @@ def _stage_location(entry: Any, chain_dir: Path) -> Path | None:
     return None
 
 
-def _chain_stages(path: Path, chain: dict[str, Any]) -> list[RunSummary]:
+def _chain_stages(path: Path, chain: dict[str, Any]) -> list[FinishedRun]:
     chain_dir = path.resolve().parent
     stages = chain["stages"]
     if not stages:
@@ -129,14 +113,14 @@ def _chain_stages(path: Path, chain: dict[str, Any]) -> list[RunSummary]:
             problems = summary_problems(entry)
             if problems:
                 raise _invalid(path, [f"stages[{index - 1}]: {p}" for p in problems])
-            runs.append(RunSummary(f"{chain_dir.name}/{name}", "stage", str(path), entry))
+            runs.append(FinishedRun(f"{chain_dir.name}/{name}", "stage", str(path), RunSummary.from_dict(entry)))
         else:
             raise _invalid(path, [f"stages[{index - 1}] neither embeds its figures (`eval` or `success_rate`) "
                                   "nor names a stage directory holding summary.json"])
     return runs
 
 
-def read_runs(arg: str) -> list[RunSummary]:
+def read_runs(arg: str) -> list[FinishedRun]:
     """The runs one RUN argument names: one for a run or stage, every stage for a chain."""
     path = Path(arg).expanduser()
     if not path.exists():

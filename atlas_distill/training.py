@@ -26,13 +26,14 @@ from .errors import AtlasDistillError, OutputError, TrainingError, UsageError
 from .outputs import (FREE_SPACE_FIX, check_free_space, check_writable_dir, ensure_writable_dir,
                       last_complete_checkpoint, remove_incomplete_checkpoints, write_json)
 from .progress import Event
+from .summary import Figures, RunSummary
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     final_dir: Path
-    summary: dict[str, Any]
+    summary: RunSummary
 
 
 def _prepare_run_dir(profile: Profile, profile_name: str, resume: bool, emit: Event) -> tuple[Path, str | None]:
@@ -102,10 +103,10 @@ def _process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _baseline(profile: Profile, measured: dict[str, float] | None) -> dict[str, Any]:
+def _baseline(profile: Profile, measured: Figures) -> dict[str, Any]:
     t = profile.trainer
-    success = measured["success_rate"] if t.baseline_success == "auto" else t.baseline_success
-    tokens = measured["avg_tokens"] if t.baseline_tokens == "auto" else t.baseline_tokens
+    success = measured.success_rate if t.baseline_success == "auto" else t.baseline_success
+    tokens = measured.avg_tokens if t.baseline_tokens == "auto" else t.baseline_tokens
     return {"success": success, "tokens": tokens, "success_target": t.success_delta_target,
             "token_target": t.token_reduction_target,
             "source": {"success": "measured" if t.baseline_success == "auto" else "profile",
@@ -117,7 +118,7 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
                  on_event: Event | None = None) -> TrainResult:
     from . import models
     from .data import prepare_for_profile
-    from .evaluate import compute_baseline_summary, format_baseline_line, format_reference_line
+    from .evaluate import baseline_summary, format_baseline_line, format_reference_line
     from .tracking import RunTracker, prepare_wandb
 
     started = time.perf_counter()
@@ -216,34 +217,31 @@ def run_training(profile: Profile, *, profile_name: str = "default", db_url: str
     final_dir = run_dir / "final"
     _save_final(trainer, tokenizer, final_dir, state)
     timings["final_eval_and_save"] = time.perf_counter() - started - sum(timings.values())
-    summary = {
-        "run_dir": str(run_dir), "final_dir": str(final_dir), "profile": profile_name,
-        "teacher": teacher_spec.name, "student": student_spec.name,
-        "teacher_parameters": models.count_parameters(teacher), "student_parameters": models.count_parameters(student),
-        "data": prepared.stats.to_dict() | {"eval_used": len(eval_rows)},
-        "teacher_eval": teacher_eval, "student_before": before,
-        "eval": after.rates() | {"loss": eval_loss},
-        "baseline": compute_baseline_summary(after, baseline["success"], baseline["tokens"],
-                                             success_target=baseline["success_target"],
-                                             token_target=baseline["token_target"]) | {"source": baseline["source"]},
-        "steps": trainer.state.global_step, "processes": state.num_processes,
-        "seconds": round(time.perf_counter() - started, 1),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-        "train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-    }
+    summary = RunSummary(
+        run_dir=str(run_dir), final_dir=str(final_dir), profile=profile_name,
+        teacher=teacher_spec.name, student=student_spec.name,
+        teacher_parameters=models.count_parameters(teacher), student_parameters=models.count_parameters(student),
+        data=prepared.stats.to_dict() | {"eval_used": len(eval_rows)},
+        teacher_eval=teacher_eval, student_before=before, eval=after.figures(), eval_loss=eval_loss,
+        baseline=baseline_summary(after, baseline["success"], baseline["tokens"],
+                                  success_target=baseline["success_target"], token_target=baseline["token_target"]),
+        steps=trainer.state.global_step, processes=state.num_processes,
+        seconds=round(time.perf_counter() - started, 1), timings={k: round(v, 1) for k, v in timings.items()},
+        train_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None))
+    summary.baseline.source = baseline["source"]
     if state.is_main_process:
-        write_json(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary.to_dict())
         _write(final_dir / "README.md", _model_card(summary, profile))
         _write(final_dir / "profile.yaml", profile_to_yaml(profile))  # a copied final/ keeps its configuration
     state.wait_for_everyone()
-    closing = format_baseline_line(summary["baseline"])
+    closing = format_baseline_line(summary.baseline)
     if not (last["summary"] and format_baseline_line(last["summary"]) == closing):
         emit("line", closing)  # unless the final evaluation's own line already said it
     return TrainResult(run_dir, final_dir, summary)
 
 
 def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume: bool,
-                     key: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+                     key: dict[str, Any]) -> tuple[Figures, Figures]:
     """(teacher, student) success rates and avg_tokens before training; a resumed run reads them back from
     before_training.json rather than generating again (the student is loaded from its checkpoint later)."""
     import json
@@ -253,13 +251,13 @@ def _before_training(trainer, state, run_dir: Path, rows: list[dict], *, resume:
     if resume and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            return saved["teacher_eval"], saved["student_before"]
+            return Figures.from_dict(saved["teacher_eval"]), Figures.from_dict(saved["student_before"])
     conversations, references = [r["messages"] for r in rows], [r["reference"] for r in rows]
     targets = [r.get("targets") for r in rows]
-    measured = [trainer.evaluate_model(model, conversations, references, targets).rates()
+    measured = [trainer.evaluate_model(model, conversations, references, targets).figures()
                 for model in (trainer.teacher_model, trainer.model)]
     if state.is_main_process:
-        write_json(path, {"key": key, "teacher_eval": measured[0], "student_before": measured[1]})
+        write_json(path, {"key": key, "teacher_eval": measured[0].to_dict(), "student_before": measured[1].to_dict()})
     return measured[0], measured[1]
 
 
@@ -333,29 +331,29 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def _rates(figures: dict[str, Any]) -> str:
-    return (f"{figures['success_rate']:.2%} ({_percent(figures.get('step_success_rate'))} / "
-            f"{_percent(figures.get('episode_success_rate'))})")
+def _rates(figures: Figures) -> str:
+    return (f"{figures.success_rate:.2%} ({_percent(figures.step_success_rate)} / "
+            f"{_percent(figures.episode_success_rate)})")
 
 
-def _model_card(summary: dict[str, Any], profile: Profile) -> str:
-    b, e = summary["baseline"], summary["eval"]
-    reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:.1f}%"
+def _model_card(summary: RunSummary, profile: Profile) -> str:
+    b, e, loss = summary.baseline, summary.eval, summary.eval_loss
+    reduction = "n/a" if b.token_reduction_pct is None else f"{b.token_reduction_pct:.1f}%"
     return (
-        f"# {summary['student']} distilled from {summary['teacher']} with GKD\n\n"
-        f"Trained by atlas-distill on Atlas traces ({summary['data']['train']} train / "
-        f"{summary['data']['eval']} eval conversations), {summary['steps']} steps, "
+        f"# {summary.student} distilled from {summary.teacher} with GKD\n\n"
+        f"Trained by atlas-distill on Atlas traces ({summary.data['train']} train / "
+        f"{summary.data['eval']} eval conversations), {summary.steps} steps, "
         f"lmbda={profile.trainer.lmbda}, beta={profile.trainer.beta}, temperature={profile.trainer.temperature}.\n\n"
         "| metric | value |\n| --- | --- |\n"
-        f"| eval/success_rate (final answer) | {e['success_rate']:.2%} |\n"
-        f"| eval/step_success_rate | {_percent(e.get('step_success_rate'))} |\n"
-        f"| eval/episode_success_rate | {_percent(e.get('episode_success_rate'))} |\n"
-        f"| eval/avg_tokens (per episode) | {e['avg_tokens']:.1f} |\n"
-        f"| eval/loss | {e['loss'] if e['loss'] is None else round(e['loss'], 4)} |\n"
-        f"| teacher success_rate (step / episode) | {_rates(summary['teacher_eval'])} |\n"
-        f"| student before training (step / episode) | {_rates(summary['student_before'])} |\n"
-        f"| metrics/success_delta | {b['success_delta'] * 100:+.1f} pp |\n"
-        f"| metrics/token_reduction_pct | {reduction} |\n| metrics/meets_target | {b['meets_all_targets']} |\n\n"
+        f"| eval/success_rate (final answer) | {e.success_rate:.2%} |\n"
+        f"| eval/step_success_rate | {_percent(e.step_success_rate)} |\n"
+        f"| eval/episode_success_rate | {_percent(e.episode_success_rate)} |\n"
+        f"| eval/avg_tokens (per episode) | {e.avg_tokens:.1f} |\n"
+        f"| eval/loss | {loss if loss is None else round(loss, 4)} |\n"
+        f"| teacher success_rate (step / episode) | {_rates(summary.teacher_eval)} |\n"
+        f"| student before training (step / episode) | {_rates(summary.student_before)} |\n"
+        f"| metrics/success_delta | {b.success_delta_pp:+.1f} pp |\n"
+        f"| metrics/token_reduction_pct | {reduction} |\n| metrics/meets_target | {b.meets_target} |\n\n"
         "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.\n"
         "The resolved profile is `profile.yaml` here (as `../profile.yaml`); metrics per step are in "
         "`../metrics.jsonl`.\n"

@@ -73,7 +73,7 @@ def main() -> None:
         log(f"{role}: verifying first")
         verified = _measure(model, tokenizer, rows, profile, verify=True)
         same = every["result"].to_dict(include_episodes=True) == verified["result"].to_dict(include_episodes=True)
-        rates = every["result"].rates()
+        rates = every["result"].figures().to_dict()
         figures["models"][role] = {
             "model": spec, "sessions": len(rows), "turns": sum(len(e.steps) for e in every["result"].episodes),
             "step_success_rate": rates["step_success_rate"], "identical_results": same,

@@ -10,6 +10,7 @@ import pytest
 from atlas_distill.evaluate import (
     Episode,
     EvalResult,
+    baseline_summary,
     compute_baseline_summary,
     evaluate_conversations,
     format_baseline_line,
@@ -182,13 +183,13 @@ def test_baseline_summary_rejects_bad_input(eval_results, baseline_success, base
 
 
 def test_console_lines_match_upstream():
-    met = compute_baseline_summary({"success_rate": 0.873, "avg_tokens": 777.6}, 0.75, 1200)
+    met = baseline_summary({"success_rate": 0.873, "avg_tokens": 777.6}, 0.75, 1200)
     assert format_baseline_line(met) == \
         "✅ Baseline Comparison targets MET: success delta=12.3 pp, token reduction=35.2%"
-    missed = compute_baseline_summary({"success_rate": 0.73, "avg_tokens": 777.6}, 0.75, 1200)
+    missed = baseline_summary({"success_rate": 0.73, "avg_tokens": 777.6}, 0.75, 1200)
     assert format_baseline_line(missed) == \
         "❌ Baseline Comparison targets NOT met: success delta=-2.0 pp, token reduction=35.2%"
-    no_tokens = compute_baseline_summary({"success_rate": 0.873, "avg_tokens": 777.6}, 0.75, None)
+    no_tokens = baseline_summary({"success_rate": 0.873, "avg_tokens": 777.6}, 0.75, None)
     assert format_baseline_line(no_tokens) == "✅ Baseline Comparison targets MET: success delta=12.3 pp"
     assert format_reference_line(0.75, 1200) == \
         "Starting GKD training with Baseline Comparison reference: success=75.00%, tokens=1200"

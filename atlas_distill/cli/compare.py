@@ -81,13 +81,13 @@ def compare(
 
 def _cells(row) -> list[str]:
     b = row.baseline
-    reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:+.1f}%"
+    reduction = "n/a" if b.token_reduction_pct is None else f"{b.token_reduction_pct:+.1f}%"
     meets = "ref" if row.reference else ("✅" if row.meets_target else "❌")
     loss = "—" if row.eval_loss is None else f"{row.eval_loss:.4f}"
     speed = "—" if row.tokens_per_second is None else f"{row.tokens_per_second:,.1f}"
     multi_turn = "—" if row.step_success_rate is None or row.episode_success_rate is None else \
         f"{row.step_success_rate:.1%} / {row.episode_success_rate:.1%}"
-    return [row.name, f"{row.success_rate:.1%}", multi_turn, f"{b['success_delta_pp']:+.1f} pp", f"{row.avg_tokens:.1f}",
+    return [row.name, f"{row.success_rate:.1%}", multi_turn, f"{b.success_delta_pp:+.1f} pp", f"{row.avg_tokens:.1f}",
             reduction, meets, loss, _human(row.parameters), speed]
 
 

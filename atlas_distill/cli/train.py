@@ -15,6 +15,7 @@ from ..config import load_profile
 from ..db import check_database, resolve_db_url
 from ..errors import AtlasDistillError, UsageError
 from ..models import resolve_model_spec
+from ..summary import Figures, RunSummary
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg, ProfileOpt,
                       StatusOpt, err, filter_flags, out, print_json, reporting_errors)
@@ -79,7 +80,7 @@ def train(
     if not main:
         return
     if json_out:
-        print_json(result.summary)
+        print_json(result.summary.to_dict())
         return
     out.print(_summary_table(result.summary))
 
@@ -169,33 +170,32 @@ class _live:
             self.progress.stop()
 
 
-def _rates(figures: dict) -> str:
+def _rates(figures: Figures) -> str:
     """final-answer / step / episode success, e.g. `95.0% / 97.5% / 92.5%` (older runs: final only)."""
-    shown = [figures.get(key) for key in ("success_rate", "step_success_rate", "episode_success_rate")]
+    shown = [figures.success_rate, figures.step_success_rate, figures.episode_success_rate]
     return " / ".join("n/a" if value is None else f"{value:.1%}" for value in shown)
 
 
-def _summary_table(summary: dict) -> Table:
-    b = summary["baseline"]
-    table = Table(title=f"GKD run {summary['run_dir']}", show_header=False)
+def _summary_table(summary: RunSummary) -> Table:
+    b, data = summary.baseline, summary.data
+    table = Table(title=f"GKD run {summary.run_dir}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(justify="right", overflow="fold")  # a path or URL folds, never cut
-    reduction = "n/a" if b["token_reduction_pct"] is None else f"{b['token_reduction_pct']:.1f}%"
-    rows = [("teacher", f"{summary['teacher']} ({summary['teacher_parameters'] / 1e6:.1f}M)"),
-            ("student", f"{summary['student']} ({summary['student_parameters'] / 1e6:.1f}M)"),
-            ("train / eval conversations", f"{summary['data']['train']} / {summary['data']['eval_used']}"),
-            ("truncated / dropped", f"{summary['data']['truncated']} / "
-                                    f"{summary['data']['dropped_too_long'] + summary['data']['dropped_no_answer']}"),
-            ("steps", summary["steps"]), ("seconds", summary["seconds"]),
+    reduction = "n/a" if b.token_reduction_pct is None else f"{b.token_reduction_pct:.1f}%"
+    rows = [("teacher", f"{summary.teacher} ({summary.teacher_parameters / 1e6:.1f}M)"),
+            ("student", f"{summary.student} ({summary.student_parameters / 1e6:.1f}M)"),
+            ("train / eval conversations", f"{data['train']} / {data['eval_used']}"),
+            ("truncated / dropped", f"{data['truncated']} / {data['dropped_too_long'] + data['dropped_no_answer']}"),
+            ("steps", summary.steps), ("seconds", summary.seconds),
             ("success: final / step / episode", ""),
-            ("  teacher", _rates(summary["teacher_eval"])),
-            ("  student before", _rates(summary["student_before"])),
-            ("  student after (eval/*_success_rate)", _rates(summary["eval"])),
-            ("eval/avg_tokens (per episode)", f"{summary['eval']['avg_tokens']:.1f}"),
-            ("metrics/success_delta", f"{b['success_delta'] * 100:+.1f} pp"),
+            ("  teacher", _rates(summary.teacher_eval)),
+            ("  student before", _rates(summary.student_before)),
+            ("  student after (eval/*_success_rate)", _rates(summary.eval)),
+            ("eval/avg_tokens (per episode)", f"{summary.eval.avg_tokens:.1f}"),
+            ("metrics/success_delta", f"{b.success_delta_pp:+.1f} pp"),
             ("metrics/token_reduction_pct", reduction),
-            ("metrics/meets_target", "✅" if b["meets_all_targets"] else "❌"),
-            ("final model", summary["final_dir"])]
+            ("metrics/meets_target", "✅" if b.meets_target else "❌"),
+            ("final model", summary.final_dir)]
     for label, value in rows:
         table.add_row(label, str(value))
     return table

@@ -258,7 +258,7 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def generation_metrics(self, dataset, *, prefix: str = "eval") -> dict[str, Any]:
         """Generate every target turn of the eval sessions and judge it; add the baseline comparison when set."""
-        from ..evaluate import compute_baseline_summary
+        from ..evaluate import baseline_summary
 
         limit = self.args.eval_max_sessions
         rows = dataset if limit is None else dataset.select(range(min(len(dataset), limit)))
@@ -269,12 +269,12 @@ class AtlasGKDTrainer(GKDTrainer):
                                    f"{prefix}_episode_success_rate": result.episode_success_rate,
                                    f"{prefix}_avg_tokens": result.avg_tokens}
         if self.args.baseline_success is not None:
-            summary = compute_baseline_summary(result, self.args.baseline_success, self.args.baseline_tokens,
-                                               success_target=self.args.success_delta_target,
-                                               token_target=self.args.token_reduction_target)
-            metrics.update({"metrics/success_delta": summary["success_delta"],
-                            "metrics/token_reduction_pct": summary["token_reduction_pct"],
-                            "metrics/meets_target": summary["meets_all_targets"]})
+            summary = baseline_summary(result, self.args.baseline_success, self.args.baseline_tokens,
+                                       success_target=self.args.success_delta_target,
+                                       token_target=self.args.token_reduction_target)
+            metrics.update({"metrics/success_delta": summary.success_delta,
+                            "metrics/token_reduction_pct": summary.token_reduction_pct,
+                            "metrics/meets_target": summary.meets_target})
         else:
             summary = None
         self.last_generation_eval = {"step": self.state.global_step, "result": result, "summary": summary}
