@@ -11,7 +11,6 @@ earlier stages' outputs as they are.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -24,7 +23,8 @@ from .config import Profile, load_profile
 from .errors import AtlasDistillError, ModelSpecError, UsageError
 from .models import ModelSpec, resolve_model_spec, tokenizer_family
 from .outputs import check_writable_dir, ensure_writable_dir, write_json
-from .summary import RunSummary
+from .runs.layout import RunDir
+from .runs.summary import RunSummary
 
 _ROOT_FIX = "Choose a writable --output-dir or free disk space."
 _STAGE_OVERRIDE = re.compile(r"stage(\d+)\.(.+=.*)", re.DOTALL)
@@ -175,34 +175,21 @@ def stage_profile(plan: ChainPlan, stage: Stage, teacher: str) -> Profile:
         "(chain output)": ("output_dir", str(plan.root)), "(chain stage)": ("run_name", stage.run_dir.name)})
 
 
-def stage_complete(run_dir: Path) -> RunSummary | None:
-    """The stage's summary when its final/ checkpoint and summary.json are whole, else None."""
-    final = run_dir / "final"
-    if not ((final / "config.json").is_file() and any(final.glob("*.safetensors"))):
-        return None
-    try:
-        document = json.loads((run_dir / "summary.json").read_text())
-        summary = RunSummary.from_dict(document) if isinstance(document, dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return summary if summary is not None and summary.baseline is not None else None
-
-
 def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None = None,
               on_event: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
-    from .training import _last_checkpoint, run_training
+    from .training import run_training
 
     emit = on_event or (lambda kind, data: None)
     ensure_writable_dir(plan.root, "chain directory", fix=_ROOT_FIX)
     rows = []
     for stage in plan.stages:
         teacher = stage.teacher.spec if stage.teacher else str((plan.stages[stage.index - 2].run_dir / "final"))
-        summary = stage_complete(stage.run_dir)
+        summary = RunDir(stage.run_dir).is_complete()
         if summary is not None:
             emit("line", f"Stage {stage.index}: {stage.teacher_name} -> {stage.student.name} already complete; skipped")
             rows.append(_row(stage, summary, skipped=True))
             continue
-        resume = _last_checkpoint(stage.run_dir) is not None
+        resume = RunDir(stage.run_dir).last_checkpoint() is not None
         if stage.run_dir.exists() and not resume:
             shutil.rmtree(stage.run_dir)  # an attempt that died before its first checkpoint: start it again
         emit("line", f"Stage {stage.index}: {stage.teacher_name} -> {stage.student.name}"

@@ -1,7 +1,7 @@
 """Baseline metrics side by side: finished runs, and models evaluated on the spot (`atlas-distill compare`).
 
 `compare_runs` reads each RUN (runs.py), optionally evaluates `--model` specs on the
-same eval split and with the same scorer as `train` (model_eval.py), picks the reference
+same eval split and with the same scorer as `train` (evaluate/models.py), picks the reference
 and recomputes every row's success delta and token reduction against it with
 `baseline_summary` and the profile's targets. It never prints; progress goes through `on_event(kind, data)`
 (kinds: "stage" text, "progress" (done, total) of the current evaluation).
@@ -19,11 +19,11 @@ from .config import Profile
 from .errors import ProfileError, UsageError
 from .evaluate import baseline_summary
 from .progress import Event
-from .runs import FinishedRun, read_runs
-from .summary import BaselineSummary, Figures
+from .runs.read import FinishedRun, read_runs
+from .runs.summary import BaselineSummary, Figures
 
 if TYPE_CHECKING:
-    from .model_eval import ModelEvaluation
+    from .evaluate.models import ModelEvaluation
 
 
 @dataclass
@@ -226,7 +226,7 @@ def compare_runs(runs: list[str], *, profile: Profile, baseline: str | None = No
         _unique_names(planned)
         _reference_index(planned, baseline)
     if models:
-        from .model_eval import evaluate_models
+        from .evaluate.models import evaluate_models
 
         rows += [row_from_model(m) for m in evaluate_models(list(models), profile, traces,
                                                              skip_invalid=skip_invalid, on_event=on_event)]

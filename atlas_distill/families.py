@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# What a size alias (14b, 7b, ...) resolves to unless `model.family` says otherwise.
+DEFAULT_FAMILY = "Qwen/Qwen2.5-{size}-Instruct"
+
 # Qwen/Qwen2.5-{size}-Instruct (the base models have the same shapes).
 _QWEN25 = {
     "0.5B": (896, 4864, 24, 14, 2, 151_936, True),

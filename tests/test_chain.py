@@ -89,7 +89,7 @@ def test_two_stage_chain_runs_and_resumes(cli, make_tiny_model, trace_file, tmp_
 
 def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, trace_file, tmp_path):
     """Stage 2 finds no data (its own override filters everything out); stage 1's outputs stay whole."""
-    from atlas_distill.chain import stage_complete
+    from atlas_distill.runs.layout import RunDir
 
     spec = f"{make_tiny_model(seed=2)}:{make_tiny_model(seed=1)}:{make_tiny_model(layers=1, seed=3)}"
     result = cli("chain", spec, "--name", "broken", "--traces", str(trace_file), "--max-steps", "1",
@@ -100,7 +100,7 @@ def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, 
     assert "Earlier stages' outputs are kept" in message
     (stage1,) = (tmp_path / "outputs/chain/broken").glob("stage-*")  # stage 2 never started: no directory
     assert stage1.name.startswith("stage-1-")
-    assert stage_complete(stage1) is not None and (stage1 / "final/model.safetensors").is_file()
+    assert RunDir(stage1).is_complete() is not None and (stage1 / "final/model.safetensors").is_file()
 
 
 def test_an_unreachable_hub_is_found_once_quickly_and_said_in_one_line(cli, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from atlas_distill.config import Profile, _flatten, known_keys, load_profile, parse_override, profile_paths
+from atlas_distill.config import Profile, known_keys, load_profile, parse_override, profile_paths
+from atlas_distill.config.loader import _flatten
 from atlas_distill.errors import ProfileError
 
 

@@ -25,7 +25,7 @@ from atlas_distill.config import Profile, known_keys, load_profile, profile_to_y
 from atlas_distill.data import conversation_row, load_prepared, prepare_conversations, split_of
 from atlas_distill.errors import AtlasDistillError, InvalidTraceData, NoTracesFound, ProfileError
 from atlas_distill.inspect import inspect_sessions
-from atlas_distill.jsonfast import loads
+from atlas_distill.traces.json_codec import loads
 from atlas_distill.traces import AtlasSession, JsonlTraceSink, JsonlTraceSource, RecordError, TraceFilter
 from atlas_distill.traces.conversation import session_to_messages
 

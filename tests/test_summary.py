@@ -5,7 +5,7 @@ import json
 import pytest
 
 from atlas_distill.evaluate import baseline_summary
-from atlas_distill.summary import BaselineSummary, Figures, RunSummary
+from atlas_distill.runs.summary import BaselineSummary, Figures, RunSummary
 
 AFTER = Figures(success_rate=0.9, avg_tokens=41.5, step_success_rate=0.95, episode_success_rate=0.85)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
@@ -203,3 +204,77 @@ def save_plot(draw: Callable[[str], None], path: str) -> None:
     except OSError as exc:
         raise OutputError(f"Cannot write the plot to {path}: {exc.strerror}.", fix="Choose a writable --plot path.") \
             from None
+
+
+class LiveProgress:
+    """The one progress renderer of long commands (train, chain, compare): on stderr, the lines as they come and,
+    on a terminal, one bar that follows each stage, model preparation and step (with the latest metrics). In a
+    log (no terminal) model preparation is said at its start, each quarter and its end, each logged loss as a
+    line, and each stage only with `log_stages`. `quiet` (--json, --markdown, the other processes) shows lines
+    only.
+
+    Events: "line" text; "stage" text; "prepare" (phase, done, total); "step" or "progress" (done, total);
+    "log" a metrics record.
+    """
+
+    def __init__(self, quiet: bool, log_stages: bool = False):
+        self.quiet, self.log_stages = quiet, log_stages
+        self.progress = None
+        self.task = None
+        self.last: dict = {}
+        self.phase: tuple[str, float, int] | None = None  # model preparation: (phase, started, quarters said)
+
+    def __enter__(self):
+        if err.is_terminal and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                                     console=err, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("Preparing", total=None, metrics="")
+        return self.event
+
+    def event(self, kind: str, data) -> None:
+        if kind == "line":
+            (self.progress.console if self.progress else err).print(data, markup=False, highlight=False)
+        elif kind == "stage" and self.progress:
+            self.progress.update(self.task, description=data, completed=0, total=None)
+        elif kind == "stage" and self.log_stages and not self.quiet:
+            err.print(data, markup=False, highlight=False)
+        elif kind == "prepare":
+            self._prepare(*data)
+        elif kind in ("step", "progress") and self.progress:
+            self.progress.update(self.task, completed=data[0], total=data[1], metrics=self._metrics())
+        elif kind == "log":
+            self.last.update({k: v for k, v in data.items() if isinstance(v, int | float)})
+            if not self.progress and "train/loss" in data:
+                err.print(f"  Step {data['step']}: loss={data['train/loss']:.4f}", highlight=False)
+
+    def _prepare(self, phase: str, done: int, total: int | None) -> None:
+        """A one-time model preparation: the bar on a terminal; in a log, its start, each quarter and its end."""
+        if self.progress:
+            self.progress.update(self.task, description=phase, completed=done, total=total)
+            return
+        if self.phase is None or self.phase[0] != phase:
+            self.phase = (phase, time.perf_counter(), 0)
+            err.print(f"{phase} ...", markup=False, highlight=False)
+        name, started, said = self.phase
+        quarter = 4 * done // total if total else 0
+        if quarter <= said:
+            return
+        self.phase = (name, started, quarter)
+        elapsed = time.perf_counter() - started
+        eta = f", about {elapsed * (total - done) / done:.0f} s left" if done < total else ""
+        err.print(f"  {done}/{total} ({done / total:.0%}) in {elapsed:.0f} s{eta}", markup=False, highlight=False)
+
+    def _metrics(self) -> str:
+        parts = [f"loss={self.last['train/loss']:.4f}" if "train/loss" in self.last else "",
+                 f"lr={self.last['train/learning_rate']:.2e}" if "train/learning_rate" in self.last else "",
+                 f"eval_loss={self.last['eval/loss']:.4f}" if "eval/loss" in self.last else "",
+                 f"success={self.last['eval/success_rate']:.0%}" if "eval/success_rate" in self.last else ""]
+        return " ".join(p for p in parts if p)
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()

@@ -13,9 +13,8 @@ from rich.table import Table
 from ..db import check_database, resolve_db_url
 from ..errors import UsageError
 from ..traces.jsonl import check_trace_file
-from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
-                      err, filter_flags, fit_table, out, print_json, reporting_errors, split_args)
-from .train import _live
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, LiveProgress, MinRewardOpt, ProfileOpt,
+                      StatusOpt, err, filter_flags, fit_table, out, print_json, reporting_errors, split_args)
 
 Opt = typer.Option
 
@@ -75,7 +74,7 @@ def chain(
                 for note in plan.notes:
                     err.print(f"Note: {note}", markup=False, highlight=False)
             return
-        with _live(json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
+        with LiveProgress(quiet=json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
             summary = run_chain(plan, db_url=url, traces=traces, on_event=on_event)
     if json_out:
         print_json(summary)

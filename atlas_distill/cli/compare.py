@@ -12,8 +12,9 @@ from rich.table import Table
 
 from ..config import load_profile
 from ..errors import TargetsNotMet, UsageError
-from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, ProfileOpt, StatusOpt,
-                      err, filter_flags, fit_table, out, print_json, reporting_errors, save_plot, split_args)
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, LiveProgress, MinRewardOpt, ProfileOpt,
+                      StatusOpt, err, filter_flags, fit_table, out, print_json, reporting_errors, save_plot,
+                      split_args)
 
 Opt = typer.Option
 COLUMNS = ("run", "success", "step / episode", "Δ vs baseline", "avg tokens", "token reduction", "meets target", "eval loss",
@@ -59,7 +60,8 @@ def compare(
                                                                status))
         from ..compare import compare_runs, plot_comparison
 
-        with _Progress(quiet=json_out or markdown) as on_event, contextlib.redirect_stdout(sys.stderr):
+        live = LiveProgress(quiet=json_out or markdown, log_stages=True)
+        with live as on_event, contextlib.redirect_stdout(sys.stderr):
             comparison = compare_runs(runs, profile=config, baseline=baseline, models=model or [], traces=traces,
                                       skip_invalid=skip_invalid, on_event=on_event, before=before)
         if plot:
@@ -120,36 +122,3 @@ def to_markdown(comparison) -> str:
         cells = [cell.replace("|", "\\|") for cell in _cells(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _reference_text(comparison) + "\n"
-
-
-class _Progress:
-    """Stage lines and a per-evaluation progress bar on stderr, only on a terminal and not for --json/--markdown."""
-
-    def __init__(self, quiet: bool):
-        self.progress = None
-        self.task = None
-        self.quiet = quiet
-
-    def __enter__(self):
-        if err.is_terminal and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=err, transient=True)
-            self.progress.start()
-        return self.event
-
-    def event(self, kind: str, data) -> None:
-        if kind == "stage":
-            if self.progress and self.task is None:
-                self.task = self.progress.add_task(data, total=None)
-            elif self.progress:
-                self.progress.reset(self.task, description=data, total=None)
-            elif not self.quiet:
-                err.print(data, markup=False, highlight=False)
-        elif kind == "progress" and self.progress and self.task is not None:
-            self.progress.update(self.task, completed=data[0], total=data[1])
-
-    def __exit__(self, *exc):
-        if self.progress:
-            self.progress.stop()

@@ -15,10 +15,10 @@ from ..config import load_profile
 from ..db import check_database, resolve_db_url
 from ..errors import AtlasDistillError, UsageError
 from ..models import resolve_model_spec
-from ..summary import Figures, RunSummary
+from ..runs.summary import Figures, RunSummary
 from ..traces.jsonl import check_trace_file
-from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, MinRewardOpt, OverridesArg, ProfileOpt,
-                      StatusOpt, err, filter_flags, out, print_json, reporting_errors)
+from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, LiveProgress, MinRewardOpt,
+                      OverridesArg, ProfileOpt, StatusOpt, filter_flags, out, print_json, reporting_errors)
 
 Opt = typer.Option
 _REPORT_GRACE = 2.0  # seconds another process waits, on an error, for the main process to report it
@@ -74,7 +74,8 @@ def train(
         from ..training import run_training
 
         # Libraries print to stdout (transformers announces W&B offline mode there); stdout is ours.
-        with _live(json_out or not main) as on_event, contextlib.redirect_stdout(sys.stderr if main else sys.stdout):
+        live = LiveProgress(quiet=json_out or not main)
+        with live as on_event, contextlib.redirect_stdout(sys.stderr if main else sys.stdout):
             result = run_training(config, profile_name=profile, db_url=url, traces=traces,
                                   skip_invalid=skip_invalid, resume=resume, on_event=on_event)
     if not main:
@@ -104,70 +105,6 @@ def _replica(main: bool):
         except AtlasDistillError as exc:
             time.sleep(_REPORT_GRACE)  # the launcher stops every process once one has exited
             raise typer.Exit(exc.exit_code) from None
-
-
-class _live:
-    """Startup lines and the per-step progress bar on stderr, the upstream lines as they come."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.progress = None
-        self.task = None
-        self.last: dict = {}
-        self.phase: tuple[str, float, int] | None = None  # model preparation: (phase, started, quarters said)
-
-    def __enter__(self):
-        if err.is_terminal and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[metrics]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                                     console=err, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task("Preparing", total=None, metrics="")
-        return self.event
-
-    def event(self, kind: str, data) -> None:
-        if kind == "line":
-            (self.progress.console if self.progress else err).print(data, markup=False, highlight=False)
-        elif kind == "stage" and self.progress:
-            self.progress.update(self.task, description=data, completed=0, total=None)
-        elif kind == "prepare":
-            self._prepare(*data)
-        elif kind == "step" and self.progress:
-            self.progress.update(self.task, completed=data[0], total=data[1], metrics=self._metrics())
-        elif kind == "log":
-            self.last.update({k: v for k, v in data.items() if isinstance(v, int | float)})
-            if not self.progress and "train/loss" in data:
-                err.print(f"  Step {data['step']}: loss={data['train/loss']:.4f}", highlight=False)
-
-    def _prepare(self, phase: str, done: int, total: int | None) -> None:
-        """A one-time model preparation: the bar on a terminal; in a log, its start, each quarter and its end."""
-        if self.progress:
-            self.progress.update(self.task, description=phase, completed=done, total=total)
-            return
-        if self.phase is None or self.phase[0] != phase:
-            self.phase = (phase, time.perf_counter(), 0)
-            err.print(f"{phase} ...", markup=False, highlight=False)
-        name, started, said = self.phase
-        quarter = 4 * done // total if total else 0
-        if quarter <= said:
-            return
-        self.phase = (name, started, quarter)
-        elapsed = time.perf_counter() - started
-        eta = f", about {elapsed * (total - done) / done:.0f} s left" if done < total else ""
-        err.print(f"  {done}/{total} ({done / total:.0%}) in {elapsed:.0f} s{eta}", markup=False, highlight=False)
-
-    def _metrics(self) -> str:
-        parts = [f"loss={self.last['train/loss']:.4f}" if "train/loss" in self.last else "",
-                 f"lr={self.last['train/learning_rate']:.2e}" if "train/learning_rate" in self.last else "",
-                 f"eval_loss={self.last['eval/loss']:.4f}" if "eval/loss" in self.last else "",
-                 f"success={self.last['eval/success_rate']:.0%}" if "eval/success_rate" in self.last else ""]
-        return " ".join(p for p in parts if p)
-
-    def __exit__(self, *exc):
-        if self.progress:
-            self.progress.stop()
 
 
 def _rates(figures: Figures) -> str:

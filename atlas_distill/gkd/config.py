@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
-from .settings import SETTINGS, AtlasSettings
+from .settings import SETTINGS, AtlasSettings, GenerationDtype, Scorer, Targets
 from .trl_surface import GKDConfig as TRLGKDConfig
 
 if TYPE_CHECKING:
@@ -14,8 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AtlasGKDConfig", "GKDConfig", "from_profile"]
 
-_CHOICES = {"targets": ("all", "final"), "scorer": ("auto", "exact", "numeric", "json", "contains"),
-            "generation_dtype": ("auto", "float32", "bfloat16")}
+_CHOICES = {"targets": get_args(Targets), "scorer": get_args(Scorer), "generation_dtype": get_args(GenerationDtype)}
 
 
 @dataclass

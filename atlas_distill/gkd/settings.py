@@ -2,7 +2,7 @@
 
 `AtlasSettings` holds every setting atlas-distill adds to TRL's `GKDConfig`, in TRL's style (a dataclass
 field with its help). `AtlasGKDConfig` (gkd/config.py) inherits them; the CLI's profile schema takes the same
-default and help through `setting(name)` (config.py), and `gkd/config.py::from_profile` copies each by name.
+default and help through `setting(name)` (config/schema.py), and `gkd/config.py::from_profile` copies each by name.
 This module imports neither torch nor TRL, so that reading a profile stays fast.
 """
 
@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+
+Scorer = Literal["auto", "exact", "numeric", "json", "contains"]
+Targets = Literal["all", "final"]
+GenerationDtype = Literal["auto", "float32", "bfloat16"]
+SCORERS: tuple[str, ...] = get_args(Scorer)
 
 
 @dataclass
@@ -25,7 +31,7 @@ class AtlasSettings:
         default=None, metadata={"help": "Keep sessions with this metadata.learning_key."})
     eval_split: float = field(
         default=0.15, metadata={"help": "Fraction of sessions held out for evaluation."})
-    targets: Literal["all", "final"] = field(
+    targets: Targets = field(
         default="all", metadata={"help": "What the student learns: all: every action of the agent (each step's "
                                          "output or tool call) and the final answer; final: only the final answer, "
                                          "the rest of the episode is prompt."})
@@ -39,7 +45,7 @@ class AtlasSettings:
         default=0.0, metadata={"help": "beta during the warm-up (0: forward KL)."})
 
     # > Parameters that control evaluation
-    scorer: Literal["auto", "exact", "numeric", "json", "contains"] = field(
+    scorer: Scorer = field(
         default="auto", metadata={"help": "How an eval turn is judged against the recorded one; auto: tool calls by "
                                           "tool and arguments (json), other turns by their text."})
     eval_max_sessions: int | None = field(
@@ -68,7 +74,7 @@ class AtlasSettings:
                                        "repeated example (next epoch) skips the teacher. 0: off."})
     group_by_length: bool = field(
         default=True, metadata={"help": "Batches of similar-length examples (less padding)."})
-    generation_dtype: Literal["auto", "float32", "bfloat16"] = field(
+    generation_dtype: GenerationDtype = field(
         default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
                                           "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "
                                           "else the student itself."})

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ModelSpecError
+from ..families import DEFAULT_FAMILY
 from .builtin import BUILTIN_NAME
 from .cache import built_model_dir
 from .registry import BUILTINS
 
-DEFAULT_FAMILY = "Qwen/Qwen2.5-{size}-Instruct"
 _ALIAS = re.compile(r"(\d+(?:\.\d+)?)b", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _LAYERS = re.compile(r"(\d+)L", re.IGNORECASE)

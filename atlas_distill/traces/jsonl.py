@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import InvalidTraceData, NoTracesFound, OutputError
-from ..jsonfast import loads
+from .json_codec import loads
 from .filters import FunnelStage, TraceFilter
 from .record import AtlasSession, RecordError
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..db import connect, mask_url, query_error, scrub
 from ..errors import DatabaseConnectionLost, DatabaseError
-from ..jsonfast import loads
+from .json_codec import loads
 from .filters import FunnelStage, TraceFilter
 from .record import AtlasSession
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..jsonfast import dumps
+from .json_codec import dumps
 
 # Keys with a fixed JSON type when present; anything else is kept unchecked.
 _EXPECTED_TYPES: dict[str, tuple[type, ...]] = {

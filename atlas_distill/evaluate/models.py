@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import Profile
-from .progress import Event
-from .traces.jsonl import check_trace_file
+from ..config import Profile
+from ..progress import Event
+from ..traces.jsonl import check_trace_file
 
 if TYPE_CHECKING:
-    from .evaluate import EvalResult
+    from .results import EvalResult
 
 
 @dataclass
@@ -42,20 +42,22 @@ def evaluate_models(specs: list[str], profile: Profile, traces: str, *, skip_inv
     """Each model's success rates (final answer, step, episode), avg tokens and generation speed on `train`'s eval
     split of `traces`.
 
-    Reports "stage" (text) and "progress" ((done, total) of the current model) through `on_event`.
+    Reports "stage" (text), "prepare" ((phase, done, total) of a one-time model preparation) and "progress"
+    ((done, total) of the current model) through `on_event`.
     """
     import gc
 
-    from . import models
-    from .data import prepare_for_profile
-    from .evaluate import evaluate_conversations
+    from .. import models
+    from ..data import prepare_for_profile
+    from .generation import evaluate_conversations
 
     emit = on_event or (lambda kind, data: None)
     trust, t = profile.model.trust_remote_code, profile.trainer
     resolved = [models.resolve_model_spec(spec, profile.model.family) for spec in specs]
     check_trace_file(traces)  # before minutes of preparing models
     emit("stage", "Preparing models")
-    paths = [models.materialize(spec) for spec in resolved]
+    paths = [models.materialize(spec, lambda phase, done, total: emit("prepare", (phase, done, total)))
+             for spec in resolved]
     emit("stage", f"Loading traces from {traces}")
     # train measures lengths with the student's tokenizer; here the first model's stands in for it.
     prepared = prepare_for_profile(profile, traces=traces, skip_invalid=skip_invalid,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRunSummary
+from ..errors import InvalidRunSummary
 from .summary import RunSummary, figures_problems
 
 SUMMARY = "summary.json"

@@ -10,8 +10,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .errors import OutputError
-from .outputs import FREE_SPACE_FIX
+from ..errors import OutputError
+from ..outputs import FREE_SPACE_FIX
 
 # Trainer log keys -> the names upstream documents (and W&B shows).
 _RENAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",

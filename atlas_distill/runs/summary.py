@@ -36,7 +36,8 @@ class Figures:
                    episode_success_rate=_rate(data.get("episode_success_rate")))
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -47,21 +48,20 @@ def figures_problems(figures: Any, where: str = "eval") -> list[str]:
         return [f"`{where}` is missing or not an object (expected {{success_rate, avg_tokens, loss}})"]
     problems = []
     rate, tokens, loss = figures.get("success_rate"), figures.get("avg_tokens"), figures.get("loss")
-    if not (_number(rate) and 0.0 <= rate <= 1.0):
+    if not (is_number(rate) and 0.0 <= rate <= 1.0):
         problems.append(f"`{where}.success_rate` must be a number in [0, 1], got {rate!r}"
                         if "success_rate" in figures else f"`{where}.success_rate` is missing")
-    if not (_number(tokens) and tokens >= 0):
+    if not (is_number(tokens) and tokens >= 0):
         problems.append(f"`{where}.avg_tokens` must be a non-negative number, got {tokens!r}"
                         if "avg_tokens" in figures else f"`{where}.avg_tokens` is missing")
-    if loss is not None and not _number(loss):
+    if loss is not None and not is_number(loss):
         problems.append(f"`{where}.loss` must be a number or null, got {loss!r}")
     return problems
 
 
 def _rate(value: Any) -> float | None:
     """A rate from a summary: a number in [0, 1], else none (an older run, or a hand-edited file)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    return float(value) if ok else None
+    return float(value) if is_number(value) and 0.0 <= value <= 1.0 else None
 
 
 @dataclass
@@ -159,3 +159,37 @@ _SIMPLE = {"run_dir": str, "final_dir": str, "profile": str, "teacher": str, "st
 
 def _is_baseline(value: dict[str, Any]) -> bool:
     return {f.name for f in fields(BaselineSummary) if f.name != "source"} <= set(value)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _rates(figures: Figures) -> str:
+    return (f"{figures.success_rate:.2%} ({_percent(figures.step_success_rate)} / "
+            f"{_percent(figures.episode_success_rate)})")
+
+
+def model_card(summary: RunSummary, *, lmbda: float, beta: float, temperature: float) -> str:
+    """final/README.md: what the model is, how it was trained, its figures, how to load it."""
+    b, e, loss = summary.baseline, summary.eval, summary.eval_loss
+    reduction = "n/a" if b.token_reduction_pct is None else f"{b.token_reduction_pct:.1f}%"
+    return (
+        f"# {summary.student} distilled from {summary.teacher} with GKD\n\n"
+        f"Trained by atlas-distill on Atlas traces ({summary.data['train']} train / "
+        f"{summary.data['eval']} eval conversations), {summary.steps} steps, "
+        f"lmbda={lmbda}, beta={beta}, temperature={temperature}.\n\n"
+        "| metric | value |\n| --- | --- |\n"
+        f"| eval/success_rate (final answer) | {e.success_rate:.2%} |\n"
+        f"| eval/step_success_rate | {_percent(e.step_success_rate)} |\n"
+        f"| eval/episode_success_rate | {_percent(e.episode_success_rate)} |\n"
+        f"| eval/avg_tokens (per episode) | {e.avg_tokens:.1f} |\n"
+        f"| eval/loss | {loss if loss is None else round(loss, 4)} |\n"
+        f"| teacher success_rate (step / episode) | {_rates(summary.teacher_eval)} |\n"
+        f"| student before training (step / episode) | {_rates(summary.student_before)} |\n"
+        f"| metrics/success_delta | {b.success_delta_pp:+.1f} pp |\n"
+        f"| metrics/token_reduction_pct | {reduction} |\n| metrics/meets_target | {b.meets_target} |\n\n"
+        "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.\n"
+        "The resolved profile is `profile.yaml` here (as `../profile.yaml`); metrics per step are in "
+        "`../metrics.jsonl`.\n"
+    )
