@@ -239,7 +239,7 @@ def _flag_items(flags: dict[str, Any] | None):
 
 
 def profile_to_yaml(profile: Profile) -> str:
-    from .db import mask_url
+    from ..db import mask_url
 
     data = copy.deepcopy(profile.model_dump(mode="json"))
     if data["database"]["url"]:
