@@ -246,7 +246,10 @@ def test_any_trace_file_reads_or_raises_invalid_trace_data(workdir, content, tra
     assert skip_invalid or source.invalid == 0
     assert len(result) <= source.valid - source.filtered_out
     if not content.startswith(b"\x1f\x8b") and (trace_filter is None or trace_filter.limit is None):
-        assert source.valid + source.invalid == sum(1 for line in content.split(b"\n") if line.strip())
+        # every non-blank line is a session, an invalid line or a comment (`#`), counted once
+        lines = [line for line in content.split(b"\n") if line.strip()]
+        assert source.valid + source.invalid + source.comments == len(lines)
+        assert source.comments == sum(line.lstrip().startswith(b"#") for line in lines)
     for session in result:
         assert trace_filter is None or trace_filter.matches(session)
         check_session(session)
