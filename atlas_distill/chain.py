@@ -184,7 +184,7 @@ def run_chain(plan: ChainPlan, *, db_url: str | None = None, traces: str | None 
     rows = []
     for stage in plan.stages:
         teacher = stage.teacher.spec if stage.teacher else str((plan.stages[stage.index - 2].run_dir / "final"))
-        summary = RunDir(stage.run_dir).is_complete()
+        summary = RunDir(stage.run_dir).finished_summary()
         if summary is not None:
             emit("line", f"Stage {stage.index}: {stage.teacher_name} -> {stage.student.name} already complete; skipped")
             rows.append(_row(stage, summary, skipped=True))

@@ -106,7 +106,7 @@ class Comparison:
 def row_from_run(run: FinishedRun) -> CompareRow:
     s = run.summary
     return CompareRow(name=run.name, kind=run.kind, path=run.path, eval_loss=s.eval_loss, parameters=s.student_parameters,
-                      eval_sessions=s.data.get("eval_used"), model=s.student, **_figures(s.eval))
+                      eval_sessions=s.data.get("eval_used"), model=s.student, **s.eval.to_dict())
 
 
 def rows_measured_before(run: FinishedRun) -> list[CompareRow]:
@@ -116,14 +116,9 @@ def rows_measured_before(run: FinishedRun) -> list[CompareRow]:
     if s.teacher_eval is None or s.student_before is None:
         return []
     return [CompareRow(name=f"{run.name} ({label})", kind=label, path=run.path, parameters=parameters,
-                       eval_sessions=s.data.get("eval_used"), model=model, **_figures(figures))
+                       eval_sessions=s.data.get("eval_used"), model=model, **figures.to_dict())
             for label, figures, model, parameters in (("teacher", s.teacher_eval, s.teacher, s.teacher_parameters),
                                                       ("before", s.student_before, s.student, s.student_parameters))]
-
-
-def _figures(figures: Figures) -> dict[str, Any]:
-    return {"success_rate": figures.success_rate, "avg_tokens": figures.avg_tokens,
-            "step_success_rate": figures.step_success_rate, "episode_success_rate": figures.episode_success_rate}
 
 
 def row_from_model(m: ModelEvaluation) -> CompareRow:

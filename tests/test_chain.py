@@ -100,7 +100,7 @@ def test_a_failing_stage_is_named_and_earlier_stages_kept(cli, make_tiny_model, 
     assert "Earlier stages' outputs are kept" in message
     (stage1,) = (tmp_path / "outputs/chain/broken").glob("stage-*")  # stage 2 never started: no directory
     assert stage1.name.startswith("stage-1-")
-    assert RunDir(stage1).is_complete() is not None and (stage1 / "final/model.safetensors").is_file()
+    assert RunDir(stage1).finished_summary() is not None and (stage1 / "final/model.safetensors").is_file()
 
 
 def test_an_unreachable_hub_is_found_once_quickly_and_said_in_one_line(cli, tmp_path):

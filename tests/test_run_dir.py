@@ -58,10 +58,10 @@ def test_a_run_is_complete_only_with_its_final_model_and_summary(tmp_path):
     after = Figures(0.5, 3.0)
     summary = RunSummary(eval=after, baseline=baseline_summary(after, 0.25, None))
     run.write_summary(summary)
-    assert run.is_complete() is None  # no final/ model yet
+    assert run.finished_summary() is None  # no final/ model yet
     run.final.mkdir()
     (run.final / "config.json").write_text("{}")
     (run.final / "model.safetensors").write_bytes(b"x")
-    assert run.is_complete() == summary == run.read_summary()
+    assert run.finished_summary() == summary == run.read_summary()
     run.summary_path.write_text("{not json")
-    assert run.is_complete() is None
+    assert run.finished_summary() is None

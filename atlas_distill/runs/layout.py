@@ -17,16 +17,14 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..config import Profile, profile_to_yaml
 from ..errors import OutputError, UsageError
 from ..outputs import (FREE_SPACE_FIX, check_free_space, check_writable_dir, ensure_writable_dir,
                       last_complete_checkpoint, remove_incomplete_checkpoints, write_json)
 from ..progress import Event
 from .summary import Figures, RunSummary
-
-if TYPE_CHECKING:
-    from ..config import Profile
 
 _DIR_FIX = "Choose a writable output_dir (--output-dir) or free disk space."
 
@@ -78,8 +76,6 @@ class RunDir:
     def start(self, profile: Profile, student) -> str | None:
         """Once data and models are loaded: the free-space check, then the directory and its profile.yaml.
         Returns the free-space warning, if any."""
-        from ..config import profile_to_yaml
-
         warning = check_free_space(self.path, student, profile.trainer.save_total_limit)
         ensure_writable_dir(self.path, "run directory", fix=_DIR_FIX)
         self.write_text("profile.yaml", profile_to_yaml(profile))
@@ -91,7 +87,7 @@ class RunDir:
         """The newest whole checkpoint (one with trainer_state.json, which transformers writes last)."""
         return last_complete_checkpoint(self.path)
 
-    def is_complete(self) -> RunSummary | None:
+    def finished_summary(self) -> RunSummary | None:
         """The run's summary when final/ and summary.json are whole (a finished run), else None."""
         if not ((self.final / "config.json").is_file() and any(self.final.glob("*.safetensors"))):
             return None
@@ -127,8 +123,6 @@ class RunDir:
 
     def write_final_records(self, model_card: str, profile: Profile) -> None:
         """final/README.md and final/profile.yaml: a copied final/ keeps its description and configuration."""
-        from ..config import profile_to_yaml
-
         self.write_text("final/README.md", model_card)
         self.write_text("final/profile.yaml", profile_to_yaml(profile))
 
