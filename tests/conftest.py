@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +26,36 @@ from atlas_distill.traces.seed import seed_database
 CLI = Path(sys.executable).with_name("atlas-distill")
 
 
+@contextmanager
+def _embedded(name: str):
+    """An embedded server whose data directory lies outside pytest's temporary root: each pytest session that
+    starts makes /tmp/pytest-of-USER private again (chmod 700), which shuts out the unprivileged user pgserver
+    runs PostgreSQL as (when run as root), and the server PANICs mid-run: a second `make test` must not do that."""
+    from atlas_distill.db import embedded_postgres
+
+    root = Path(tempfile.mkdtemp(prefix=f"atlas-distill-test-{name}-"))
+    try:
+        with embedded_postgres(root / "pgdata") as url:
+            yield url
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory) -> str:
+def pg_server() -> str:
     url = os.environ.get("ATLAS_TEST_DB_URL")
     if url:
         yield url
         return
-    from atlas_distill.db import embedded_postgres
-
-    with embedded_postgres(tmp_path_factory.mktemp("pg") / "pgdata") as embedded:
+    with _embedded("pg") as embedded:
         yield embedded
 
 
 @pytest.fixture(scope="session")
-def scram_server(tmp_path_factory) -> str:
+def scram_server() -> str:
     """An embedded cluster that checks passwords (scram-sha-256) for every role but the superuser, unlike the
     machine's trusting server; yields the superuser's URL (over the cluster's socket)."""
-    from atlas_distill.db import embedded_postgres
-
-    with embedded_postgres(tmp_path_factory.mktemp("scram") / "pgdata") as url:
+    with _embedded("scram") as url:
         with connect(url, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET password_encryption = 'scram-sha-256'")
             hba = conn.execute("SHOW hba_file").fetchone()[0]
