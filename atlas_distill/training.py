@@ -72,10 +72,11 @@ class TrainingRecipe:
         from .data import prepare_for_profile
         from .evaluate import format_baseline_line
         from .gkd import AtlasGKDTrainer
-        from .gkd.config import from_profile
+        from .gkd.config import from_profile, mixed_precision
         from .runs.tracking import RunTracker, prepare_wandb
 
         profile, emit, state = self.profile, self.emit, self.state
+        mixed_precision(profile.model.dtype)  # a dtype this machine cannot train in fails before any work
         self.teacher_spec = models.resolve_model_spec(profile.teacher_model_name_or_path, profile.model.family)
         self.student_spec = models.resolve_model_spec(profile.model.model_name_or_path, profile.model.family)
         self.run_dir = RunDir(on_main(state, lambda: RunDir.for_profile(profile, self.profile_name).path))
@@ -106,8 +107,8 @@ class TrainingRecipe:
         init = profile.teacher_model_init_kwargs
         teacher = models.load_model(teacher_path, dtype=init.dtype, trust_remote_code=trust,
                                     load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
-        student = models.load_model(student_path, dtype=profile.model.dtype, trust_remote_code=trust,
-                                    for_training=True)
+        student = models.load_model(student_path, trust_remote_code=trust, for_training=True,
+                                    dtype=models.training_dtype(profile.model.dtype, lora=profile.model.lora.enabled))
         models.shared_vocab_size(self.tokenizer, teacher_tokenizer, student, teacher)
         student = models.apply_lora(student, profile.model.lora)
         self.parameters = models.count_parameters(teacher), models.count_parameters(student)

@@ -248,7 +248,7 @@ def test_quantized_loading_without_bitsandbytes(make_tiny_model, monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kwargs: True)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
     with pytest.raises(TrainingError, match=r"pip install 'atlas-distill\[cuda\]'"):

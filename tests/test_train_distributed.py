@@ -108,24 +108,27 @@ def test_sharded_generation_gives_every_process_the_whole_result(make_tiny_model
     EvalResult as one process generating on all 5."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
-import json, sys, types
-from accelerate import Accelerator
+import json, sys
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
-from atlas_distill.gkd import AtlasGKDTrainer
+from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
 from atlas_distill.models import load_tokenizer
 from atlas_distill.evaluate import evaluate_conversations
 
-accelerator = Accelerator(cpu=True)
 model = AutoModelForCausalLM.from_pretrained({str(make_tiny_model(seed=1))!r})
 tokenizer = load_tokenizer({str(make_tiny_model(seed=1))!r})
 conversations = [[{{"role": "system", "content": "Answer."}},
                   {{"role": "user", "content": f"Question {{i}}" * (i + 1)}},
                   {{"role": "assistant", "content": "x"}}] for i in range(5)]
 references = ["x"] * 5
-fake = types.SimpleNamespace(accelerator=accelerator, processing_class=tokenizer,
-                             is_fsdp_enabled=False, is_deepspeed_enabled=False,
-                             args=types.SimpleNamespace(max_new_tokens=5, per_device_eval_batch_size=2, scorer="exact"))
-result = AtlasGKDTrainer.evaluate_model(fake, model, conversations, references)
+rows = Dataset.from_list([{{"messages": c, "reference": r}} for c, r in zip(conversations, references)])
+args = GKDConfig(output_dir=sys.argv[1] + "/run", use_cpu=True, report_to=[], max_new_tokens=5,
+                 per_device_eval_batch_size=2, scorer="exact", bf16=False)
+trainer = AtlasGKDTrainer(model=model, teacher_model=AutoModelForCausalLM.from_pretrained({str(make_tiny_model(seed=2))!r}),
+                          args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+accelerator = trainer.accelerator
+assert accelerator.num_processes == 2
+result = trainer.evaluate_model(model, conversations, references)
 alone = evaluate_conversations(model, tokenizer, conversations, references, scorer="exact", max_new_tokens=5,
                                batch_size=2)
 with open(sys.argv[1] + f"/rank{{accelerator.process_index}}.json", "w") as handle:

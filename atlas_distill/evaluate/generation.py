@@ -124,7 +124,7 @@ def _verified(model, prompts: list[list[int]], answers: dict[int, list[int]], st
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
                      batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
-                     verify: bool = True) -> list[Generation]:
+                     verify: bool = True, sharded: bool = False) -> list[Generation]:
     """Greedy answers to each conversation's prompt (all messages but the last), in input order.
 
     Prompts are batched by similar length and left-padded by hand, so the caller's tokenizer is
@@ -136,10 +136,14 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
     ends it, that answer is what greedy generation would give (up to float rounding in near-ties),
     and it is not generated. A model that mostly answers as recorded (a teacher, a trained
     student) is evaluated several times faster; the rest are generated as before. Pass
-    verify=False where every process must make the same calls (FSDP, ZeRO-3).
+    verify=False where every process must make the same calls. `sharded`: the model's weights are sharded
+    across processes (FSDP, ZeRO-3): nothing is verified, it runs under no_grad rather than inference_mode
+    (which FSDP's parameter handling does not allow), and with several processes each decodes until every
+    process is done (synced_gpus: every step all-gathers weights).
     """
     import torch
 
+    synced = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     eos_ids = _eos_ids(model, tokenizer)
     stops = set(eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -149,8 +153,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            if verify and _plain_greedy(model):
+        with torch.no_grad() if sharded else torch.inference_mode():
+            if verify and not sharded and _plain_greedy(model):
                 answers = {i: answer for i, messages in enumerate(conversations)
                            if (answer := _recorded_answer(tokenizer, messages, prompts[i], stops, max_new_tokens))}
                 for i in _verified(model, prompts, answers, stops, pad_id, batch_size, device):
@@ -173,7 +177,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
                 output = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                    eos_token_id=eos_ids, pad_token_id=pad_id,
+                    eos_token_id=eos_ids, pad_token_id=pad_id, **({"synced_gpus": True} if synced else {}),
                 )
                 # Rows end at their first EOS; what follows is padding (pad == eos for some tokenizers).
                 for row, i in enumerate(rows):
@@ -191,12 +195,12 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
 def evaluate_conversations(model, tokenizer, conversations: list[list[dict]], references: list[str], *,
                            targets: list[list[int] | None] | None = None, scorer: str = "auto", max_new_tokens: int,
                            batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
-                           verify: bool = True) -> EvalResult:
+                           verify: bool = True, sharded: bool = False) -> EvalResult:
     """Generate every target turn of each conversation (all in one batched pass) and judge it.
 
     `targets[i]` lists conversation i's target turns (None or absent: its last turn). The final answer is
     judged against `references[i]` by `scorer`; the other target turns against the recorded turn by `auto`.
-    `progress(done, total)` counts turns; `verify`: see `generate_answers`."""
+    `progress(done, total)` counts turns; `verify` and `sharded`: see `generate_answers`."""
     if len(conversations) != len(references):
         raise ValueError(f"{len(conversations)} conversations but {len(references)} references.")
     if not conversations:
@@ -205,5 +209,5 @@ def evaluate_conversations(model, tokenizer, conversations: list[list[dict]], re
     turns = episode_turns(tokenizer, conversations, targets)
     generations = generate_answers(model, tokenizer, [turn for episode in turns for turn in episode],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                                   verify=verify)
+                                   verify=verify, sharded=sharded)
     return judge(turns, generations, references, scorer)

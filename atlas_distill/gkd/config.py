@@ -23,9 +23,10 @@ class AtlasGKDConfig(TRLGKDConfig, AtlasSettings):
     `TrainingArguments` field) with atlas-distill's settings (`AtlasSettings`: data, off-policy warm-up,
     evaluation, speed and memory).
 
-    One default differs from TRL's: with `bf16` left unset it is bf16 on a GPU that has it, else fp32. TRL's
-    default (bf16 wherever fp16 is off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on
-    a CPU with transformers' "doesn't support bf16/gpu" error; `bf16=True` still asks for it explicitly.
+    One default differs from TRL's: with `bf16` left unset it is bf16 on a GPU with native bf16 (not T4/V100,
+    where it is emulated), else fp32. TRL's default (bf16 wherever fp16 is off) stops upstream's own
+    `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on a CPU with transformers' "doesn't support bf16/gpu"
+    error; `bf16=True` still asks for it explicitly.
     """
 
     def __post_init__(self):
@@ -35,9 +36,9 @@ class AtlasGKDConfig(TRLGKDConfig, AtlasSettings):
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split={self.eval_split} must lie in [0, 1).")
         if self.bf16 is None and not self.fp16:
-            from transformers.utils import is_torch_bf16_gpu_available
+            from ..models import cuda_bf16
 
-            self.bf16 = is_torch_bf16_gpu_available()
+            self.bf16 = cuda_bf16()
         super().__post_init__()
 
 
@@ -47,14 +48,29 @@ GKDConfig = AtlasGKDConfig  # upstream's name: `from atlas_distill import GKDCon
 _PROFILE_SECTION = {"eval_split": "data", "targets": "data"}
 
 
+def mixed_precision(dtype: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for a profile's `model.dtype`, the compute dtype of mixed precision: bfloat16 (and auto on a
+    GPU with native bf16) trains under bf16 autocast, float16 under fp16 autocast with a loss scaler (CUDA only),
+    and the trained student's weights stay fp32 (`models.training_dtype`)."""
+    import torch
+
+    from ..errors import ProfileError
+    from ..models import cuda_bf16
+
+    if dtype == "float16" and not torch.cuda.is_available():
+        raise ProfileError(["model.dtype=float16 trains under fp16 autocast with a loss scaler, which needs a CUDA "
+                            "GPU; there is none here."],
+                           fix="Use model.dtype=auto (float32 here), or bfloat16 on a CPU with native bf16.")
+    return dtype == "bfloat16" or (dtype == "auto" and cuda_bf16()), dtype == "float16"
+
+
 def from_profile(profile: Profile, run_dir: Path, report_to: list[str]) -> AtlasGKDConfig:
     """The AtlasGKDConfig of a profile: TRL's and transformers' settings from `trainer:` and `model:`, ours copied
     by name. The baseline is left unset: `atlas-distill train` measures it before training (`auto`)."""
     import torch
 
     t = profile.trainer
-    bf16 = profile.model.dtype == "bfloat16" or (
-        profile.model.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16, fp16 = mixed_precision(profile.model.dtype)
     ours = {name: getattr(getattr(profile, _PROFILE_SECTION.get(name, "trainer")), name) for name in SETTINGS
             if name not in ("baseline_success", "baseline_tokens")}
     return AtlasGKDConfig(
@@ -66,7 +82,8 @@ def from_profile(profile: Profile, run_dir: Path, report_to: list[str]) -> Atlas
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, lmbda=t.lmbda, beta=t.beta, temperature=t.temperature,
         max_new_tokens=t.max_new_tokens, seq_kd=t.seq_kd, max_length=t.max_length,
-        gradient_checkpointing=profile.model.gradient_checkpointing, bf16=bf16, disable_tqdm=True,
+        gradient_checkpointing=profile.model.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, save_only_model=False, **ours,
     )
 

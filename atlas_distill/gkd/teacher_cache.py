@@ -44,6 +44,8 @@ class TeacherCache:
     def store(self, keys: list[bytes], counts: list[int], topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         splits = [part.detach().cpu().split(counts) for part in topk]
         for key, *parts in zip(keys, *splits):
+            if key in self.entries:  # the same example twice in one batch: kept (and counted) once
+                continue
             size = sum(part.numel() * part.element_size() for part in parts)
             if self.bytes + size > self.max_bytes:
                 return

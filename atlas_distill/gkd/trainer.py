@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..errors import TrainingError
 from ..models import shared_vocab_size
 from . import divergence, sampling
 from .collator import TargetSpanCollator
@@ -64,6 +65,34 @@ def _declared_vocab_matching(student, teacher):
         yield
     finally:
         teacher_config.vocab_size = declared
+
+
+def _refuse_data_parallel(args) -> None:
+    """transformers wraps the student in nn.DataParallel when one process sees several GPUs; our forward (the
+    chunked loss, the teacher beside it) assumes one device per process."""
+    if args.n_gpu > 1:
+        raise TrainingError(
+            f"This process sees {args.n_gpu} GPUs and was not started by a launcher, so transformers would train "
+            "with nn.DataParallel, which atlas-distill does not support (one process must drive one GPU).",
+            fix="Start one process per GPU: `torchrun --nproc_per_node N -m atlas_distill.cli train ...` or "
+            "`accelerate launch --config_file accelerate_configs/ddp.yaml -m atlas_distill.cli train ...`; "
+            "or use one GPU: CUDA_VISIBLE_DEVICES=0 atlas-distill train ...")
+
+
+def _quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+class _SyncedGeneration:
+    """A model whose generate() keeps every process in step (synced_gpus): under FSDP each decoding step
+    all-gathers weights, so a process whose samples all ended must go on stepping until every process is done.
+    transformers turns this on by itself only for modules it wrapped in FSDP itself, not accelerate's."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def generate(self, **kwargs):
+        return self.model.generate(synced_gpus=True, **kwargs)
 
 
 def _with_lengths(dataset, tokenizer):
@@ -97,6 +126,11 @@ class AtlasGKDTrainer(GKDTrainer):
                 eval_split=args.eval_split, seed=args.seed, tokenizer=processing_class, max_length=args.max_length,
                 targets=args.targets)
             eval_dataset = built_eval if eval_dataset is None else eval_dataset
+        _refuse_data_parallel(args)
+        if args.ddp_find_unused_parameters is None:
+            # every trainable parameter (the whole student, or its LoRA adapters) is used in every forward; left
+            # unset, transformers would search for unused ones each step for a PEFT model (not a PreTrainedModel)
+            args.ddp_find_unused_parameters = False
         if kwargs.get("data_collator") is None and processing_class is not None:
             kwargs["data_collator"] = TargetSpanCollator(processing_class, args.max_length, seed=args.seed)
         if args.group_by_length and hasattr(train_dataset, "column_names"):
@@ -108,6 +142,15 @@ class AtlasGKDTrainer(GKDTrainer):
         with _declared_vocab_matching(model, teacher_model):
             super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.zero3 = bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        if self.zero3 and _quantized(teacher_model):
+            raise TrainingError("An 8-bit or 4-bit teacher cannot be partitioned by DeepSpeed ZeRO-3.",
+                                fix="Use accelerate_configs/fsdp.yaml or DDP with the quantized teacher, or load the "
+                                "teacher unquantized (teacher_model_init_kwargs.load_in_8bit/load_in_4bit=false).")
+        if self.is_fsdp_enabled and not _quantized(teacher_model):
+            # accelerate does not move a model it prepares for evaluation under FSDP: the frozen teacher is placed
+            # whole on each process's GPU (it is never trained, so it needs no sharded optimizer state)
+            self.teacher_model = self.teacher_model.to(self.accelerator.device)
         self.shared_vocab = shared_vocab_size(processing_class, processing_class, self.model, teacher_model)
         self.on_evaluation: Callable[[dict[str, Any]], None] | None = None
         self.step_beta = self.beta
@@ -115,7 +158,10 @@ class AtlasGKDTrainer(GKDTrainer):
         self.last_generation_eval: dict[str, Any] | None = None
         if args.kv_cache_generation:  # unwrap_model_for_generation switches checkpointing off around generate
             self.generation_config.use_cache = self.generation_kwargs["use_cache"] = True
-        self.chunked_loss = (args.chunked_loss and divergence.plain_head(self.model)
+        # Under ZeRO-3 the weights are empty outside their module's forward, and the chunked loss reads both lm_heads
+        # outside it: the full-logits path runs there (and, with it, no teacher cache whose per-process hits could
+        # let one process skip the teacher forward's all-gathers while the others wait in them).
+        self.chunked_loss = (args.chunked_loss and not self.zero3 and divergence.plain_head(self.model)
                              and divergence.plain_head(teacher_model))
         self.teacher_cache = (TeacherCache(args.teacher_cache_topk) if self.chunked_loss and args.teacher_cache_topk > 0
                               else None)
@@ -137,8 +183,11 @@ class AtlasGKDTrainer(GKDTrainer):
         if return_outputs or not self.chunked_loss:  # evaluation's prediction_step wants the logits
             return self._logits_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        # Through the wrapper's forward, so DDP/FSDP/DeepSpeed see the student's forward pass.
-        return self._forward_redirection(model, unwrapped, self._chunked_loss, unwrapped, inputs, num_items_in_batch)
+        # Through the wrapper's forward, so DDP/FSDP/DeepSpeed see the student's forward pass; the redirection
+        # bypasses the autocast accelerate puts around that forward, so mixed precision is entered here.
+        with self.accelerator.autocast():
+            return self._forward_redirection(model, unwrapped, self._chunked_loss, unwrapped, inputs,
+                                             num_items_in_batch)
 
     def _chunked_loss(self, student, inputs, num_items_in_batch=None):
         mask = inputs["labels"][:, 1:] != -100
@@ -185,14 +234,33 @@ class AtlasGKDTrainer(GKDTrainer):
         )
         return (loss, student_outputs) if return_outputs else loss
 
+    @property
+    def synced_generation(self) -> bool:
+        """Whether generate must keep the processes in step: sharded weights (FSDP, ZeRO-3), several processes."""
+        return (self.is_fsdp_enabled or self.zero3) and self.accelerator.num_processes > 1
+
+    @contextmanager
+    def generation_view(self, model, *, gather: bool = True):
+        """TRL's unwrap_model_for_generation (checkpointing off while generating, ZeRO-3 weights gathered unless
+        `gather` is False), under this run's autocast, and without the hook it would leak: re-enabling gradient
+        checkpointing registers the input embeddings' requires-grad hook again and forgets the last one, so every
+        generation added one more hook to every later forward. The current one is removed first here."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if getattr(unwrapped, "is_gradient_checkpointing", False):
+            unwrapped.disable_input_require_grads()
+        with unwrap_model_for_generation(model, self.accelerator, gather_deepspeed3_params=gather,
+                                         generation_kwargs=self.generation_kwargs,
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                         ) as view, self.accelerator.autocast():
+            yield view
+
     def _generate_into(self, generator, inputs) -> None:
         if generator is self.model and self.generation_dtype is not None:
             ids, mask, labels = self.generate_on_policy_outputs(self._sampling_copy(), inputs, self.generation_config)
         else:
-            with unwrap_model_for_generation(generator, self.accelerator, generation_kwargs=self.generation_kwargs,
-                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-                                             ) as unwrapped:
-                ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
+            with self.generation_view(generator) as unwrapped:
+                sampler = _SyncedGeneration(unwrapped) if self.synced_generation else unwrapped
+                ids, mask, labels = self.generate_on_policy_outputs(sampler, inputs, self.generation_config)
         inputs["input_ids"], inputs["attention_mask"], inputs["labels"] = ids, mask, labels
 
     def _sampling_dtype(self, setting: str) -> torch.dtype | None:
@@ -200,18 +268,20 @@ class AtlasGKDTrainer(GKDTrainer):
 
         Decoding is memory-bound: every new token reads all the weights. On a CPU with native bf16
         (AVX512-BF16 / AMX) a bf16 copy decoded 2.2x faster than fp32; on a plain AVX2 CPU bf16 is slower
-        (`bf16_cpu`). "auto" uses a copy for an fp32 student on a CPU with fast bf16, trained alone (no LoRA
-        wrapper, one process, no FSDP/DeepSpeed sharding).
+        (`bf16_cpu`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
+        on a GPU training under bf16 mixed precision (autocast would cast every weight again at every token),
+        when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding).
         """
-        if setting == "float32":
-            return None
         student = self.accelerator.unwrap_model(self.model)
-        plain = (not hasattr(student, "get_base_model") and self.accelerator.num_processes == 1
-                 and not self.is_fsdp_enabled and not self.is_deepspeed_enabled)
+        plain = (not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
+                 and not self.is_deepspeed_enabled and student.dtype == torch.float32)
+        if setting == "float32" or not plain:
+            return None
         if setting == "bfloat16":
-            return torch.bfloat16 if plain else None
-        fast_bf16 = next(student.parameters()).device.type == "cpu" and sampling.bf16_cpu()
-        return torch.bfloat16 if plain and fast_bf16 and student.dtype == torch.float32 else None
+            return torch.bfloat16
+        on_cpu = next(student.parameters()).device.type == "cpu"
+        fast_bf16 = sampling.bf16_cpu() if on_cpu else self.args.bf16
+        return torch.bfloat16 if fast_bf16 else None
 
     def _sampling_copy(self) -> torch.nn.Module:
         """The student cast to generation_dtype, its weights refreshed once per optimizer step."""
@@ -291,8 +361,15 @@ class AtlasGKDTrainer(GKDTrainer):
 
         # Sharded models (FSDP, ZeRO-3) generate in lockstep: no process may skip generating what it verified.
         kwargs = dict(max_new_tokens=self.args.max_new_tokens, batch_size=self.args.per_device_eval_batch_size,
-                      verify=not (self.is_fsdp_enabled or self.is_deepspeed_enabled))
-        with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
+                      verify=not (self.is_fsdp_enabled or self.is_deepspeed_enabled),
+                      sharded=self.is_fsdp_enabled or self.zero3)
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (not self.zero3 and self.accelerator.device.type != "cpu"
+                and next(unwrapped.parameters()).device.type == "cpu"):
+            # under FSDP / DeepSpeed the student reaches its GPU only in train(); before that it is evaluated there
+            unwrapped.to(self.accelerator.device)
+        # Under ZeRO-3 the teacher is never gathered whole on one GPU (it may not fit one): it generates sharded.
+        with self.generation_view(model, gather=not (self.zero3 and model is self.teacher_model)) as unwrapped:
             if self.accelerator.num_processes == 1:
                 return evaluate_conversations(unwrapped, self.processing_class, conversations, references,
                                               targets=targets, scorer=self.args.scorer, **kwargs)
@@ -318,7 +395,6 @@ class AtlasGKDTrainer(GKDTrainer):
         """Stop at the first NaN/inf loss of any process, before that step's optimizer update and checkpoint."""
         from pathlib import Path
 
-        from ..errors import TrainingError
         from ..outputs import last_complete_checkpoint
 
         losses = loss.detach().float().reshape(1)
@@ -352,7 +428,7 @@ class AtlasGKDTrainer(GKDTrainer):
         from accelerate.utils import gather_object
         from transformers.trainer_utils import rotate_checkpoints
 
-        from ..errors import OutputError, TrainingError
+        from ..errors import OutputError
         from ..outputs import STAGING, discard_checkpoint, promote_checkpoint, write_failure
 
         run_dir = Path(super()._get_output_dir(trial))

@@ -19,16 +19,22 @@ from .files import materialize
 from .loading import (
     apply_lora,
     count_parameters,
+    cuda_bf16,
+    load_device,
     load_model,
     load_pretrained,
     load_tokenizer,
     resolve_dtype,
+    weight_rows,
+    sharded_launch,
     shared_vocab_size,
+    training_dtype,
     use_cache_if_hub_unreachable,
 )
 from .spec import DEFAULT_FAMILY, ModelSpec, model_parameters, resolve_model_spec, tokenizer_family
 
 __all__ = ["BUILTIN_NAME", "DEFAULT_FAMILY", "ModelSpec", "apply_lora", "builtin_model_dir", "builtin_tokenizer_dir",
-           "cache_dir", "count_parameters", "load_model", "load_pretrained", "load_tokenizer", "materialize",
-           "model_parameters", "resolve_dtype", "resolve_model_spec", "shared_vocab_size", "tokenizer_family",
+           "cache_dir", "count_parameters", "cuda_bf16", "load_device", "load_model", "load_pretrained",
+           "load_tokenizer", "materialize", "model_parameters", "resolve_dtype", "resolve_model_spec",
+           "shared_vocab_size", "sharded_launch", "tokenizer_family", "training_dtype", "weight_rows",
            "use_cache_if_hub_unreachable"]

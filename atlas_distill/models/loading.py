@@ -71,14 +71,47 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def cuda_bf16() -> bool:
+    """Whether a CUDA GPU here computes in bf16 natively (Ampere and later). `torch.cuda.is_bf16_supported()`
+    also says yes where bf16 is only emulated (T4, V100), where it is slower than fp16 or fp32."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(dtype: str = "auto"):
-    """auto: bfloat16 on a GPU that supports it, else float32; otherwise the named torch dtype."""
+    """auto: bfloat16 on a GPU with native bf16, else float32; otherwise the named torch dtype."""
     import torch
 
     if dtype == "auto":
-        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda else torch.float32
+        return torch.bfloat16 if cuda_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def sharded_launch() -> bool:
+    """Whether `accelerate launch` started this process for FSDP or DeepSpeed: those place (and shard) the
+    models themselves, from wherever they were loaded."""
+    return any(os.environ.get(name, "").lower() in ("1", "true")
+               for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def load_device() -> str | None:
+    """Where a model is loaded: this process's GPU (LOCAL_RANK under torchrun) when there is one and no FSDP or
+    DeepSpeed launch shards it; else None (the CPU). Each process then holds its copy on its own GPU only,
+    never first in host RAM (8 processes x (14B + 7B) would be about 350 GB)."""
+    import torch
+
+    if not torch.cuda.is_available() or sharded_launch():
+        return None
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def training_dtype(dtype: str, *, lora: bool) -> str:
+    """The dtype a trained student is loaded in. A full-weight student keeps fp32 master weights whatever
+    `dtype` names (bf16 or fp16 is then the autocast compute dtype): AdamW's updates at the profiles' learning
+    rates are below half a bf16 step for most weights, which would then never change. Under LoRA only the
+    adapters train (PEFT keeps them in fp32), so the frozen base stays in `dtype`."""
+    return dtype if lora else "float32"
 
 
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
@@ -104,15 +137,19 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype):
 
 def load_model(path_or_id: str, *, dtype: str = "auto", trust_remote_code: bool = False,
                load_in_8bit: bool = False, load_in_4bit: bool = False, for_training: bool = False):
-    """AutoModelForCausalLM, optionally 8/4-bit. Not for training: eval mode, weights frozen."""
+    """AutoModelForCausalLM, optionally 8/4-bit, on this process's GPU when it has one (`load_device`).
+    Not for training: eval mode, weights frozen."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    device = load_device()
     if load_in_8bit or load_in_4bit:
         kwargs["quantization_config"] = _quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
         # each process holds its own quantized copy on its own GPU
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device is not None:
+        kwargs["device_map"] = {"": device}
     model = load_pretrained(AutoModelForCausalLM, str(path_or_id), **kwargs)
     if for_training:
         model.config.use_cache = False  # no KV cache in training forward passes (and none with checkpointing)
@@ -134,8 +171,15 @@ def apply_lora(model, lora: LoraConfig):
 
 
 def count_parameters(model) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (tied embeddings counted once); a ZeRO-3 partitioned parameter by its full size."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
+
+
+def weight_rows(weight) -> int:
+    """A weight's first dimension; under ZeRO-3 a partitioned weight is empty outside a forward, and its full
+    shape is `ds_shape`."""
+    shape = getattr(weight, "ds_shape", None)
+    return shape[0] if shape is not None else weight.shape[0]
 
 
 def _vocab_difference(student: dict[str, int], teacher: dict[str, int], limit: int = 2) -> list[str]:
@@ -150,9 +194,8 @@ def _vocab_difference(student: dict[str, int], teacher: dict[str, int], limit: i
 
 
 def _embedding_rows(model) -> int:
-    head = model.get_output_embeddings()
-    rows = head.weight.shape[0] if head is not None else model.get_input_embeddings().num_embeddings
-    return min(rows, model.get_input_embeddings().num_embeddings)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return min(weight_rows(head.weight if head is not None else embeddings.weight), weight_rows(embeddings.weight))
 
 
 def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_model=None, teacher_model=None) -> int:
