@@ -92,7 +92,8 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto: bfloat16 on a GPU that has it, else float32."
+        "auto", description="Compute dtype (mixed precision; a trained student keeps fp32 weights); auto: bfloat16 "
+        "on a GPU with native bf16, else float32."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
