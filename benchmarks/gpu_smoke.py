@@ -174,7 +174,8 @@ def stage_single(device: str, tok: Path, work: Path, report: Report) -> None:
     before = [p.detach().float().clone() for p in student.parameters()]
     trainer.train()
     after = list(student.parameters())
-    changed = sum((a.detach().float() != b).sum().item() for a, b in zip(after, before)) / sum(b.numel() for b in before)
+    changed = sum((a.detach().float() != b).sum().item() for a, b in zip(after, before))
+    changed /= sum(b.numel() for b in before)
     report.check("hooks_constant", len(hooks) == 3 and len(set(hooks)) == 1, hooks_per_step=hooks)
     report.check("weights_updated", changed > 0.9, changed_fraction=round(changed, 4))
     report.check("autocast_in_loss", bool(autocast) and all(a == trainer.args.bf16 for a in autocast),

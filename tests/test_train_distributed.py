@@ -124,8 +124,9 @@ references = ["x"] * 5
 rows = Dataset.from_list([{{"messages": c, "reference": r}} for c, r in zip(conversations, references)])
 args = GKDConfig(output_dir=sys.argv[1] + "/run", use_cpu=True, report_to=[], max_new_tokens=5,
                  per_device_eval_batch_size=2, scorer="exact", bf16=False)
-trainer = AtlasGKDTrainer(model=model, teacher_model=AutoModelForCausalLM.from_pretrained({str(make_tiny_model(seed=2))!r}),
-                          args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+teacher = AutoModelForCausalLM.from_pretrained({str(make_tiny_model(seed=2))!r})
+trainer = AtlasGKDTrainer(model=model, teacher_model=teacher, args=args, train_dataset=rows, eval_dataset=rows,
+                          processing_class=tokenizer)
 accelerator = trainer.accelerator
 assert accelerator.num_processes == 2
 result = trainer.evaluate_model(model, conversations, references)

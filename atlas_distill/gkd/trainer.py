@@ -364,9 +364,9 @@ class AtlasGKDTrainer(GKDTrainer):
                       verify=not (self.is_fsdp_enabled or self.is_deepspeed_enabled),
                       sharded=self.is_fsdp_enabled or self.zero3)
         unwrapped = self.accelerator.unwrap_model(model)
-        if (not self.zero3 and self.accelerator.device.type != "cpu"
-                and next(unwrapped.parameters()).device.type == "cpu"):
-            # under FSDP / DeepSpeed the student reaches its GPU only in train(); before that it is evaluated there
+        if self.accelerator.device.type != "cpu" and next(unwrapped.parameters()).device.type == "cpu":
+            # under FSDP / DeepSpeed the student is loaded on the CPU and reaches its GPU only in train(); before
+            # that it is evaluated there too (a ZeRO-3 teacher's partitioned weights are already on the GPU)
             unwrapped.to(self.accelerator.device)
         # Under ZeRO-3 the teacher is never gathered whole on one GPU (it may not fit one): it generates sharded.
         with self.generation_view(model, gather=not (self.zero3 and model is self.teacher_model)) as unwrapped:
