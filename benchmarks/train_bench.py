@@ -127,6 +127,32 @@ def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
              "relative_error": round(1 - float(torch.cat(folded[k]).mean()) / exact_mean, 5)} for k in ks]
 
 
+def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool):
+    """TRL's stable DistillationTrainer on the same models and sessions, matched where it can be: the prompt column
+    is each session's system + user turns (what ours generates from), one completion per prompt, 4 prompts per
+    step, max_completion_length = max_new_tokens, the same beta, temperature, lr, seed and precision. It cannot be
+    matched in: no lmbda (always on-policy: rows only at lmbda 1), the temperature applied in its loss as in ours
+    (TRL's GKDTrainer samples with it only), its loss normalised by generated tokens (ours: by completion tokens,
+    the same count when each completion is the generated one)."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    tokenizer = copy.deepcopy(common["processing_class"])
+    tokenizer.padding_side = "left"  # DistillationTrainer requires left padding for its prompts
+    prompts = Dataset.from_list([{"prompt": messages[:-1]} for messages in common["train_dataset"]["messages"]])
+    args = DistillationConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=BATCH, beta=SETTINGS["beta"],
+        temperature=SETTINGS["temperature"], max_completion_length=SETTINGS["max_new_tokens"],
+        learning_rate=SETTINGS["learning_rate"], seed=seed, gradient_checkpointing=gc, bf16=bf16, logging_steps=1,
+        save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0)
+    return DistillationTrainer(model=common["model"], teacher_model=common["teacher_model"], args=args,
+                               train_dataset=prompts, processing_class=tokenizer, callbacks=common["callbacks"])
+
+
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
            seed: int, bf16: bool) -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
@@ -161,6 +187,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
                   "processing_class": tokenizer, "callbacks": [Clock()]}
         if trainer_name == "trl":
             trainer = GKDTrainer(**common)
+        elif trainer_name == "trl-distillation":
+            trainer = _distillation_trainer(common, tmp, steps, gc, seed, bf16)
         else:
             trainer = AtlasGKDTrainer(**common)
         trainer.train()
@@ -195,20 +223,31 @@ def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: b
     return row
 
 
+ANCHORS = ("trl", "trl-distillation")  # TRL's legacy GKDTrainer, its stable DistillationTrainer
+
+
 def _ratio_table(rows: list[dict]) -> str:
-    lines = ["| gc | lmbda | TRL s/step | ours s/step | speed-up | TRL peak RSS MB | ours peak RSS MB | RSS ratio "
-             "| TRL final loss | ours final loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """Per (gc, lmbda): each trainer's s/step and peak RSS, and ours against each anchor that ran there."""
+    lines = ["| gc | lmbda | trainer | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio | final loss |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     keyed = {(r["trainer"], r["gradient_checkpointing"], r["lmbda"]): r for r in rows}
-    for (name, gc, lmbda), trl_row in keyed.items():
+    for gc, lmbda in dict.fromkeys((r["gradient_checkpointing"], r["lmbda"]) for r in rows):
         ours = keyed.get(("atlas", gc, lmbda))
-        if name != "trl" or ours is None:
-            continue
-        lines.append(
-            f"| {'on' if gc else 'off'} | {lmbda:g} | {trl_row['s_per_step']:.2f} | {ours['s_per_step']:.2f} "
-            f"| {trl_row['s_per_step'] / ours['s_per_step']:.2f}x | {trl_row['peak_rss_mb']:.0f} "
-            f"| {ours['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / trl_row['peak_rss_mb']:.2f}x "
-            f"| {trl_row['final_loss']} | {ours['final_loss']} |")
+        for name in (*ANCHORS, "atlas"):
+            row = keyed.get((name, gc, lmbda))
+            if row is None:
+                continue
+            anchor = name != "atlas" and ours is not None
+            speed = f"{row['s_per_step'] / ours['s_per_step']:.2f}x" if anchor else ""
+            memory = f"{ours['peak_rss_mb'] / row['peak_rss_mb']:.2f}x" if anchor else ""
+            lines.append(f"| {'on' if gc else 'off'} | {lmbda:g} | {name} | {row['s_per_step']:.2f} | {speed} "
+                         f"| {row['peak_rss_mb']:.0f} | {memory} | {row['final_loss']} |")
     return "\n".join(lines)
+
+
+def _trainers(names: str, lmbda: float) -> list[str]:
+    """The trainers asked for that can run at `lmbda`: DistillationTrainer is on-policy only (lmbda 1)."""
+    return [name for name in names.split(",") if name != "trl-distillation" or lmbda == 1.0]
 
 
 def main() -> None:
@@ -229,7 +268,10 @@ def main() -> None:
                         help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
                              "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
-    parser.add_argument("--worker", choices=["trl", "atlas"], help=argparse.SUPPRESS)
+    parser.add_argument("--trainers", default="trl,trl-distillation,atlas",
+                        help="comma-separated, of trl (legacy GKDTrainer), trl-distillation (DistillationTrainer, "
+                        "lmbda 1 only), atlas")
+    parser.add_argument("--worker", choices=["trl", "trl-distillation", "atlas"], help=argparse.SUPPRESS)
     parser.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     lmbdas = [float(x) for x in args.lmbda.split(",")]
@@ -248,11 +290,11 @@ def main() -> None:
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16)
-                for seed in seeds for name in ("trl", "atlas")]
+                for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
         rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16)
-                for gc in gcs for lmbda in lmbdas for name in ("trl", "atlas")]
+                for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
         return
@@ -262,14 +304,16 @@ def main() -> None:
     for row in rows:
         print(f"{row['trainer']} seed {row['seed']}: held-out loss {row['heldout_loss_before']} -> "
               f"{row['heldout_loss_after']}; {row['s_per_step']} s/step; train losses {row['losses']}")
-    after = {name: [row["heldout_loss_after"] for row in rows if row["trainer"] == name] for name in ("trl", "atlas")}
+    after = {name: [row["heldout_loss_after"] for row in rows if row["trainer"] == name]
+             for name in dict.fromkeys(row["trainer"] for row in rows)}
     for name, values in after.items():
         spread = f" +- {statistics.stdev(values):.4f} (sd over {len(values)} seeds)" if len(values) > 1 else ""
         print(f"{name}: held-out loss after {statistics.mean(values):.4f}{spread}")
-    if len(seeds) > 1:  # paired by seed: is the gap between the trainers larger than its own spread?
-        gaps = [ours - theirs for theirs, ours in zip(after["trl"], after["atlas"], strict=True)]
-        print(f"ours - TRL, per seed: {statistics.mean(gaps):+.4f} +- {statistics.stdev(gaps):.4f} (sd); "
-              f"per seed {[round(g, 4) for g in gaps]}")
+    if len(seeds) > 1 and "atlas" in after:  # paired by seed: is the gap larger than its own spread?
+        for anchor in (name for name in ANCHORS if name in after):
+            gaps = [ours - theirs for theirs, ours in zip(after[anchor], after["atlas"], strict=True)]
+            print(f"ours - {anchor}, per seed: {statistics.mean(gaps):+.4f} +- {statistics.stdev(gaps):.4f} (sd); "
+                  f"per seed {[round(g, 4) for g in gaps]}")
 
 
 if __name__ == "__main__":

@@ -212,14 +212,19 @@ def test_load_tokenizer_pads_with_eos(tmp_path):
     assert tokenizer.padding_side == "right"  # callers choose left for generation
 
 
-@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, "float32"), (True, False, "float32"),
-                                                   (True, True, "bfloat16")])
-def test_auto_dtype_is_bf16_only_on_a_gpu_with_bf16(monkeypatch, cuda, bf16, expected):
+@pytest.mark.parametrize("cuda, bf16, cpu_bf16, expected", [
+    (False, False, False, "float32"),  # an AVX2-only CPU
+    (False, False, True, "float32"),  # a CPU with AVX512-BF16 or AMX: fp32 weights (bf16 autocast is opt-in)
+    (True, False, True, "float32"),  # a GPU without native bf16 decides, whatever the CPU
+    (True, True, False, "bfloat16")])
+def test_auto_dtype_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch, cuda, bf16, cpu_bf16, expected):
+    from atlas_distill.gkd import sampling
     from atlas_distill.models import resolve_dtype
 
-    # no GPU here: stand in for what torch.cuda would report on one
+    # stand in for what torch.cuda and the CPU's flags would report
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(sampling, "bf16_cpu", lambda: cpu_bf16)
     assert resolve_dtype("auto") == getattr(torch, expected)
     assert resolve_dtype("float16") == torch.float16  # a named dtype is taken as is
 
@@ -227,8 +232,9 @@ def test_auto_dtype_is_bf16_only_on_a_gpu_with_bf16(monkeypatch, cuda, bf16, exp
 def test_load_model_for_inference_and_for_training(make_tiny_model):
     path = make_tiny_model()
     frozen = load_model(path)
-    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    assert next(frozen.parameters()).dtype == (torch.bfloat16 if bf16_gpu else torch.float32)  # auto
+    from atlas_distill.models import cuda_bf16
+
+    assert next(frozen.parameters()).dtype == (torch.bfloat16 if cuda_bf16() else torch.float32)  # auto
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     trainable = load_model(path, dtype="bfloat16", for_training=True)
     assert next(trainable.parameters()).dtype == torch.bfloat16

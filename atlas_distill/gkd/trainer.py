@@ -289,7 +289,11 @@ class AtlasGKDTrainer(GKDTrainer):
 
         student = self.accelerator.unwrap_model(self.model)
         if self._sampler is None:
-            self._sampler = copy.deepcopy(student).to(self.generation_dtype).eval().requires_grad_(False)
+            # Each weight is copied straight into generation_dtype (tied weights stay tied): a deepcopy first would
+            # hold a second fp32 student for a moment, which set the run's peak memory.
+            memo = {id(p): torch.nn.Parameter(p.detach().to(self.generation_dtype), requires_grad=False)
+                    for p in student.parameters()}
+            self._sampler = copy.deepcopy(student, memo).to(self.generation_dtype).eval().requires_grad_(False)
             if self._sampler.is_gradient_checkpointing:
                 self._sampler.gradient_checkpointing_disable()
         elif self._sampler_step != self.state.global_step:

@@ -80,7 +80,8 @@ def cuda_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str = "auto"):
-    """auto: bfloat16 on a GPU with native bf16, else float32; otherwise the named torch dtype."""
+    """auto: bfloat16 on a GPU with native bf16, else float32 (also on a CPU with native bf16: see README,
+    "Precision"); otherwise the named torch dtype."""
     import torch
 
     if dtype == "auto":

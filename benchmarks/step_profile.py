@@ -1,0 +1,215 @@
+"""Where a GKD step's time goes: AtlasGKDTrainer against TRL's DistillationTrainer, phase by phase (issue 15).
+
+    python benchmarks/step_profile.py [--steps 6] [--gc on|off] [--trainers trl-distillation,atlas] [--bf16] [--json]
+
+The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
+runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
+every op is synchronous): generation, the teacher's forward, the student's forward, the divergence (forward;
+its chunks are recomputed in backward), backward, the optimizer step, and the rest of the step. Figures are the
+means over the steps after the first. It also times one matmul of the step's main shape ([tokens, hidden] x
+[hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
+(2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
+positions) is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from _common import cpu_description, log, peak_rss_mb
+from train_bench import BATCH, SETTINGS, _config, _datasets, _distillation_trainer, _models
+
+PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
+
+
+class Clock:
+    """Wall time per phase, per optimizer step; nested phases are charged to the innermost only."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = defaultdict(float)
+        self.stack: list[list] = []
+
+    def wrap(self, owner, name: str, phase_of):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            phase = phase_of(*args, **kwargs) if callable(phase_of) else phase_of
+            started = time.perf_counter()
+            self.stack.append([phase, 0.0])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - started
+                _, inner = self.stack.pop()
+                self.current[phase] += spent - inner
+                if self.stack:
+                    self.stack[-1][1] += spent
+
+        setattr(owner, name, timed)
+
+    def step_done(self, total: float) -> None:
+        self.current["other"] = total - sum(self.current.values())
+        self.steps.append(dict(self.current))
+        self.current = defaultdict(float)
+
+
+def _teacher_or_student(trainer):
+    def phase(model, *args, **kwargs):
+        import torch
+
+        return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
+    return phase
+
+
+def worker(name: str, steps: int, gc: bool, bf16: bool) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from atlas_distill.gkd import AtlasGKDTrainer, divergence
+
+    tokenizer, teacher, student = _models()
+    train, _held_out = _datasets(tokenizer)
+    clock = Clock()
+    started: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            started.append(time.perf_counter())
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            started.append(time.perf_counter())
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            clock.current["optimizer"] += time.perf_counter() - started.pop()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done(time.perf_counter() - started.pop())
+            log(f"  [{name}] step {state.global_step}/{steps}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in clock.steps[-1].items()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        common = {"model": student, "teacher_model": teacher, "train_dataset": train, "processing_class": tokenizer,
+                  "callbacks": [StepClock()], "args": _config(tmp, steps, gc, 1.0, SETTINGS["seed"], bf16)}
+        if name == "trl-distillation":
+            import trl.trainer.distillation_trainer as module
+
+            trainer = _distillation_trainer(common, tmp, steps, gc, SETTINGS["seed"], bf16)
+            clock.wrap(trainer, "_generate", "generation")
+            clock.wrap(trainer, "_get_last_hidden_state", _teacher_or_student(trainer))
+            clock.wrap(module, "_chunked_divergence_loss", "divergence")
+        else:
+            trainer = AtlasGKDTrainer(**common)
+            clock.wrap(trainer, "_generate_into", "generation")
+            clock.wrap(divergence, "completion_hidden", _teacher_or_student(trainer))
+            clock.wrap(divergence, "chunked_divergence", "divergence")
+        clock.wrap(trainer.accelerator, "backward", "backward")
+        trainer.train()
+    timed = clock.steps[1:] or clock.steps
+    phases = {phase: round(sum(s.get(phase, 0.0) for s in timed) / len(timed), 3) for phase in PHASES}
+    return {"trainer": name, "gradient_checkpointing": gc, "bf16": bf16, "steps": steps,
+            "s_per_step": round(sum(phases.values()), 3), "phases": phases, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "tokens": _step_tokens(train, tokenizer), "dtype": str(torch.bfloat16 if bf16 else torch.float32)}
+
+
+def _step_tokens(train, tokenizer) -> int:
+    """Mean tokens per step: BATCH conversations' prompts plus max_new_tokens each (the on-policy sequence)."""
+    lengths = [int(n) for n in train["length"][:200]]
+    return round(BATCH * (sum(lengths) / len(lengths)))
+
+
+def matmul_limit(tokens: int, bf16: bool) -> dict:
+    """GFLOP/s of the step's largest matmul shape, [tokens, hidden] x [hidden, intermediate], in the step's dtype."""
+    import torch
+
+    from atlas_distill.models.builtin import builtin_model_dir
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(builtin_model_dir())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(tokens, config.hidden_size, dtype=dtype)
+    b = torch.randn(config.hidden_size, config.intermediate_size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    runs, started = 20, time.perf_counter()
+    for _ in range(runs):
+        a @ b
+    seconds = (time.perf_counter() - started) / runs
+    flops = 2 * tokens * config.hidden_size * config.intermediate_size
+    return {"shape": f"[{tokens}, {config.hidden_size}] x [{config.hidden_size}, {config.intermediate_size}]",
+            "dtype": str(dtype), "gflops": round(flops / seconds / 1e9, 1)}
+
+
+def step_gflop(tokens: int, completion: int) -> float:
+    """The step's arithmetic by parameter count: teacher forward, student forward + backward (x3), generation
+    (student forward over prompt + new tokens), lm_heads over the completion positions (both models, x3 student)."""
+    from transformers import AutoConfig
+
+    from atlas_distill.models.builtin import builtin_model_dir
+
+    config = AutoConfig.from_pretrained(builtin_model_dir())
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o, k, v, gate/up/down
+    teacher, student = per_layer * layers, per_layer * ((layers + 1) // 2)
+    flops = 2 * tokens * (teacher + 3 * student + student) + 2 * completion * h * v * (1 + 3)
+    return flops / 1e9
+
+
+def run_child(name: str, steps: int, gc: bool, bf16: bool) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off"]
+    command += ["--bf16"] if bf16 else []
+    log(f"profiling {name}, gradient checkpointing {'on' if gc else 'off'}, {steps} steps")
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {name} worker failed (exit {done.returncode}); its stderr is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--gc", choices=["on", "off"], default="off")
+    parser.add_argument("--trainers", default="trl-distillation,atlas")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        with contextlib.redirect_stdout(sys.stderr):
+            row = worker(args.worker, args.steps, args.gc == "on", args.bf16)
+        print(json.dumps(row), flush=True)
+        return
+    rows = [run_child(name, args.steps, args.gc == "on", args.bf16) for name in args.trainers.split(",")]
+    tokens = rows[0]["tokens"]
+    limit = matmul_limit(tokens, args.bf16)
+    gflop = step_gflop(tokens, BATCH * SETTINGS["max_new_tokens"])
+    for row in rows:
+        row["step_gflop"] = round(gflop, 1)
+        row["achieved_gflops"] = round(gflop / row["s_per_step"], 1)
+        row["matmul_limit"] = limit
+        row["cpu"] = cpu_description()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"CPU: {rows[0]['cpu']}; matmul {limit['shape']} {limit['dtype']}: {limit['gflops']} GFLOP/s")
+    print("| phase | " + " | ".join(row["trainer"] for row in rows) + " |")
+    print("| --- |" + " ---: |" * len(rows))
+    for phase in (*PHASES, "s_per_step"):
+        values = [row["phases"][phase] if phase != "s_per_step" else row["s_per_step"] for row in rows]
+        print(f"| {phase} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    print("| achieved GFLOP/s | " + " | ".join(f"{row['achieved_gflops']}" for row in rows) + " |")
+    print("| peak RSS MB | " + " | ".join(f"{row['peak_rss_mb']:.0f}" for row in rows) + " |")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
