@@ -185,7 +185,11 @@ def test_bf16_sampling_copy_follows_the_student_after_each_step(tmp_path, make_t
     assert copy is not None and copy is not trainer.model and copy.dtype == torch.bfloat16
     assert trainer._sampler_step == 1  # sampled for step 2 with the weights after step 1
     inputs = batch(trainer)
+    student_calls = []
+    hook = trainer.model.model.register_forward_hook(lambda *_: student_calls.append(1))
     trainer._generate_into(trainer.model, inputs)  # a later step refreshes the copy from the trained student
+    hook.remove()
+    assert student_calls == []  # the copy samples with its own weights (not through a patched student forward)
     for target, source in zip(copy.parameters(), trainer.model.parameters()):
         assert torch.equal(target, source.detach().to(torch.bfloat16))
     assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]

@@ -294,6 +294,9 @@ class AtlasGKDTrainer(GKDTrainer):
             memo = {id(p): torch.nn.Parameter(p.detach().to(self.generation_dtype), requires_grad=False)
                     for p in student.parameters()}
             self._sampler = copy.deepcopy(student, memo).to(self.generation_dtype).eval().requires_grad_(False)
+            # SFTTrainer patches the student's forward on the instance (its fused lm_head) with a closure over the
+            # student's own bound forward: a copied patch would run the fp32 student, not this copy.
+            vars(self._sampler).pop("forward", None)
             if self._sampler.is_gradient_checkpointing:
                 self._sampler.gradient_checkpointing_disable()
         elif self._sampler_step != self.state.global_step:
