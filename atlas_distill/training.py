@@ -105,7 +105,7 @@ class TrainingRecipe:
 
         emit("stage", "Loading models")
         init = profile.teacher_model_init_kwargs
-        teacher = models.load_model(teacher_path, dtype=init.dtype, trust_remote_code=trust,
+        teacher = models.load_model(teacher_path, dtype=models.teacher_dtype(init.dtype), trust_remote_code=trust,
                                     load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
         student = models.load_model(student_path, trust_remote_code=trust, for_training=True,
                                     dtype=models.training_dtype(profile.model.dtype, lora=profile.model.lora.enabled))

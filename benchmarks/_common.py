@@ -20,6 +20,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM again from its current RSS (Linux: `5` to /proc/self/clear_refs), so the next
+    peak_rss_mb() is the peak since now; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def cpu_description() -> str:
     """The CPU's model name and the flags that decide these figures (avx2, avx512f, avx512_bf16, amx_bf16)."""
     name, flags = "unknown CPU", set()

@@ -24,19 +24,28 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from _common import cpu_description, log, peak_rss_mb
-from train_bench import BATCH, SETTINGS, _config, _datasets, _distillation_trainer, _models
+from _common import cpu_description, log, peak_rss_mb, reset_peak_rss
+from train_bench import BATCH, SETTINGS, _config, _datasets, _distillation_trainer, _models, teacher_dtype_for
 
 PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
 
 
 class Clock:
-    """Wall time per phase, per optimizer step; nested phases are charged to the innermost only."""
+    """Wall time per phase, per optimizer step; nested phases are charged to the innermost only. Also the peak
+    RSS per phase: the process's high-water mark is read when a phase ends and then reset, so a phase's figure
+    is the peak since the previous phase ended (what runs between two phases is charged to the later one)."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
         self.current: dict[str, float] = defaultdict(float)
         self.stack: list[list] = []
+        self.peaks: dict[str, float] = defaultdict(float)
+        self.tracks_peaks = reset_peak_rss()
+
+    def peak_reached(self, phase: str) -> None:
+        if self.tracks_peaks:
+            self.peaks[phase] = max(self.peaks[phase], peak_rss_mb())
+            reset_peak_rss()
 
     def wrap(self, owner, name: str, phase_of):
         original = getattr(owner, name)
@@ -49,6 +58,7 @@ class Clock:
                 return original(*args, **kwargs)
             finally:
                 spent = time.perf_counter() - started
+                self.peak_reached(phase)
                 _, inner = self.stack.pop()
                 self.current[phase] += spent - inner
                 if self.stack:
@@ -70,13 +80,13 @@ def _teacher_or_student(trainer):
     return phase
 
 
-def worker(name: str, steps: int, gc: bool, bf16: bool) -> dict:
+def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
     from atlas_distill.gkd import AtlasGKDTrainer, divergence
 
-    tokenizer, teacher, student = _models()
+    tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
     train, _held_out = _datasets(tokenizer)
     clock = Clock()
     started: list[float] = []
@@ -90,6 +100,7 @@ def worker(name: str, steps: int, gc: bool, bf16: bool) -> dict:
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             clock.current["optimizer"] += time.perf_counter() - started.pop()
+            clock.peak_reached("optimizer")
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.step_done(time.perf_counter() - started.pop())
@@ -113,11 +124,14 @@ def worker(name: str, steps: int, gc: bool, bf16: bool) -> dict:
             clock.wrap(divergence, "chunked_divergence", "divergence")
         clock.wrap(trainer.accelerator, "backward", "backward")
         trainer.train()
+    overall = max(peak_rss_mb(), *clock.peaks.values())
     timed = clock.steps[1:] or clock.steps
     phases = {phase: round(sum(s.get(phase, 0.0) for s in timed) / len(timed), 3) for phase in PHASES}
     return {"trainer": name, "gradient_checkpointing": gc, "bf16": bf16, "steps": steps,
-            "s_per_step": round(sum(phases.values()), 3), "phases": phases, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "tokens": _step_tokens(train, tokenizer), "dtype": str(torch.bfloat16 if bf16 else torch.float32)}
+            "s_per_step": round(sum(phases.values()), 3), "phases": phases, "peak_rss_mb": round(overall, 1),
+            "phase_peak_rss_mb": {phase: round(mb) for phase, mb in clock.peaks.items()},
+            "tokens": _step_tokens(train, tokenizer), "dtype": str(torch.bfloat16 if bf16 else torch.float32),
+            "teacher_dtype": str(teacher.dtype)}
 
 
 def _step_tokens(train, tokenizer) -> int:
@@ -164,8 +178,9 @@ def step_gflop(tokens: int, completion: int) -> float:
     return flops / 1e9
 
 
-def run_child(name: str, steps: int, gc: bool, bf16: bool) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off"]
+def run_child(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off",
+               "--teacher-dtype", teacher_setting]
     command += ["--bf16"] if bf16 else []
     log(f"profiling {name}, gradient checkpointing {'on' if gc else 'off'}, {steps} steps")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -180,15 +195,18 @@ def main() -> None:
     parser.add_argument("--gc", choices=["on", "off"], default="off")
     parser.add_argument("--trainers", default="trl-distillation,atlas")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers")
+    parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: ours as `atlas-distill train` loads it (bf16 on a CPU with native bf16), TRL's fp32")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
-            row = worker(args.worker, args.steps, args.gc == "on", args.bf16)
+            row = worker(args.worker, args.steps, args.gc == "on", args.bf16, args.teacher_dtype)
         print(json.dumps(row), flush=True)
         return
-    rows = [run_child(name, args.steps, args.gc == "on", args.bf16) for name in args.trainers.split(",")]
+    rows = [run_child(name, args.steps, args.gc == "on", args.bf16, args.teacher_dtype)
+            for name in args.trainers.split(",")]
     tokens = rows[0]["tokens"]
     limit = matmul_limit(tokens, args.bf16)
     gflop = step_gflop(tokens, BATCH * SETTINGS["max_new_tokens"])
@@ -208,6 +226,9 @@ def main() -> None:
         print(f"| {phase} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     print("| achieved GFLOP/s | " + " | ".join(f"{row['achieved_gflops']}" for row in rows) + " |")
     print("| peak RSS MB | " + " | ".join(f"{row['peak_rss_mb']:.0f}" for row in rows) + " |")
+    for phase in PHASES[:-1]:
+        print(f"| peak RSS MB up to the end of {phase} | "
+              + " | ".join(f"{row['phase_peak_rss_mb'].get(phase, 0)}" for row in rows) + " |")
 
 
 if __name__ == "__main__":

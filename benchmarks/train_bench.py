@@ -39,7 +39,8 @@ SETTINGS = {"max_new_tokens": 32, "beta": 0.5, "temperature": 0.9, "learning_rat
             "max_length": 512}
 
 
-def _models():
+def _models(teacher_dtype: str = "float32"):
+    """The tokenizer, the teacher in `teacher_dtype` and the fp32 student (15 of the builtin's 30 layers)."""
     import torch
 
     from atlas_distill.models.builtin import builtin_model_dir, builtin_tokenizer_dir
@@ -48,7 +49,7 @@ def _models():
 
     torch.manual_seed(SETTINGS["seed"])
     tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))
-    teacher = load_model(str(builtin_model_dir()), dtype="float32")
+    teacher = load_model(str(builtin_model_dir()), dtype=teacher_dtype)
     student = load_model(str(builtin_model_dir()), dtype="float32", for_training=True)
     prune_layers(student, list(range(0, student.config.num_hidden_layers, 2)))
     return tokenizer, teacher, student
@@ -153,8 +154,19 @@ def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, s
                                train_dataset=prompts, processing_class=tokenizer, callbacks=common["callbacks"])
 
 
+def teacher_dtype_for(trainer_name: str, setting: str) -> str:
+    """The teacher's dtype in a run: `setting` when named; auto: ours as `atlas-distill train` loads it
+    (models.teacher_dtype: bf16 on a CPU with native bf16, else fp32), TRL's trainers fp32 (the model they are
+    given; neither casts it)."""
+    from atlas_distill.models import teacher_dtype
+
+    if setting != "auto":
+        return setting
+    return teacher_dtype("auto") if trainer_name == "atlas" else "float32"
+
+
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-           seed: int, bf16: bool) -> dict:
+           seed: int, bf16: bool, teacher_setting: str = "auto") -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
     from transformers import TrainerCallback
 
@@ -162,7 +174,10 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
     from atlas_distill.gkd import AtlasGKDTrainer
 
-    tokenizer, teacher, student = _models()
+    dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
+    tokenizer, teacher, student = _models(dtype)
+    # the held-out loss is measured against the fp32 teacher for every trainer (one formula for all)
+    judge = teacher if dtype == "float32" or not learning else _models("float32")[1]
     train, held_out = _datasets(tokenizer)
     stamps: list[float] = []
 
@@ -177,7 +192,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
                 f"{stamps[-1] - stamps[-2]:.2f} s")
 
     heldout_rows = list(held_out["messages"][:32])
-    before = heldout_loss(student, teacher, tokenizer, heldout_rows, SETTINGS["temperature"],
+    before = heldout_loss(student, judge, tokenizer, heldout_rows, SETTINGS["temperature"],
                           SETTINGS["beta"]) if learning else None
     with tempfile.TemporaryDirectory() as tmp:
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
@@ -197,19 +212,19 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     timed = times[1:] or times
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(sum(timed) / len(timed), 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed}
+           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype}
     if learning:
         row["heldout_loss_before"] = round(before, 5)
-        row["heldout_loss_after"] = round(heldout_loss(student, teacher, tokenizer, heldout_rows,
+        row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
                                                        SETTINGS["temperature"], SETTINGS["beta"]), 5)
         row["losses"] = [round(x, 5) for x in losses]
     return row
 
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-              seed: int, bf16: bool) -> dict:
+              seed: int, bf16: bool, teacher_setting: str = "auto") -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
-               "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed)]
+               "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
     command += ["--bf16"] if bf16 else []
@@ -268,6 +283,9 @@ def main() -> None:
                         help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
                              "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
+    parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16 on a CPU "
+                        "with native bf16, else fp32), TRL's trainers fp32")
     parser.add_argument("--trainers", default="trl,trl-distillation,atlas",
                         help="comma-separated, of trl (legacy GKDTrainer), trl-distillation (DistillationTrainer, "
                         "lmbda 1 only), atlas")
@@ -279,7 +297,7 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.bf16)
+                         seeds[0], args.bf16, args.teacher_dtype)
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
@@ -289,11 +307,11 @@ def main() -> None:
             for r in rows))
         return
     if args.learning:
-        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16)
-                for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
+        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16,
+                          args.teacher_dtype) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
-        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16)
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16, args.teacher_dtype)
                 for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))

@@ -18,7 +18,7 @@ import torch
 from test_gkd_trainer import batch, make_trainer
 
 from atlas_distill.gkd import divergence
-from atlas_distill.gkd import sampling
+from atlas_distill.models import loading
 from atlas_distill.gkd.trl_surface import GKDTrainer
 
 V, H, N = 300, 24, 40
@@ -213,34 +213,34 @@ def cpuinfo_variant(remove: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> 
 def test_native_bf16_is_read_from_the_flags_of_real_cpuinfo_texts():
     recorded = cpuinfo_variant()
     assert recorded.count("processor\t:") == 2 and "avx512_bf16" in recorded
-    assert sampling.native_bf16(recorded)  # Zen 4
-    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512",)))  # AVX2 only
-    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)))  # AVX512F, no bf16
-    assert sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",),
+    assert loading.native_bf16(recorded)  # Zen 4
+    assert not loading.native_bf16(cpuinfo_variant(remove=("avx512",)))  # AVX2 only
+    assert not loading.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)))  # AVX512F, no bf16
+    assert loading.native_bf16(cpuinfo_variant(remove=("avx512_bf16",),
                                                       add=("amx_bf16", "amx_tile", "amx_int8")))  # AMX
     # only the flags count: a word elsewhere in the text does not
-    assert not sampling.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
+    assert not loading.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
         "model name\t: AMD EPYC", "model name\t: AMD EPYC avx512_bf16"))
-    assert not sampling.native_bf16("")
+    assert not loading.native_bf16("")
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(tmp_path, make_tiny_model,
                                                                                 monkeypatch, fast_bf16):
-    monkeypatch.setattr(sampling, "bf16_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: fast_bf16)
     trainer = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2))
     assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None)
 
 
 def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    monkeypatch.setattr(sampling, "bf16_cpu", lambda: False)
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: False)
     with pytest.warns(UserWarning, match=r"7x slower.*GKDConfig\(bf16=False\); with `atlas-distill train`"):
         make_trainer(tmp_path, student, teacher, args={"bf16": True})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*bf16 autocast.*")
         make_trainer(tmp_path, student, teacher, args={"bf16": False})
-        monkeypatch.setattr(sampling, "bf16_cpu", lambda: True)
+        monkeypatch.setattr(loading, "cpu_bf16", lambda: True)
         make_trainer(tmp_path, student, teacher, args={"bf16": True})
 
 

@@ -212,21 +212,24 @@ def test_load_tokenizer_pads_with_eos(tmp_path):
     assert tokenizer.padding_side == "right"  # callers choose left for generation
 
 
-@pytest.mark.parametrize("cuda, bf16, cpu_bf16, expected", [
-    (False, False, False, "float32"),  # an AVX2-only CPU
-    (False, False, True, "float32"),  # a CPU with AVX512-BF16 or AMX: fp32 weights (bf16 autocast is opt-in)
-    (True, False, True, "float32"),  # a GPU without native bf16 decides, whatever the CPU
-    (True, True, False, "bfloat16")])
-def test_auto_dtype_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch, cuda, bf16, cpu_bf16, expected):
-    from atlas_distill.gkd import sampling
+@pytest.mark.parametrize("cuda, bf16, cpu_bf16, expected, teacher", [
+    (False, False, False, "float32", "float32"),  # an AVX2-only CPU
+    # a CPU with AVX512-BF16 or AMX: fp32 weights (bf16 autocast is opt-in), the frozen teacher in bf16
+    (False, False, True, "float32", "bfloat16"),
+    (True, False, True, "float32", "float32"),  # a GPU without native bf16 decides, whatever the CPU
+    (True, True, False, "bfloat16", "bfloat16")])
+def test_auto_dtype_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch, cuda, bf16, cpu_bf16, expected, teacher):
+    from atlas_distill.models import loading
     from atlas_distill.models import resolve_dtype
 
     # stand in for what torch.cuda and the CPU's flags would report
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
-    monkeypatch.setattr(sampling, "bf16_cpu", lambda: cpu_bf16)
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: cpu_bf16)
     assert resolve_dtype("auto") == getattr(torch, expected)
     assert resolve_dtype("float16") == torch.float16  # a named dtype is taken as is
+    assert loading.teacher_dtype("auto") == teacher
+    assert loading.teacher_dtype("float32") == "float32"  # a named teacher dtype is taken as is
 
 
 def test_load_model_for_inference_and_for_training(make_tiny_model):

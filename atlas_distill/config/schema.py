@@ -103,7 +103,9 @@ class TeacherInitConfig(_Strict):
 
     load_in_8bit: bool = Field(False, description="8-bit teacher (bitsandbytes; needs CUDA).")
     load_in_4bit: bool = Field(False, description="4-bit teacher (bitsandbytes; needs CUDA).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Teacher weights dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher weights dtype; auto: bfloat16 where the machine has native bf16 (a GPU, or a "
+        "CPU with AVX512-BF16 or AMX), else float32.")
 
 
 class TrainerConfig(_Strict):

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
-from ..models import shared_vocab_size
-from . import divergence, sampling
+from ..models import loading, shared_vocab_size
+from . import divergence
 from .collator import TargetSpanCollator
 from .config import AtlasGKDConfig, GKDConfig
 from .settings import AtlasSettings
@@ -168,7 +168,7 @@ class AtlasGKDTrainer(GKDTrainer):
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
         self.generation_dtype = self._sampling_dtype(args.generation_dtype)
-        if self.args.bf16 and self.args.device.type == "cpu" and not sampling.bf16_cpu():
+        if self.args.bf16 and self.args.device.type == "cpu" and not loading.cpu_bf16():
             warnings.warn("bf16=True trains this CPU run under bf16 autocast, but this CPU has no native bf16 "
                           "(AVX512-BF16 or AMX): a GKD step measured 7x slower than in fp32. Train in fp32: "
                           "GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto or float32.",
@@ -268,7 +268,7 @@ class AtlasGKDTrainer(GKDTrainer):
 
         Decoding is memory-bound: every new token reads all the weights. On a CPU with native bf16
         (AVX512-BF16 / AMX) a bf16 copy decoded 2.2x faster than fp32; on a plain AVX2 CPU bf16 is slower
-        (`bf16_cpu`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
+        (`loading.cpu_bf16`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
         on a GPU training under bf16 mixed precision (autocast would cast every weight again at every token),
         when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding).
         """
@@ -280,7 +280,7 @@ class AtlasGKDTrainer(GKDTrainer):
         if setting == "bfloat16":
             return torch.bfloat16
         on_cpu = next(student.parameters()).device.type == "cpu"
-        fast_bf16 = sampling.bf16_cpu() if on_cpu else self.args.bf16
+        fast_bf16 = loading.cpu_bf16() if on_cpu else self.args.bf16
         return torch.bfloat16 if fast_bf16 else None
 
     def _sampling_copy(self) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from .files import materialize
 from .loading import (
     apply_lora,
     count_parameters,
+    cpu_bf16,
     cuda_bf16,
     load_device,
     load_model,
@@ -28,13 +29,14 @@ from .loading import (
     weight_rows,
     sharded_launch,
     shared_vocab_size,
+    teacher_dtype,
     training_dtype,
     use_cache_if_hub_unreachable,
 )
 from .spec import DEFAULT_FAMILY, ModelSpec, model_parameters, resolve_model_spec, tokenizer_family
 
 __all__ = ["BUILTIN_NAME", "DEFAULT_FAMILY", "ModelSpec", "apply_lora", "builtin_model_dir", "builtin_tokenizer_dir",
-           "cache_dir", "count_parameters", "cuda_bf16", "load_device", "load_model", "load_pretrained",
+           "cache_dir", "count_parameters", "cpu_bf16", "cuda_bf16", "load_device", "load_model", "load_pretrained",
            "load_tokenizer", "materialize", "model_parameters", "resolve_dtype", "resolve_model_spec",
-           "shared_vocab_size", "sharded_launch", "tokenizer_family", "training_dtype", "weight_rows",
+           "shared_vocab_size", "sharded_launch", "teacher_dtype", "tokenizer_family", "training_dtype", "weight_rows",
            "use_cache_if_hub_unreachable"]
