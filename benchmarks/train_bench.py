@@ -39,8 +39,9 @@ SETTINGS = {"max_new_tokens": 32, "beta": 0.5, "temperature": 0.9, "learning_rat
             "max_length": 512}
 
 
-def _models(teacher_dtype: str = "float32"):
-    """The tokenizer, the teacher in `teacher_dtype` and the fp32 student (15 of the builtin's 30 layers)."""
+def _models(teacher_dtype: str = "float32", student_layers: int | None = 15):
+    """The tokenizer, the teacher in `teacher_dtype` and the fp32 student: `student_layers` evenly spaced layers of
+    the builtin's 30 (15: the even-numbered ones, 0, 2, ..., 28), all of them when None."""
     import torch
 
     from atlas_distill.models.builtin import builtin_model_dir, builtin_tokenizer_dir
@@ -51,7 +52,9 @@ def _models(teacher_dtype: str = "float32"):
     tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))
     teacher = load_model(str(builtin_model_dir()), dtype=teacher_dtype)
     student = load_model(str(builtin_model_dir()), dtype="float32", for_training=True)
-    prune_layers(student, list(range(0, student.config.num_hidden_layers, 2)))
+    depth = student.config.num_hidden_layers
+    if student_layers is not None and student_layers < depth:
+        prune_layers(student, list(range(0, depth, depth // student_layers))[:student_layers])
     return tokenizer, teacher, student
 
 
@@ -63,14 +66,15 @@ def _datasets(tokenizer):
                              max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
 
 
-def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16: bool, **ours):
+def _config(output_dir: str, steps: int, gc: bool, lmbda: float, seed: int, bf16: bool, *, batch: int = BATCH,
+            max_new_tokens: int = SETTINGS["max_new_tokens"], **ours):
     import torch
 
     from atlas_distill.gkd import GKDConfig
 
     return GKDConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=BATCH, lmbda=lmbda,
-        beta=SETTINGS["beta"], temperature=SETTINGS["temperature"], max_new_tokens=SETTINGS["max_new_tokens"],
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, lmbda=lmbda,
+        beta=SETTINGS["beta"], temperature=SETTINGS["temperature"], max_new_tokens=max_new_tokens,
         learning_rate=SETTINGS["learning_rate"], seed=seed, max_length=SETTINGS["max_length"],
         gradient_checkpointing=gc, bf16=bf16, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **ours)
@@ -128,7 +132,8 @@ def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
              "relative_error": round(1 - float(torch.cat(folded[k]).mean()) / exact_mean, 5)} for k in ks]
 
 
-def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool):
+def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
+                          batch: int = BATCH, max_new_tokens: int = SETTINGS["max_new_tokens"]):
     """TRL's stable DistillationTrainer on the same models and sessions, matched where it can be: the prompt column
     is each session's system + user turns (what ours generates from), one completion per prompt, 4 prompts per
     step, max_completion_length = max_new_tokens, the same beta, temperature, lr, seed and precision. It cannot be
@@ -145,8 +150,8 @@ def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, s
     tokenizer.padding_side = "left"  # DistillationTrainer requires left padding for its prompts
     prompts = Dataset.from_list([{"prompt": messages[:-1]} for messages in common["train_dataset"]["messages"]])
     args = DistillationConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=BATCH, beta=SETTINGS["beta"],
-        temperature=SETTINGS["temperature"], max_completion_length=SETTINGS["max_new_tokens"],
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, beta=SETTINGS["beta"],
+        temperature=SETTINGS["temperature"], max_completion_length=max_new_tokens,
         learning_rate=SETTINGS["learning_rate"], seed=seed, gradient_checkpointing=gc, bf16=bf16, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0)

@@ -228,3 +228,29 @@ def test_gpu_smoke_script_runs_its_cpu_stages():
     bad = subprocess.run([sys.executable, str(script), "--device", "cpu", "--stages", "single,nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown stage(s) nope" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_the_three_trainers_on_the_cpu(tmp_path):
+    """benchmarks/gpu_bench.py times TRL's two trainers and ours; with --device cpu it runs them all here, small."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--steps", "2", "--batch", "2",
+                           "--max-new-tokens", "4", "--student-layers", "2", "--dtype", "float32", "--gc", "off",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["trainer"] for row in rows] == ["trl", "trl-distillation", "atlas"]
+    for row in rows:
+        assert row["device"] == "cpu" and row["memory"] == "VmHWM" and row["batch"] == 2 and row["steps"] == 2
+        assert row["s_per_step"] > 0 and row["peak_memory_mb"] > 100 and row["attn_implementation"] == "sdpa"
+        assert row["final_loss"] is not None and row["final_loss"] == row["final_loss"]  # a number, not NaN
+    assert "| off | trl-distillation |" in done.stdout and "| off | atlas |" in done.stdout  # the ratio table
+    bad = subprocess.run([sys.executable, str(script), "--device", "cpu", "--trainers", "atlas,nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown: nope" in bad.stderr
