@@ -26,11 +26,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import cpu_description, log, peak_rss_mb
-from train_bench import ANCHORS, SETTINGS, _config, _datasets, _distillation_trainer, _models
+from train_bench import ANCHORS, SETTINGS, _config, _datasets, _models, against_ours, timed_run
 
 TRAINERS = (*ANCHORS, "atlas")
 
@@ -44,10 +43,6 @@ def _device_name(device: str) -> str:
 def worker(name: str, opts: argparse.Namespace) -> dict:
     """Child process: one trainer's run on opts.device; its timings, peak memory and last loss."""
     import torch
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDTrainer
-
-    from atlas_distill.gkd import AtlasGKDTrainer
 
     cuda = opts.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -55,38 +50,16 @@ def worker(name: str, opts: argparse.Namespace) -> dict:
     bf16 = opts.dtype == "bfloat16"
     tokenizer, teacher, student = _models(opts.dtype, student_layers=opts.student_layers)
     train, _held_out = _datasets(tokenizer)
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not stamps:
-                stamps.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            log(f"  [{name}] step {state.global_step}/{opts.steps} {stamps[-1] - stamps[-2]:.2f} s")
-
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         args = _config(tmp, opts.steps, opts.gc, 1.0, SETTINGS["seed"], bf16, batch=opts.batch,
                        max_new_tokens=opts.max_new_tokens)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
-                  "processing_class": tokenizer, "callbacks": [Clock()]}
-        if name == "trl":
-            trainer = GKDTrainer(**common)
-        elif name == "trl-distillation":
-            trainer = _distillation_trainer(common, tmp, opts.steps, opts.gc, SETTINGS["seed"], bf16,
-                                            batch=opts.batch, max_new_tokens=opts.max_new_tokens)
-        else:
-            trainer = AtlasGKDTrainer(**common)
-        trainer.train()
-    times = [b - a for a, b in zip(stamps, stamps[1:])]
-    timed = times[1:] or times
-    s_per_step = sum(timed) / len(timed)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+                  "processing_class": tokenizer}
+        _trainer, s_per_step, losses = timed_run(name, common, tmp, opts.steps, opts.gc, SETTINGS["seed"], bf16,
+                                                 label=name, synchronize=torch.cuda.synchronize if cuda else None,
+                                                 batch=opts.batch, max_new_tokens=opts.max_new_tokens)
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {"trainer": name, "device": opts.device, "device_name": _device_name(opts.device), "dtype": opts.dtype,
             "gradient_checkpointing": opts.gc, "batch": opts.batch, "steps": opts.steps,
@@ -122,9 +95,7 @@ def ratio_table(rows: list[dict]) -> str:
         here = {row["trainer"]: row for row in rows if row["gradient_checkpointing"] == gc}
         ours = here.get("atlas")
         for name, row in here.items():
-            anchor = name != "atlas" and ours is not None
-            speed = f"{row['s_per_step'] / ours['s_per_step']:.2f}x" if anchor else ""
-            memory = f"{ours['peak_memory_mb'] / row['peak_memory_mb']:.2f}x" if anchor else ""
+            speed, memory = against_ours(row, ours, "peak_memory_mb")
             lines.append(f"| {'on' if gc else 'off'} | {name} | {row['s_per_step']:.3f} | {row['sequences_per_s']} "
                          f"| {speed} | {row['peak_memory_mb']:.0f} | {memory} |")
     return "\n".join(lines)

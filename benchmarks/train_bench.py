@@ -58,11 +58,13 @@ def _models(teacher_dtype: str = "float32", student_layers: int | None = 15):
     return tokenizer, teacher, student
 
 
-def _datasets(tokenizer):
+def _datasets(tokenizer, data: str = "task"):
+    """(train, held-out) of the bundled demo traces. data "task": each session as its task prompt and final answer;
+    "conversation": the whole multi-turn episode, every action of the agent and the final answer a target."""
     from atlas_distill.data import build_gkd_dataset
     from atlas_distill.demo import DEMO_TRACES
 
-    return build_gkd_dataset(traces=str(DEMO_TRACES), min_reward=None, prompt="task", tokenizer=tokenizer,
+    return build_gkd_dataset(traces=str(DEMO_TRACES), min_reward=None, prompt=data, tokenizer=tokenizer,
                              max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
 
 
@@ -170,20 +172,16 @@ def teacher_dtype_for(trainer_name: str, setting: str) -> str:
     return teacher_dtype("auto") if trainer_name == "atlas" else "float32"
 
 
-def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-           seed: int, bf16: bool, teacher_setting: str = "auto") -> dict:
-    """Child process: one training run; its timings, loss and peak RSS."""
+def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
+              label: str, synchronize=None, **shape) -> tuple[object, float, list[float]]:
+    """Build `trainer_name`'s trainer on `common` (model, teacher, args, data, tokenizer), train it with every step's
+    end stamped (after `synchronize`, e.g. the GPU's), and return it, the mean s/step over the steps after the first
+    (the first pays one-off costs) and the logged losses. `shape`: batch / max_new_tokens for DistillationTrainer."""
     from transformers import TrainerCallback
-
     from trl.experimental.gkd import GKDTrainer
 
     from atlas_distill.gkd import AtlasGKDTrainer
 
-    dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
-    tokenizer, teacher, student = _models(dtype)
-    # the held-out loss is measured against the fp32 teacher for every trainer (one formula for all)
-    judge = teacher if dtype == "float32" or not learning else _models("float32")[1]
-    train, held_out = _datasets(tokenizer)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -192,9 +190,33 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
                 stamps.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            if synchronize is not None:
+                synchronize()
             stamps.append(time.perf_counter())
-            log(f"  [{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}] step {state.global_step}/{steps} "
-                f"{stamps[-1] - stamps[-2]:.2f} s")
+            log(f"  [{label}] step {state.global_step}/{steps} {stamps[-1] - stamps[-2]:.2f} s")
+
+    common = {**common, "callbacks": [Clock()]}
+    if trainer_name == "trl":
+        trainer = GKDTrainer(**common)
+    elif trainer_name == "trl-distillation":
+        trainer = _distillation_trainer(common, output_dir, steps, gc, seed, bf16, **shape)
+    else:
+        trainer = AtlasGKDTrainer(**common)
+    trainer.train()
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = times[1:] or times
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, sum(timed) / len(timed), losses
+
+
+def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
+           seed: int, bf16: bool, teacher_setting: str = "auto", data: str = "task") -> dict:
+    """Child process: one training run; its timings, loss and peak RSS."""
+    dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
+    tokenizer, teacher, student = _models(dtype)
+    # the held-out loss is measured against the fp32 teacher for every trainer (one formula for all)
+    judge = teacher if dtype == "float32" or not learning else _models("float32")[1]
+    train, held_out = _datasets(tokenizer, data)
 
     heldout_rows = list(held_out["messages"][:32])
     before = heldout_loss(student, judge, tokenizer, heldout_rows, SETTINGS["temperature"],
@@ -204,20 +226,13 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
                      "group_by_length": False, "generation_dtype": "float32"} if atlas_off else {})
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
-                  "processing_class": tokenizer, "callbacks": [Clock()]}
-        if trainer_name == "trl":
-            trainer = GKDTrainer(**common)
-        elif trainer_name == "trl-distillation":
-            trainer = _distillation_trainer(common, tmp, steps, gc, seed, bf16)
-        else:
-            trainer = AtlasGKDTrainer(**common)
-        trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    times = [b - a for a, b in zip(stamps, stamps[1:])]
-    timed = times[1:] or times
+                  "processing_class": tokenizer}
+        _trainer, s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16,
+                                                 label=f"{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}")
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
-           "s_per_step": round(sum(timed) / len(timed), 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype}
+           "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype,
+           "data": data}
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
@@ -227,9 +242,10 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-              seed: int, bf16: bool, teacher_setting: str = "auto") -> dict:
+              seed: int, bf16: bool, teacher_setting: str = "auto", data: str = "task") -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
-               "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting]
+               "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting,
+               "--data", data]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
     command += ["--bf16"] if bf16 else []
@@ -246,6 +262,13 @@ def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: b
 ANCHORS = ("trl", "trl-distillation")  # TRL's legacy GKDTrainer, its stable DistillationTrainer
 
 
+def against_ours(row: dict, ours: dict | None, memory_key: str) -> tuple[str, str]:
+    """Ours' speed-up over `row`'s trainer and ours' memory as a fraction of its, as table cells ("" for ours)."""
+    if row["trainer"] == "atlas" or ours is None:
+        return "", ""
+    return (f"{row['s_per_step'] / ours['s_per_step']:.2f}x", f"{ours[memory_key] / row[memory_key]:.2f}x")
+
+
 def _ratio_table(rows: list[dict]) -> str:
     """Per (gc, lmbda): each trainer's s/step and peak RSS, and ours against each anchor that ran there."""
     lines = ["| gc | lmbda | trainer | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio | final loss |",
@@ -257,9 +280,7 @@ def _ratio_table(rows: list[dict]) -> str:
             row = keyed.get((name, gc, lmbda))
             if row is None:
                 continue
-            anchor = name != "atlas" and ours is not None
-            speed = f"{row['s_per_step'] / ours['s_per_step']:.2f}x" if anchor else ""
-            memory = f"{ours['peak_rss_mb'] / row['peak_rss_mb']:.2f}x" if anchor else ""
+            speed, memory = against_ours(row, ours, "peak_rss_mb")
             lines.append(f"| {'on' if gc else 'off'} | {lmbda:g} | {name} | {row['s_per_step']:.2f} | {speed} "
                          f"| {row['peak_rss_mb']:.0f} | {memory} | {row['final_loss']} |")
     return "\n".join(lines)
@@ -288,6 +309,10 @@ def main() -> None:
                         help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
                              "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
+    parser.add_argument("--data", choices=["task", "conversation"], default="task",
+                        help="task: task prompt -> final answer; conversation: the multi-turn episodes, ours learning "
+                        "every action (one on-policy target turn per example), TRL's trainers the final answer after "
+                        "the whole recorded conversation")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16 on a CPU "
                         "with native bf16, else fp32), TRL's trainers fp32")
@@ -302,7 +327,7 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.bf16, args.teacher_dtype)
+                         seeds[0], args.bf16, args.teacher_dtype, args.data)
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
@@ -313,11 +338,11 @@ def main() -> None:
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16,
-                          args.teacher_dtype) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
+                          args.teacher_dtype, args.data) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
-        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16, args.teacher_dtype)
-                for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16, args.teacher_dtype,
+                          args.data) for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
         return
