@@ -182,7 +182,7 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
     import time
 
     cli_path = os.path.join(os.path.dirname(sys.executable), "atlas-distill")
-    with connect(seeded_db) as blocker:
+    with connect(seeded_db) as blocker, connect(seeded_db, autocommit=True) as watcher:
         # Hold the export inside its streaming query, after it has opened its temporary file.
         blocker.execute("LOCK TABLE trajectory_events IN ACCESS EXCLUSIVE MODE")
         proc = subprocess.Popen([cli_path, "export", "--database-url", seeded_db, "--output", "big.jsonl"],
@@ -191,7 +191,13 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
         while not list(tmp_path.glob(".big.jsonl.*.partial")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert list(tmp_path.glob(".big.jsonl.*.partial")), "the export never started writing"
-        time.sleep(0.3)
+        # SIGINT only once the server runs the export's query (waiting for the lock): a cancel request that reaches
+        # the server before the query does is dropped, and the query would then wait for the lock for good.
+        while time.monotonic() < deadline and not watcher.execute(  # autocommit: a fresh snapshot each time
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
+                "AND datname = current_database()").fetchone()[0]:
+            time.sleep(0.05)
+        assert time.monotonic() < deadline, "the export's query never reached the server"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         blocker.rollback()

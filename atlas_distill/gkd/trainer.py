@@ -267,7 +267,7 @@ class AtlasGKDTrainer(GKDTrainer):
         """The dtype of the student's sampling copy, or None to sample from the student itself.
 
         Decoding is memory-bound: every new token reads all the weights. On a CPU with native bf16
-        (AVX512-BF16 / AMX) a bf16 copy decoded 2.2x faster than fp32; on a plain AVX2 CPU bf16 is slower
+        (AVX512-BF16 / AMX) a bf16 copy generated 1.5x faster than fp32 (Zen 4); on a plain AVX2 CPU bf16 is slower
         (`loading.cpu_bf16`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
         on a GPU training under bf16 mixed precision (autocast would cast every weight again at every token),
         when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding).
