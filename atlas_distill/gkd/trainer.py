@@ -27,7 +27,7 @@ Each speedup is on by default and has a switch to turn it off:
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
   optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
-  per token, ran 2.2x faster; without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
+  per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
   student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x slower than fp32.
 """
 
