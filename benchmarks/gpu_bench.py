@@ -57,7 +57,7 @@ def worker(name: str, opts: argparse.Namespace) -> dict:
                        max_new_tokens=opts.max_new_tokens)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
-        _trainer, s_per_step, losses = timed_run(name, common, tmp, opts.steps, opts.gc, SETTINGS["seed"], bf16,
+        s_per_step, losses = timed_run(name, common, tmp, opts.steps, opts.gc, SETTINGS["seed"], bf16,
                                                  label=name, synchronize=torch.cuda.synchronize if cuda else None,
                                                  batch=opts.batch, max_new_tokens=opts.max_new_tokens)
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()

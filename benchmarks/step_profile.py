@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from _common import cpu_description, log, peak_rss_mb, reset_peak_rss
-from train_bench import BATCH, SETTINGS, _config, _datasets, _distillation_trainer, _models, teacher_dtype_for
+from train_bench import BATCH, SETTINGS, _config, _datasets, _models, build_trainer, teacher_dtype_for
 
 PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
 
@@ -72,19 +72,18 @@ class Clock:
         self.current = defaultdict(float)
 
 
-def _teacher_or_student(trainer):
-    def phase(model, *args, **kwargs):
-        import torch
+def _teacher_or_student(*args, **kwargs) -> str:
+    """The phase of a backbone forward: the student's runs with autograd on, the teacher's without."""
+    import torch
 
-        return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
-    return phase
+    return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
 
 
 def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from atlas_distill.gkd import AtlasGKDTrainer, divergence
+    from atlas_distill.gkd import divergence
 
     tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
     train, _held_out = _datasets(tokenizer)
@@ -110,17 +109,16 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) ->
     with tempfile.TemporaryDirectory() as tmp:
         common = {"model": student, "teacher_model": teacher, "train_dataset": train, "processing_class": tokenizer,
                   "callbacks": [StepClock()], "args": _config(tmp, steps, gc, 1.0, SETTINGS["seed"], bf16)}
+        trainer = build_trainer(name, common, tmp, steps, gc, SETTINGS["seed"], bf16)
         if name == "trl-distillation":
             import trl.trainer.distillation_trainer as module
 
-            trainer = _distillation_trainer(common, tmp, steps, gc, SETTINGS["seed"], bf16)
             clock.wrap(trainer, "_generate", "generation")
-            clock.wrap(trainer, "_get_last_hidden_state", _teacher_or_student(trainer))
+            clock.wrap(trainer, "_get_last_hidden_state", _teacher_or_student)
             clock.wrap(module, "_chunked_divergence_loss", "divergence")
         else:
-            trainer = AtlasGKDTrainer(**common)
             clock.wrap(trainer, "_generate_into", "generation")
-            clock.wrap(divergence, "completion_hidden", _teacher_or_student(trainer))
+            clock.wrap(divergence, "completion_hidden", _teacher_or_student)
             clock.wrap(divergence, "chunked_divergence", "divergence")
         clock.wrap(trainer.accelerator, "backward", "backward")
         trainer.train()

@@ -50,12 +50,20 @@ def _models(teacher_dtype: str = "float32", student_layers: int | None = 15):
 
     torch.manual_seed(SETTINGS["seed"])
     tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))
-    teacher = load_model(str(builtin_model_dir()), dtype=teacher_dtype)
+    teacher = _teacher(teacher_dtype)
     student = load_model(str(builtin_model_dir()), dtype="float32", for_training=True)
     depth = student.config.num_hidden_layers
     if student_layers is not None and student_layers < depth:
         prune_layers(student, list(range(0, depth, depth // student_layers))[:student_layers])
     return tokenizer, teacher, student
+
+
+def _teacher(dtype: str):
+    """The builtin SmolLM2-135M-Instruct, frozen, in `dtype`."""
+    from atlas_distill.models import load_model
+    from atlas_distill.models.builtin import builtin_model_dir
+
+    return load_model(str(builtin_model_dir()), dtype=dtype)
 
 
 def _datasets(tokenizer, data: str = "task"):
@@ -172,15 +180,26 @@ def teacher_dtype_for(trainer_name: str, setting: str) -> str:
     return teacher_dtype("auto") if trainer_name == "atlas" else "float32"
 
 
-def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
-              label: str, synchronize=None, **shape) -> tuple[object, float, list[float]]:
-    """Build `trainer_name`'s trainer on `common` (model, teacher, args, data, tokenizer), train it with every step's
-    end stamped (after `synchronize`, e.g. the GPU's), and return it, the mean s/step over the steps after the first
-    (the first pays one-off costs) and the logged losses. `shape`: batch / max_new_tokens for DistillationTrainer."""
-    from transformers import TrainerCallback
+def build_trainer(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool,
+                  **shape):
+    """`trainer_name`'s trainer on `common` (model, teacher, args, data, tokenizer, callbacks). `shape`: batch /
+    max_new_tokens for DistillationTrainer (the others read them from common["args"])."""
     from trl.experimental.gkd import GKDTrainer
 
     from atlas_distill.gkd import AtlasGKDTrainer
+
+    if trainer_name == "trl":
+        return GKDTrainer(**common)
+    if trainer_name == "trl-distillation":
+        return _distillation_trainer(common, output_dir, steps, gc, seed, bf16, **shape)
+    return AtlasGKDTrainer(**common)
+
+
+def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
+              label: str, synchronize=None, **shape) -> tuple[float, list[float]]:
+    """Train `build_trainer`'s trainer with every step's end stamped (after `synchronize`, e.g. the GPU's); the
+    mean s/step over the steps after the first (the first pays one-off costs) and the logged losses."""
+    from transformers import TrainerCallback
 
     stamps: list[float] = []
 
@@ -195,18 +214,13 @@ def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: 
             stamps.append(time.perf_counter())
             log(f"  [{label}] step {state.global_step}/{steps} {stamps[-1] - stamps[-2]:.2f} s")
 
-    common = {**common, "callbacks": [Clock()]}
-    if trainer_name == "trl":
-        trainer = GKDTrainer(**common)
-    elif trainer_name == "trl-distillation":
-        trainer = _distillation_trainer(common, output_dir, steps, gc, seed, bf16, **shape)
-    else:
-        trainer = AtlasGKDTrainer(**common)
+    trainer = build_trainer(trainer_name, {**common, "callbacks": [Clock()]}, output_dir, steps, gc, seed, bf16,
+                            **shape)
     trainer.train()
     times = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = times[1:] or times
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return trainer, sum(timed) / len(timed), losses
+    return sum(timed) / len(timed), losses
 
 
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
@@ -215,7 +229,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
     tokenizer, teacher, student = _models(dtype)
     # the held-out loss is measured against the fp32 teacher for every trainer (one formula for all)
-    judge = teacher if dtype == "float32" or not learning else _models("float32")[1]
+    judge = teacher if dtype == "float32" or not learning else _teacher("float32")
     train, held_out = _datasets(tokenizer, data)
 
     heldout_rows = list(held_out["messages"][:32])
@@ -227,7 +241,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
-        _trainer, s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16,
+        s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16,
                                                  label=f"{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}")
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
