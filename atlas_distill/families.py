@@ -72,3 +72,37 @@ def parameter_count(config: dict[str, Any], layers: int | None = None) -> int | 
     per_layer = attention + 3 * hidden * inner + 2 * hidden
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
     return embeddings + depth * per_layer + hidden
+
+
+# The builtin models' config numbers (SmolLM2-135M-Instruct; the demo teacher is a fine-tuned copy), so that a
+# plan needs no build: the same fields as config.json.
+_SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49_152,
+                 "tie_word_embeddings": True}
+
+
+def builtin_config(name: str) -> dict[str, Any]:
+    """The config numbers of a builtin model (models/registry.py names them)."""
+    return dict(_SMOLLM2_135M)
+
+
+def smaller_size(teacher: str, student: str, family: str = DEFAULT_FAMILY) -> str | None:
+    """The next smaller size alias of the teacher's Qwen2.5 size that is still larger than the student's, e.g.
+    `7b` for a 14b teacher of a 3b student; None when the teacher is not a Qwen2.5 size or none is between."""
+    sizes = ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
+
+    def size_of(spec: str) -> str | None:
+        text = spec.strip().upper()
+        if text.endswith("B") and text in sizes:
+            return text
+        name = spec.strip().partition("/")[2]
+        found = name.removeprefix("Qwen2.5-").removesuffix("-Instruct") if name.startswith("Qwen2.5-") else None
+        return found if found in sizes else None
+
+    t, s = size_of(teacher), size_of(student)
+    if t is None or sizes.index(t) == 0:
+        return None
+    candidate = sizes[sizes.index(t) - 1]
+    if s is not None and sizes.index(candidate) <= sizes.index(s):
+        return None
+    return candidate.lower()

@@ -44,6 +44,8 @@ def train(
     run_name: Annotated[str | None, Opt(help="[run_name]", show_default=False)] = None,
     resume: Annotated[bool, Opt(help="Continue the run directory's last checkpoint.")] = False,
     skip_invalid: Annotated[bool, Opt(help="Skip malformed trace file lines and count them.")] = False,
+    plan: Annotated[bool, Opt("--plan", help="Print the memory plan for this machine (`atlas-distill plan`) and "
+                              "exit: 0 when it fits, 3 when not.")] = False,
     profile: ProfileOpt = "default",
     json_out: JsonOpt = False,
 ) -> None:
@@ -62,6 +64,10 @@ def train(
             "--max-steps": ("trainer.max_steps", max_steps), "--output-dir": ("output_dir", output_dir),
             "--run-name": ("run_name", run_name),
         })
+        if plan:
+            from .plan import show_plan
+
+            raise typer.Exit(show_plan(config, gpus=None, gpu_memory=None, json_out=json_out))
         if resume and not config.run_name:
             raise UsageError("--resume needs the run to continue.", fix="Pass --run-name NAME of the run directory.")
         url = None if traces else resolve_db_url(database_url, config.database.url)

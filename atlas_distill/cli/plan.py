@@ -1,0 +1,123 @@
+"""`atlas-distill plan` (and `train --plan`): what fits where, before any weight loads."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import TargetsNotMet, UsageError
+from ._common import JsonOpt, OverridesArg, ProfileOpt, out, print_json, reporting_errors
+
+Opt = typer.Option
+CPU_NOTE = ("Note: these are live bytes. On a CPU, glibc's allocator keeps memory the step freed, so the process's "
+            "peak RSS ran 17-43 % above them in benchmarks/plan_check.py; MALLOC_MMAP_THRESHOLD_=131072 returns it "
+            "(RSS then within 8 % of the plan) at 25-60 % slower steps.")
+_SHOWN = ("teacher weights", "student weights", "sampling copy", "gradients", "optimizer state", "activations",
+          "loss", "generation (KV cache)", "runtime")
+
+
+def plan(
+    overrides: OverridesArg = None,
+    teacher: Annotated[str | None, Opt(help="Teacher model spec [teacher_model_name_or_path].",
+                                       show_default=False)] = None,
+    student: Annotated[str | None, Opt(help="Student model spec [model.model_name_or_path].",
+                                       show_default=False)] = None,
+    gpus: Annotated[int | None, Opt(min=1, help="GPUs per machine to plan for; default: this machine (its GPUs, "
+                                    "else its CPU and RAM).", show_default=False)] = None,
+    gpu_memory: Annotated[str | None, Opt("--gpu-memory", help="Memory of each GPU, e.g. 80GB (binary units); "
+                                          "needed with --gpus.", show_default=False)] = None,
+    profile: ProfileOpt = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Estimate per-device memory of a GKD run from the models' configs (no weights load): weights, gradients,
+    optimizer state, activations, loss, KV cache, for one device, DDP, FSDP and ZeRO-3, with a verdict each.
+
+    Exit 0 when at least one way of running it fits, 3 when none does (the cheapest change that fits is named).
+    """
+    from ..config import load_profile
+
+    with reporting_errors(json_out):
+        config = load_profile(profile, overrides, {
+            "--teacher": ("teacher_model_name_or_path", teacher), "--student": ("model.model_name_or_path", student)})
+        code = show_plan(config, gpus=gpus, gpu_memory=gpu_memory, json_out=json_out)
+    raise typer.Exit(code)
+
+
+def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: bool) -> int:
+    """Print the plan of `config`; its exit code: 0 when an option fits, 3 when none does."""
+    from ..plan import parse_memory, plan_profile
+
+    if gpus is None and gpu_memory is not None:
+        raise UsageError("--gpu-memory needs --gpus.", fix="Pass both, e.g. --gpus 8 --gpu-memory 80GB.")
+    if gpus is not None and gpu_memory is None:
+        raise UsageError("--gpus needs --gpu-memory, the memory of each GPU.", fix="e.g. --gpus 8 --gpu-memory 80GB.")
+    if gpus is None:
+        gpus, memory = _this_machine()
+    else:
+        memory = parse_memory(gpu_memory)
+    result = plan_profile(config, device="cuda" if gpus else "cpu", devices=gpus or 1, memory=memory)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        out.print(_table(result))
+        out.print(_verdict(result), markup=False, highlight=False)
+        if result.device == "cpu":
+            out.print(CPU_NOTE, markup=False, highlight=False)
+    if not result.fits:
+        return TargetsNotMet.exit_code
+    return 0
+
+
+def _this_machine() -> tuple[int, int | None]:
+    """(GPUs, memory of the smallest) when torch sees CUDA GPUs here, else (0, None): the CPU and its RAM."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None
+    count = torch.cuda.device_count()
+    return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+
+
+def _table(result) -> Table:
+    from ..plan import gib
+
+    w = result.workload
+    where = (f"this machine's CPU, {gib(result.memory_bytes)} RAM" if result.device == "cpu" else
+             f"{result.devices} GPU{'s' if result.devices > 1 else ''} of {gib(result.memory_bytes)}")
+    title = (f"Memory plan: {result.teacher.name} ({_size(result.teacher.parameters)}) -> {result.student.name} "
+             f"({_size(result.student.parameters)}) on {where}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("per device", no_wrap=True)
+    for option in result.options:
+        table.add_column(option.name, justify="right")
+    for name in _SHOWN:
+        table.add_row(name, *(gib(option.components[name]) for option in result.options))
+    table.add_row("peak (phase)", *(f"{gib(o.peak_bytes)} ({o.peak_phase})" for o in result.options), style="bold")
+    table.add_row("verdict", *("fits" if o.fits else "does not fit" for o in result.options), style="bold")
+    notes = "; ".join(dict.fromkeys(n for o in result.options for n in o.notes))
+    table.caption = (f"batch {w.batch} x {w.seq_len} tokens (max_length + max_new_tokens), gradient checkpointing "
+                     f"{'on' if w.gradient_checkpointing else 'off'}, {'chunked' if w.chunked_loss else 'full'} loss, "
+                     f"LoRA {'r=' + str(w.lora_rank) if w.lora_rank else 'off'}" + (f"; {notes}" if notes else ""))
+    table.caption_justify = "left"
+    return table
+
+
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+
+
+def _verdict(result) -> str:
+    from ..plan import gib
+
+    fitting = [o for o in result.options if o.fits]
+    if fitting:
+        best = min(fitting, key=lambda o: o.peak_bytes)
+        return f"Fits: {', '.join(o.name for o in fitting)} (least per device: {best.name}, {gib(best.peak_bytes)})."
+    if result.fix is None:
+        return ("Does not fit any way here, even with a smaller batch, gradient checkpointing, a quantized or "
+                "smaller teacher and LoRA. Use more or larger GPUs.")
+    fix = result.fix
+    return (f"Does not fit. Cheapest change that fits: {' + '.join(fix['changes'])} -> {fix['option']}, "
+            f"{gib(fix['peak_bytes'])} per device: {' '.join(fix['overrides'])}")

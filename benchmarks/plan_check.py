@@ -1,0 +1,160 @@
+"""How close `atlas-distill plan` comes to the memory a real run uses on this machine.
+
+Each row trains a few real steps (`TrainingRecipe`, as `atlas-distill train` builds it: builtin teacher, the
+named student, the demo traces, off-policy with the exact teacher so every step has the same work) in a fresh
+process, and reads that process's peak RSS over the training steps (VmHWM, reset just before them), and its
+RSS before any model loaded. The plan's one-device estimate for the same profile, at the batch shape the run
+really had (its longest padded batch), is set beside it.
+
+    python benchmarks/plan_check.py                       # the README's rows
+    python benchmarks/plan_check.py --rows 'smollm2-135m@15L,4,256,on,off'   # student,batch,max_length,gc,lora
+
+Prints a table and writes JSON (--out). Rows run one after another; nothing else should run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_description, log, peak_rss_mb, reset_peak_rss  # noqa: E402
+
+TEACHER = "smollm2-135m"
+DEFAULT_ROWS = ("smollm2-135m@15L,4,256,on,off", "smollm2-135m@15L,4,256,off,off", "smollm2-135m@15L,8,512,on,off",
+                "smollm2-135m@15L,8,512,off,off", "smollm2-135m,4,512,on,off", "smollm2-135m,4,512,off,off",
+                "smollm2-135m,8,512,off,on", "smollm2-135m@8L,16,128,off,off")
+STEPS = 3
+# glibc's default keeps freed blocks in the process (RSS stays above the live tensors); with every block over
+# 128 KiB mmapped, freeing one returns it, and RSS follows the live bytes as a GPU's max_memory_allocated does.
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}, "default": {}}
+
+
+def overrides(student: str, batch: int, max_length: int, gc: bool, lora: bool, output_dir: str) -> list[str]:
+    """The profile of one row: the demo data off-policy with the exact teacher, nothing saved or tracked."""
+    return [f"teacher_model_name_or_path={TEACHER}", f"model.model_name_or_path={student}",
+            f"trainer.per_device_train_batch_size={batch}", f"trainer.max_length={max_length}",
+            f"model.gradient_checkpointing={str(gc).lower()}", f"model.lora.enabled={str(lora).lower()}",
+            "trainer.lmbda=0", "trainer.teacher_cache_topk=0", f"trainer.max_steps={STEPS}",
+            "trainer.eval_steps=1000", "trainer.save_steps=1000", "trainer.report_to=[]", "trainer.min_reward=null",
+            "data.review_status=null", f"output_dir={output_dir}"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def measure(row: dict) -> dict:
+    """One row in this process: RSS with the libraries and data loaded, then the peak over the training steps."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from atlas_distill.config import load_profile
+    from atlas_distill.training import TrainingRecipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = load_profile("default", overrides(row["student"], row["batch"], row["max_length"], row["gc"],
+                                                    row["lora"], tmp))
+        recipe = TrainingRecipe(profile, profile_name="default")
+        recipe.setup(db_url=None, traces=None, skip_invalid=False, resume=False)
+        trainer, shapes = recipe.trainer, []
+        step = trainer.training_step
+
+        def recording(model, inputs, num_items_in_batch=None):
+            shapes.append(list(inputs["input_ids"].shape))
+            return step(model, inputs, num_items_in_batch)
+
+        trainer.training_step = recording
+        # the steps only: no evaluation or checkpoint at the last step (both are outside what the plan's
+        # training phases count; evaluation's generation is its own phase)
+        trainer.evaluate = lambda *args, **kwargs: {}
+        trainer._save_checkpoint = lambda *args, **kwargs: None
+        loaded = _rss_mb()
+        reset_peak_rss()
+        started = time.perf_counter()
+        trainer.train()
+        return {"rss_loaded_mb": round(loaded, 1), "peak_train_mb": round(peak_rss_mb(), 1), "shapes": shapes,
+                "seconds": round(time.perf_counter() - started, 1)}
+
+
+def parse_row(text: str) -> dict:
+    student, batch, length, gc, lora = (part.strip() for part in text.split(","))
+    return {"student": student, "batch": int(batch), "max_length": int(length), "gc": gc == "on", "lora": lora == "on"}
+
+
+def predicted(row: dict, measured: dict) -> dict:
+    """The plan's one-device estimate at the run's longest padded batch."""
+    from atlas_distill.config import load_profile
+    from atlas_distill.plan import plan_profile
+
+    batch, length = max(measured["shapes"], key=lambda shape: shape[0] * shape[1])
+    profile = load_profile("default", overrides(row["student"], row["batch"], row["max_length"], row["gc"],
+                                                row["lora"], "unused"))
+    plan = plan_profile(profile, device="cpu", seq_len=length, batch=batch)
+    return plan.options[0].to_dict()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=";".join(DEFAULT_ROWS),
+                        help="';'-separated rows: student,batch,max_length,gc(on|off),lora(on|off)")
+    parser.add_argument("--out", default="plan_check.json")
+    parser.add_argument("--replan", metavar="JSON", help="Compare the plan again with the measurements in a "
+                        "previous --out file (after a change to the plan), without training again.")
+    parser.add_argument("--measure-one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_one:
+        print(json.dumps(measure(json.loads(args.measure_one))))
+        return 0
+    if args.replan:
+        previous = json.loads(Path(args.replan).read_text())
+        log(f"measured on: {previous['cpu']}")
+        results = [compare(row, row["measured"]) for row in previous["rows"]]
+        return report(results, previous["cpu"], args.out)
+    try:
+        rows = [parse_row(text) for text in args.rows.split(";") if text.strip()]
+    except ValueError as exc:
+        parser.error(f"--rows: {exc}; each row is student,batch,max_length,gc,lora")
+    log(f"CPU: {cpu_description()}")
+    results = []
+    for row in rows:
+        measured = {}
+        for allocator, env in ALLOCATORS.items():
+            done = subprocess.run([sys.executable, __file__, "--measure-one", json.dumps(row)], capture_output=True,
+                                  text=True, check=False, env=os.environ | env)
+            if done.returncode != 0:
+                log(done.stderr[-3000:])
+                return 1
+            measured[allocator] = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(compare(row, measured))
+    return report(results, cpu_description(), args.out)
+
+
+def compare(row: dict, measured: dict) -> dict:
+    """The row, its measurements and the plan's estimate, with the plan's error against each."""
+    row = {key: row[key] for key in ("student", "batch", "max_length", "gc", "lora")}
+    plan = predicted(row, measured["live"])
+    errors = {name: round(plan["peak_bytes"] / 2**20 / m["peak_train_mb"] - 1, 4) for name, m in measured.items()}
+    log(f"{row['student']:>18} b{row['batch']} L{row['max_length']} gc {'on ' if row['gc'] else 'off'} "
+        f"lora {'on ' if row['lora'] else 'off'} shape {max(measured['live']['shapes'])}: plan "
+        f"{plan['peak_bytes'] / 2**20:,.0f} MB ({plan['peak_phase']}); measured live "
+        f"{measured['live']['peak_train_mb']:,.0f} MB ({errors['live']:+.1%}), glibc default "
+        f"{measured['default']['peak_train_mb']:,.0f} MB ({errors['default']:+.1%})")
+    return row | {"measured": measured, "plan": plan, "error": errors}
+
+
+def report(results: list[dict], cpu: str, out: str) -> int:
+    Path(out).write_text(json.dumps({"cpu": cpu, "rows": results}, indent=2))
+    for name in ALLOCATORS:
+        log(f"worst error against {name}: {max(abs(r['error'][name]) for r in results):.1%} over {len(results)} rows")
+    log(f"JSON in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

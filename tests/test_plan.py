@@ -1,0 +1,184 @@
+"""`atlas-distill plan`: the memory arithmetic against what real models hold, and the command's contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlas_distill.config import load_profile
+from atlas_distill.errors import UsageError
+from atlas_distill.plan import (GIB, TOKEN_CHUNK, estimate, model_shape, parse_memory, plan_profile,
+                                shape_from_config, workload_for)
+
+TINY = {"hidden_size": 96, "intermediate_size": 200, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "head_dim": 16, "vocab_size": 500, "tie_word_embeddings": True}
+
+
+def _saved_bytes(arch: str, layers: int, *, batch: int, length: int, checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for backward in a real forward of a random model (weights not counted)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = (LlamaConfig if arch == "llama" else Qwen2Config)(num_hidden_layers=layers, **TINY)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, TINY["vocab_size"], (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, : length // 4] = 0  # padded, as training batches are
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_activation_count_is_what_a_real_layer_saves_for_backward(arch):
+    batch, length = 3, 40
+    shape = shape_from_config("tiny", {"model_type": arch, "num_hidden_layers": 2, **TINY})
+    per_layer = _saved_bytes(arch, 2, batch=batch, length=length) - _saved_bytes(arch, 1, batch=batch, length=length)
+    assert per_layer == 4 * batch * length * shape.saved_per_token(length)
+    # with checkpointing, a layer keeps only its input
+    kept = (_saved_bytes(arch, 2, batch=batch, length=length, checkpointing=True)
+            - _saved_bytes(arch, 1, batch=batch, length=length, checkpointing=True))
+    assert kept == 4 * batch * length * shape.hidden
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_parameter_and_lora_counts_match_the_real_models(arch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = (LlamaConfig if arch == "llama" else Qwen2Config)(num_hidden_layers=3, **TINY)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shape = shape_from_config("tiny", {"model_type": arch, "num_hidden_layers": 3, **TINY})
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert shape.layer_parameters == sum(p.numel() for p in model.model.layers[0].parameters())
+    linear = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    assert shape.linear_per_layer == linear
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.lora_parameters(4, "all-linear") == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert shape.lora_parameters(4, ["q_proj", "v_proj"]) == 3 * 4 * ((96 + 96) + (96 + 32))
+
+
+def test_the_chunk_is_the_trainers():
+    from atlas_distill.gkd import divergence
+
+    assert TOKEN_CHUNK == divergence.TOKEN_CHUNK
+
+
+def test_builtin_and_qwen_shapes_need_no_files():
+    builtin = model_shape("smollm2-135m", "Qwen/Qwen2.5-{size}-Instruct")
+    assert (builtin.layers, builtin.hidden, builtin.vocab, builtin.parameters) == (30, 576, 49_152, 134_515_008)
+    pruned = model_shape("smollm2-135m@15L", "Qwen/Qwen2.5-{size}-Instruct")
+    assert pruned.layers == 15 and pruned.parameters == builtin.parameters - 15 * builtin.layer_parameters
+    seven = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    assert seven.name == "Qwen2.5-7B-Instruct" and round(seven.parameters / 1e9, 2) == 7.62
+
+
+def _profile(*overrides: str):
+    return load_profile("default", ["teacher_model_name_or_path=14b", "model.model_name_or_path=7b", *overrides])
+
+
+def test_strategies_shard_what_they_shard():
+    teacher = model_shape("14b", "Qwen/Qwen2.5-{size}-Instruct")
+    student = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    work = workload_for(_profile(), "cuda")
+    one, ddp, fsdp, zero3 = (estimate(teacher, student, work, s, 1 if s == "single" else 8)
+                             for s in ("single", "ddp", "fsdp", "zero3"))
+    assert one.components["student weights"] == student.parameters * 4  # fp32 master weights
+    assert one.components["optimizer state"] == student.parameters * 8  # AdamW's two moments
+    assert ddp.components["gradients"] == 2 * one.components["gradients"]  # DDP's buckets
+    assert fsdp.components["optimizer state"] == one.components["optimizer state"] // 8
+    assert fsdp.components["teacher weights"] == one.components["teacher weights"]  # whole on every GPU
+    assert zero3.components["teacher weights"] < one.components["teacher weights"] / 4
+    assert zero3.components["loss"] > 10 * fsdp.components["loss"]  # full logits under ZeRO-3
+    quantized = workload_for(_profile("teacher_model_init_kwargs.load_in_8bit=true"), "cuda")
+    eight = estimate(teacher, student, quantized, "zero3", 8)
+    assert eight.components["teacher weights"] < one.components["teacher weights"] * 0.6
+    assert eight.components["teacher weights"] > one.components["teacher weights"] / 4  # not sharded
+    lora = estimate(teacher, student, workload_for(_profile("model.lora.enabled=true"), "cuda"))
+    assert lora.components["optimizer state"] < one.components["optimizer state"] / 50
+    assert lora.components["student weights"] < one.components["student weights"] / 1.9  # bf16 base
+    off = estimate(teacher, student, workload_for(_profile("model.gradient_checkpointing=false"), "cuda"))
+    assert off.components["activations"] > 5 * one.components["activations"]
+
+
+def test_the_cheapest_fix_is_the_first_upstream_fix_that_fits():
+    profile = _profile("model.lora.enabled=true")
+    at_two = plan_profile(_profile("model.lora.enabled=true", "trainer.per_device_train_batch_size=2",
+                                   "trainer.gradient_accumulation_steps=2"), device="cuda", memory=1000 * GIB)
+    memory = at_two.options[0].peak_bytes + 2**20
+    result = plan_profile(profile, device="cuda", memory=memory)
+    assert not result.fits
+    assert result.fix["changes"] == ["batch 2 x 2 accumulation"]
+    assert result.fix["overrides"] == ["trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=2"]
+    assert result.fix["peak_bytes"] <= memory
+
+
+@pytest.mark.parametrize("text, expected", [("80GB", 80 * GIB), ("80G", 80 * GIB), ("24GiB", 24 * GIB),
+                                            ("40000MB", 40000 * 2**20), ("1.5TB", int(1.5 * 2**40)),
+                                            ("16", 16 * GIB)])
+def test_memory_sizes(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-4GB", "0GB", "80XB"])
+def test_bad_memory_sizes_are_usage_errors(text):
+    with pytest.raises(UsageError, match="memory size"):
+        parse_memory(text)
+
+
+def test_plan_json_fits_on_eight_gpus(cli):
+    result = cli("plan", "--gpus", "8", "--gpu-memory", "80GB", "--json")
+    assert result.code == 0, result.stderr
+    plan = result.json()
+    assert plan["fits"] and plan["device"] == "cuda" and plan["devices"] == 8
+    verdicts = {o["name"]: o["fits"] for o in plan["options"]}
+    assert verdicts == {"one GPU": False, "DDP x8": False, "FSDP x8": True, "ZeRO-3 x8": True}
+    assert plan["fix"] is None
+
+
+def test_plan_names_the_fix_and_exits_3_when_nothing_fits(cli):
+    result = cli("plan", "--gpus", "1", "--gpu-memory", "80GB")
+    assert result.code == 3, result.stderr
+    assert "does not fit" in result.stdout
+    assert "Cheapest change that fits: LoRA student" in result.stdout
+    assert "model.lora.enabled=true" in result.stdout
+
+
+def test_plan_on_this_cpu_for_the_builtin_models(cli):
+    result = cli("plan", "--teacher", "smollm2-135m", "--student", "smollm2-135m@15L", "trainer.max_length=256",
+                 "--json")
+    assert result.code == 0, result.stderr
+    plan = result.json()
+    assert plan["device"] == "cpu" and plan["workload"]["seq_len"] == 256 + 128
+    assert plan["options"][0]["fits"] and plan["options"][0]["peak_bytes"] < 8 * GIB
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "2"], "--gpus needs --gpu-memory"),
+    (["--gpu-memory", "80GB"], "--gpu-memory needs --gpus"),
+    (["--gpus", "2", "--gpu-memory", "lots"], "not a memory size"),
+    (["--student", "someorg/not-cached-model"], "config.json is needed"),
+])
+def test_plan_usage_errors(cli, args, message):
+    result = cli("plan", *args)
+    assert result.code == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_plan_prints_the_plan_and_loads_nothing(cli, tmp_path):
+    result = cli("train", "--plan", "--teacher", "smollm2-135m", "--student", "smollm2-135m@8L", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["student"]["layers"] == 8
+    assert not (tmp_path / "outputs").exists()
