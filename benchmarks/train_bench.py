@@ -112,8 +112,10 @@ def heldout_loss(student, teacher, tokenizer, rows, temperature: float, beta: fl
     return total / count
 
 
-def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
-    """The top-k cache's error: exact vs folded generalized JSD of the untrained student on held-out answers."""
+def topk_error(ks: list[int], sessions: int = 32, bits: tuple[int, ...] = (32,)) -> list[dict]:
+    """The top-k cache's error: exact vs folded generalized JSD of the untrained student on held-out answers, with
+    the teacher's k log-probs stored in `bits` each (32: fp32 as the in-memory cache keeps them; 16: fp16; 8: a
+    code on a per-position linear scale between the top and the k-th), and what a position then costs in bytes."""
     import torch
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -123,7 +125,7 @@ def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
     _train, held_out = _datasets(tokenizer)
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=SETTINGS["max_length"])
     beta, temperature, vocab = SETTINGS["beta"], SETTINGS["temperature"], len(tokenizer)
-    exact, folded = [], {k: [] for k in ks}
+    exact, folded = [], {(k, b): [] for k in ks for b in bits}
     with torch.inference_mode():
         for start in range(0, sessions, BATCH):
             batch = collator([{"messages": m} for m in held_out["messages"][start:start + BATCH]])
@@ -134,12 +136,38 @@ def topk_error(ks: list[int], sessions: int = 32) -> list[dict]:
                                                        temperature=temperature))
             for k in ks:
                 indices, values, tail = divergence.teacher_topk(h_t, teacher, vocab=vocab, k=k, temperature=temperature)
-                folded[k].append(divergence.topk_divergence(h_s, student, vocab=vocab, beta=beta,
-                                                            temperature=temperature, indices=indices,
-                                                            teacher_values=values, teacher_tail=tail))
+                for b in bits:
+                    stored, stored_tail = _stored(values, tail, b)
+                    folded[k, b].append(divergence.topk_divergence(
+                        h_s, student, vocab=vocab, beta=beta, temperature=temperature, indices=indices,
+                        teacher_values=stored, teacher_tail=stored_tail))
     exact_mean = float(torch.cat(exact).mean())
-    return [{"k": k, "exact_loss": round(exact_mean, 5), "topk_loss": round(float(torch.cat(folded[k]).mean()), 5),
-             "relative_error": round(1 - float(torch.cat(folded[k]).mean()) / exact_mean, 5)} for k in ks]
+    index_bytes = 2 if vocab <= 2**16 else 3  # Qwen2.5's 151,665 tokens need 18 bits
+    rows = []
+    for (k, b), parts in folded.items():
+        mean = float(torch.cat(parts).mean())
+        per_position = 4 + (4 if b == 8 else 0)  # the tail (fp32), and the 8-bit scale's two ends (fp16)
+        rows.append({"k": k, "bits": b, "bytes_per_token": k * (index_bytes + b // 8) + per_position,
+                     "exact_loss": round(exact_mean, 5), "topk_loss": round(mean, 5),
+                     "relative_error": round(1 - mean / exact_mean, 5)})
+    return rows
+
+
+def _stored(values, tail, bits: int):
+    """Top-k log-probs [N, k] (descending) and tail [N] as read back from `bits`-bit storage, renormalised so the
+    k + 1 outcomes sum to one again."""
+    import torch
+
+    from atlas_distill.gkd.divergence import TAIL_FLOOR
+
+    if bits == 16:
+        values = values.half().float()
+    elif bits == 8:
+        top, last = values[:, :1], values[:, -1:]
+        step = (top - last).clamp_min(1e-6) / 255
+        values = last + torch.round((values - last) / step) * step
+    total = torch.logsumexp(torch.cat([values, tail.unsqueeze(-1)], dim=-1), dim=-1)
+    return values - total.unsqueeze(-1), (tail - total).clamp_min(TAIL_FLOOR)
 
 
 def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
@@ -315,6 +343,8 @@ def main() -> None:
                         help="instead: STEPS steps of each trainer (gc off, the first lmbda), held-out loss before/after")
     parser.add_argument("--topk-error", metavar="K,K,...",
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
+    parser.add_argument("--topk-bits", default="32", metavar="B,B,...",
+                        help="with --topk-error: bits per stored log-prob, of 32 (the cache's fp32), 16, 8")
     parser.add_argument("--seeds", default=str(SETTINGS["seed"]),
                         help="comma-separated training seeds (data order, sampling, on/off-policy draws); "
                              "--learning runs each trainer once per seed, timing runs use the first; the "
@@ -345,10 +375,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
-        rows = topk_error([int(k) for k in args.topk_error.split(",")])
+        bits = tuple(int(b) for b in args.topk_bits.split(","))
+        if not set(bits) <= {32, 16, 8}:
+            parser.error("--topk-bits: each of 32, 16, 8")
+        rows = topk_error([int(k) for k in args.topk_error.split(",")], bits=bits)
         print(json.dumps(rows) if args.json else "\n".join(
-            f"k={r['k']}: exact {r['exact_loss']}, top-k {r['topk_loss']}, relative error {r['relative_error']:.2%}"
-            for r in rows))
+            f"k={r['k']} in {r['bits']} bits ({r['bytes_per_token']} B/token): exact {r['exact_loss']}, top-k "
+            f"{r['topk_loss']}, relative error {r['relative_error']:.2%}" for r in rows))
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16,
