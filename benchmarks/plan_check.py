@@ -9,6 +9,9 @@ really had (its longest padded batch), is set beside it.
     python benchmarks/plan_check.py                       # the README's rows
     python benchmarks/plan_check.py --rows 'smollm2-135m@15L,4,256,on,off'   # student,batch,max_length,gc,lora
 
+On a GPU (`--device cuda`) each row runs once and its figure is torch.cuda.max_memory_allocated over the
+steps, against the plan for one GPU less the CUDA context it adds (which the allocator does not count).
+
 Prints a table and writes JSON (--out). Rows run one after another; nothing else should run meanwhile.
 """
 
@@ -74,12 +77,21 @@ def measure(row: dict) -> dict:
         # training phases count; evaluation's generation is its own phase)
         trainer.evaluate = lambda *args, **kwargs: {}
         trainer._save_checkpoint = lambda *args, **kwargs: None
+        import torch
+
+        cuda = torch.cuda.is_available()
         loaded = _rss_mb()
         reset_peak_rss()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         trainer.train()
-        return {"rss_loaded_mb": round(loaded, 1), "peak_train_mb": round(peak_rss_mb(), 1), "shapes": shapes,
-                "seconds": round(time.perf_counter() - started, 1)}
+        figures = {"rss_loaded_mb": round(loaded, 1), "peak_train_mb": round(peak_rss_mb(), 1), "shapes": shapes,
+                   "seconds": round(time.perf_counter() - started, 1)}
+        if cuda:
+            figures |= {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                        "gpu": torch.cuda.get_device_name()}
+        return figures
 
 
 def parse_row(text: str) -> dict:
@@ -87,7 +99,7 @@ def parse_row(text: str) -> dict:
     return {"student": student, "batch": int(batch), "max_length": int(length), "gc": gc == "on", "lora": lora == "on"}
 
 
-def predicted(row: dict, measured: dict) -> dict:
+def predicted(row: dict, measured: dict, device: str = "cpu") -> dict:
     """The plan's one-device estimate at the run's longest padded batch."""
     from atlas_distill.config import load_profile
     from atlas_distill.plan import plan_profile
@@ -95,7 +107,7 @@ def predicted(row: dict, measured: dict) -> dict:
     batch, length = max(measured["shapes"], key=lambda shape: shape[0] * shape[1])
     profile = load_profile("default", overrides(row["student"], row["batch"], row["max_length"], row["gc"],
                                                 row["lora"], "unused"))
-    plan = plan_profile(profile, device="cpu", seq_len=length, batch=batch)
+    plan = plan_profile(profile, device=device, seq_len=length, batch=batch)
     return plan.options[0].to_dict()
 
 
@@ -104,6 +116,8 @@ def main() -> int:
     parser.add_argument("--rows", default=";".join(DEFAULT_ROWS),
                         help="';'-separated rows: student,batch,max_length,gc(on|off),lora(on|off)")
     parser.add_argument("--out", default="plan_check.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: one run per row, peak torch.cuda.max_memory_allocated")
     parser.add_argument("--replan", metavar="JSON", help="Compare the plan again with the measurements in a "
                         "previous --out file (after a change to the plan), without training again.")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
@@ -124,7 +138,7 @@ def main() -> int:
     results = []
     for row in rows:
         measured = {}
-        for allocator, env in ALLOCATORS.items():
+        for allocator, env in (ALLOCATORS if args.device == "cpu" else {"cuda": {}}).items():
             done = subprocess.run([sys.executable, __file__, "--measure-one", json.dumps(row)], capture_output=True,
                                   text=True, check=False, env=os.environ | env)
             if done.returncode != 0:
@@ -137,20 +151,25 @@ def main() -> int:
 
 def compare(row: dict, measured: dict) -> dict:
     """The row, its measurements and the plan's estimate, with the plan's error against each."""
+    from atlas_distill.plan import CUDA_RUNTIME
+
     row = {key: row[key] for key in ("student", "batch", "max_length", "gc", "lora")}
-    plan = predicted(row, measured["live"])
-    errors = {name: round(plan["peak_bytes"] / 2**20 / m["peak_train_mb"] - 1, 4) for name, m in measured.items()}
+    cuda = "cuda" in measured
+    first = next(iter(measured.values()))
+    plan = predicted(row, first, "cuda" if cuda else "cpu")
+    planned = (plan["peak_bytes"] - (CUDA_RUNTIME if cuda else 0)) / 2**20
+    figures = {name: m["peak_cuda_mb" if name == "cuda" else "peak_train_mb"] for name, m in measured.items()}
+    errors = {name: round(planned / figure - 1, 4) for name, figure in figures.items()}
+    shown = ", ".join(f"{name} {figure:,.0f} MB ({errors[name]:+.1%})" for name, figure in figures.items())
     log(f"{row['student']:>18} b{row['batch']} L{row['max_length']} gc {'on ' if row['gc'] else 'off'} "
-        f"lora {'on ' if row['lora'] else 'off'} shape {max(measured['live']['shapes'])}: plan "
-        f"{plan['peak_bytes'] / 2**20:,.0f} MB ({plan['peak_phase']}); measured live "
-        f"{measured['live']['peak_train_mb']:,.0f} MB ({errors['live']:+.1%}), glibc default "
-        f"{measured['default']['peak_train_mb']:,.0f} MB ({errors['default']:+.1%})")
+        f"lora {'on ' if row['lora'] else 'off'} shape {max(first['shapes'])}: plan {planned:,.0f} MB "
+        f"({plan['peak_phase']}); measured {shown}")
     return row | {"measured": measured, "plan": plan, "error": errors}
 
 
 def report(results: list[dict], cpu: str, out: str) -> int:
     Path(out).write_text(json.dumps({"cpu": cpu, "rows": results}, indent=2))
-    for name in ALLOCATORS:
+    for name in results[0]["error"]:
         log(f"worst error against {name}: {max(abs(r['error'][name]) for r in results):.1%} over {len(results)} rows")
     log(f"JSON in {out}")
     return 0
