@@ -184,6 +184,8 @@ class Option:
     peak_phase: str = ""
     fits: bool = False
     notes: list[str] = field(default_factory=list)
+    activations_other_setting: int = 0
+    """The activations with gradient checkpointing switched the other way."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,12 +285,11 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     # activations of the student's training forward
     per_layer = w.compute_bytes * b * length * student.saved_per_token(length)
     rest = 4 * b * length * 3 * student.hidden  # embeddings' output, the final norm
-    if w.gradient_checkpointing:
-        activations = student.layers * w.compute_bytes * b * length * student.hidden + per_layer + rest
-    else:
-        activations = student.layers * per_layer + rest
-        if w.autocast:
-            activations += student.layers * student.layer_parameters * w.compute_bytes  # weights cast per forward
+    checkpointed = student.layers * w.compute_bytes * b * length * student.hidden + per_layer + rest
+    kept = student.layers * per_layer + rest
+    if w.autocast:
+        kept += student.layers * student.layer_parameters * w.compute_bytes  # the weights cast per forward, kept
+    activations, other = (checkpointed, kept) if w.gradient_checkpointing else (kept, checkpointed)
     backward = w.compute_bytes * b * length * (2 * student.intermediate + 2 * student.hidden)  # a layer's grads
     completion = b * w.completion
     vocab = min(student.vocab, teacher.vocab)
@@ -327,6 +328,7 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     option = Option(name=_option_name(strategy, devices, w.device), strategy=strategy, devices=devices,
                     components={k: int(v) for k, v in components.items()},
                     phases={k: int(v) for k, v in phases.items()})
+    option.activations_other_setting = int(other)
     option.peak_phase, peak = max(phases.items(), key=lambda item: item[1])
     option.peak_bytes = int(peak)
     if strategy == "zero3" and w.chunked_loss:

@@ -111,6 +111,8 @@ def test_strategies_shard_what_they_shard():
     assert lora.components["student weights"] < one.components["student weights"] / 1.9  # bf16 base
     off = estimate(teacher, student, workload_for(_profile("model.gradient_checkpointing=false"), "cuda"))
     assert off.components["activations"] > 5 * one.components["activations"]
+    assert (off.activations_other_setting, one.activations_other_setting) == (
+        one.components["activations"], off.components["activations"])  # the table's other-setting row
 
 
 def test_the_cheapest_fix_is_the_first_upstream_fix_that_fits():

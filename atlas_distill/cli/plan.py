@@ -92,8 +92,12 @@ def _table(result) -> Table:
     table.add_column("per device", no_wrap=True)
     for option in result.options:
         table.add_column(option.name, justify="right")
+    other = "off" if w.gradient_checkpointing else "on"
     for name in _SHOWN:
         table.add_row(name, *(gib(option.components[name]) for option in result.options))
+        if name == "activations":
+            table.add_row(f"  (checkpointing {other})", *(gib(o.activations_other_setting) for o in result.options),
+                          style="dim")
     table.add_row("peak (phase)", *(f"{gib(o.peak_bytes)} ({o.peak_phase})" for o in result.options), style="bold")
     table.add_row("verdict", *("fits" if o.fits else "does not fit" for o in result.options), style="bold")
     notes = "; ".join(dict.fromkeys(n for o in result.options for n in o.notes))
