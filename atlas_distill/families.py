@@ -86,23 +86,14 @@ def builtin_config(name: str) -> dict[str, Any]:
     return dict(_SMOLLM2_135M)
 
 
-def smaller_size(teacher: str, student: str, family: str = DEFAULT_FAMILY) -> str | None:
-    """The next smaller size alias of the teacher's Qwen2.5 size that is still larger than the student's, e.g.
-    `7b` for a 14b teacher of a 3b student; None when the teacher is not a Qwen2.5 size or none is between."""
-    sizes = ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
-
-    def size_of(spec: str) -> str | None:
-        text = spec.strip().upper()
-        if text.endswith("B") and text in sizes:
-            return text
-        name = spec.strip().partition("/")[2]
-        found = name.removeprefix("Qwen2.5-").removesuffix("-Instruct") if name.startswith("Qwen2.5-") else None
-        return found if found in sizes else None
-
-    t, s = size_of(teacher), size_of(student)
-    if t is None or sizes.index(t) == 0:
+def smaller_size(teacher: str) -> str | None:
+    """The next smaller Qwen2.5 size alias than the teacher's (`7b` for `14b` or Qwen/Qwen2.5-14B-Instruct), or None
+    when the teacher is not a Qwen2.5 size or is the smallest."""
+    sizes = [size for size in _QWEN25]
+    text = teacher.strip()
+    name = text.partition("/")[2] if "/" in text else ""
+    size = (name.removeprefix("Qwen2.5-").removesuffix("-Instruct") if name.startswith("Qwen2.5-") else
+            text.upper() if text.upper() in sizes else None)
+    if size not in sizes or sizes.index(size) == 0:
         return None
-    candidate = sizes[sizes.index(t) - 1]
-    if s is not None and sizes.index(candidate) <= sizes.index(s):
-        return None
-    return candidate.lower()
+    return sizes[sizes.index(size) - 1].lower()

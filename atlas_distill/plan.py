@@ -18,9 +18,11 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
 - generation: the KV cache of a batch of prompts of max_length plus max_new_tokens;
 - the runtime: on a CPU the libraries, tokenizer and data (measured RSS); on a GPU the CUDA context.
 
-The peak is the largest of the phases (training step, optimizer step, on-policy generation, evaluation),
+The peak is the largest of the phases (training step, optimizer step, on-policy generation, evaluation, and
+under FSDP / ZeRO-3 the start, where `train` evaluates both whole models on each GPU and DeepSpeed moves them
+whole to the GPU before partitioning),
 each its resident weights and state plus what the phase holds at once. benchmarks/plan_check.py measures how
-far this is from a real run's peak RSS (benchmarks/README.md, "Memory plan").
+far this is from a real run's peak RSS (benchmarks/README.md, "plan_check.py").
 """
 
 from __future__ import annotations
@@ -47,16 +49,20 @@ ADAMW_STATES = 2  # exp_avg, exp_avg_sq per trained parameter, fp32
 LOSS_TILES = 8  # [chunk, V] fp32 tiles alive at once in one chunk of the divergence (both log-softmaxes, mixture ...)
 FULL_LOGITS_COPIES = 5  # [B, L, V] fp32 tensors of the full-logits loss: both logits, log-softmaxes, mixture
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(t|g|m)?(?:i?b)?\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(t|g|m)(?:i?b)?\s*", re.IGNORECASE)
 _UNITS = {"t": 2**40, "g": 2**30, "m": 2**20}
 
 
 def parse_memory(text: str) -> int:
-    """`80GB`, `80G`, `80GiB`, `24000MB`, `1.5TB` -> bytes (binary units, as nvidia-smi counts)."""
+    """`80GB`, `80G`, `80GiB`, `24000MB`, `1.5TB` -> bytes (binary units, as nvidia-smi counts MiB)."""
     match = _SIZE.fullmatch(text)
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"`{text}` is not a memory size.", fix="Write it like 80GB, 24GiB or 40000MB.")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "g").lower()])
+    if not match:
+        raise UsageError(f"`{text}` is not a memory size (a number and its unit).",
+                         fix="Write it like 80GB, 24GiB or 40000MB; a GPU sold as 24GB may show less in nvidia-smi "
+                         "(e.g. 23028MiB): pass that.")
+    if float(match.group(1)) <= 0:
+        raise UsageError(f"`{text}`: a GPU's memory must be more than 0.", fix="e.g. --gpu-memory 80GB.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -122,20 +128,30 @@ def model_shape(spec_text: str, family: str) -> ModelShape:
     or a hub id in the local hub cache gives its config.json. No weights are read."""
     from .models.spec import resolve_model_spec
 
+    from .models.spec import check_keep_layers
+
     spec = resolve_model_spec(spec_text, family)
     base = spec.unpruned
     if base.kind == "builtin":
         config = builtin_config(base.source)
     elif base.kind == "local":
         config = local_config(base.source)
+        if config is None:
+            raise ModelSpecError(f"model `{spec_text}`: {base.source}/config.json cannot be read as JSON.",
+                                 fix="Point at the directory save_pretrained wrote.")
     else:
         config = known_config(base.source) or _cached_hub_config(base.source)
+    if config is None and base.kind == "alias":
+        raise ModelSpecError(f"model `{spec_text}`: {base.source} is not a size this tool knows offline.",
+                             fix="Use one of 0.5b, 1.5b, 3b, 7b, 14b, 32b, 72b, or a local directory / hub id.")
     if config is None:
         raise ModelSpecError(
             f"model `{spec_text}`: its config.json is needed to plan for it, and it is neither known to this tool "
             f"nor in the local hub cache.",
             fix=f"Download it where the hub is reachable (`hf download {base.source} config.json`) or pass a "
-            "local directory holding config.json; the Qwen2.5 sizes (14b ... 0.5b) plan offline.")
+            "local directory holding config.json; the Qwen2.5 sizes (0.5b ... 72b) plan offline.")
+    if spec.keep_layers is not None and isinstance(config.get("num_hidden_layers"), int):
+        check_keep_layers(spec, config["num_hidden_layers"])
     return shape_from_config(spec.name, config, spec.keep_layers)
 
 
@@ -186,6 +202,8 @@ class Option:
     notes: list[str] = field(default_factory=list)
     activations_other_setting: int = 0
     """The activations with gradient checkpointing switched the other way."""
+    unsupported: str | None = None
+    """Why the trainer refuses this way of running the job, if it does (it then never fits)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +219,8 @@ class Plan:
     workload: Workload
     options: list[Option]
     fix: dict[str, Any] | None = None
+    host_ram_bytes: int = 0
+    """Host RAM a machine needs when every process loads both models on the CPU (FSDP / ZeRO-3 launches)."""
 
     @property
     def fits(self) -> bool:
@@ -209,7 +229,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "devices": self.devices, "memory_bytes": self.memory_bytes,
                 "fits": self.fits, "teacher": asdict(self.teacher), "student": asdict(self.student),
-                "workload": asdict(self.workload), "options": [o.to_dict() for o in self.options], "fix": self.fix}
+                "workload": asdict(self.workload), "options": [o.to_dict() for o in self.options], "fix": self.fix,
+                "host_ram_bytes": self.host_ram_bytes}
 
 
 def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, batch: int | None = None
@@ -265,7 +286,8 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     # weights and state
     t_linear = teacher.layers * teacher.linear_per_layer
     teacher_weights = t_linear * w.teacher_bytes + (teacher.parameters - t_linear) * w.teacher_other_bytes
-    if strategy == "zero3" and not w.teacher_quantized:  # a quantized teacher is loaded whole on each GPU
+    whole_teacher = teacher_weights
+    if strategy == "zero3":
         teacher_weights = teacher_weights / devices + 2 * teacher.layer_parameters * w.teacher_other_bytes
     if w.lora_rank:
         trained = student.lora_parameters(w.lora_rank, w.lora_targets)
@@ -306,16 +328,21 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     gen_bytes = 2 if w.sampling_copy else w.compute_bytes
     tokens = w.prompt_len + w.max_new_tokens
     generation = (student.kv_cache(b, tokens, gen_bytes) + prefill(student, b, gen_bytes)) if w.on_policy else 0
+    if strategy == "zero3":  # generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
+        generation += student_weights * (1 - 1 / devices) if w.on_policy else 0
+        evaluation_gathered = student_weights * (1 - 1 / devices)
+    else:
+        evaluation_gathered = 0
     evaluation = max(teacher.kv_cache(w.eval_batch, tokens, w.teacher_other_bytes)
                      + prefill(teacher, w.eval_batch, w.teacher_other_bytes),
                      student.kv_cache(w.eval_batch, tokens, gen_bytes) + prefill(student, w.eval_batch, gen_bytes))
     components.update({"generation (KV cache)": max(generation, evaluation)})
     runtime = CPU_RUNTIME if w.device == "cpu" else CUDA_RUNTIME
     components["runtime"] = runtime
-    # torch's AdamW updates CUDA weights all at once (foreach: a temporary the size of every gradient), CPU weights
-    # one at a time (a temporary the size of the largest, the embeddings)
+    # transformers' default optimizer with torch >= 2.8 is the fused AdamW on a GPU (in place); on the CPU a
+    # temporary the size of the largest weight (the embeddings) was measured (benchmarks/plan_check.py)
     largest = w.lora_rank * student.intermediate if w.lora_rank else student.vocab * student.hidden
-    optimizer_temporaries = (trained / shard if w.device == "cuda" else min(largest, trained)) * 4
+    optimizer_temporaries = 0 if w.device == "cuda" else min(largest, trained) * 4
     resident = (teacher_weights + components["student weights"] + components["sampling copy"]
                 + components["optimizer state"] + runtime)
     grads = components["gradients"]
@@ -323,8 +350,12 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
         "training step": resident + activations + loss + backward + head_grad,
         "optimizer step": resident + grads + optimizer_temporaries,
         "generation": resident + generation,
-        "evaluation": resident + evaluation,
+        "evaluation": resident + evaluation + evaluation_gathered,
     }
+    if shard > 1:
+        # before training, `train` evaluates the teacher and the whole student on each GPU; DeepSpeed (without
+        # zero3_init) moves each model whole to the GPU before it partitions it
+        phases["before training"] = whole_teacher + student_weights + runtime + evaluation
     option = Option(name=_option_name(strategy, devices, w.device), strategy=strategy, devices=devices,
                     components={k: int(v) for k, v in components.items()},
                     phases={k: int(v) for k, v in phases.items()})
@@ -332,9 +363,11 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     option.peak_phase, peak = max(phases.items(), key=lambda item: item[1])
     option.peak_bytes = int(peak)
     if strategy == "zero3" and w.chunked_loss:
-        option.notes.append("the loss takes full logits under ZeRO-3")
-    if strategy == "fsdp" or (strategy == "zero3" and w.teacher_quantized):
-        option.notes.append(f"{'a quantized ' if strategy == 'zero3' else ''}teacher whole on every device")
+        option.notes.append("ZeRO-3: the loss takes full logits")
+    if strategy == "fsdp":
+        option.notes.append("FSDP: the teacher whole on every GPU")
+    if strategy == "zero3" and w.teacher_quantized:
+        option.unsupported = "the trainer refuses an 8/4-bit teacher under ZeRO-3"
     return option
 
 
@@ -355,9 +388,12 @@ def plan_profile(profile: Profile, *, device: str = "cpu", devices: int = 1, mem
     strategies = ["single"] + (["ddp", "fsdp", "zero3"] if device == "cuda" and devices > 1 else [])
     options = [estimate(teacher, student, workload, s, 1 if s == "single" else devices) for s in strategies]
     for option in options:
-        option.fits = option.peak_bytes <= memory
+        option.fits = option.peak_bytes <= memory and option.unsupported is None
     plan = Plan(device=device, devices=devices, memory_bytes=memory, teacher=teacher, student=student,
                 workload=workload, options=options)
+    if device == "cuda" and devices > 1:  # under FSDP / ZeRO-3 every process loads both models on the CPU first
+        single = options[0].components
+        plan.host_ram_bytes = devices * (single["teacher weights"] + single["student weights"])
     if fix and not plan.fits:
         plan.fix = cheapest_fix(profile, device=device, devices=devices, memory=memory)
     return plan
@@ -368,64 +404,58 @@ def _ram_bytes() -> int:
         meminfo = Path("/proc/meminfo").read_text()
     except OSError:
         return 0
-    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), 0)
     return kib * 1024
 
 
-def _fixes(profile: Profile, device: str) -> list[tuple[str, list[str]]]:
-    """Upstream's OOM fixes, in its order, as overrides: a smaller batch with more accumulation (the same
-    global batch), gradient checkpointing, an 8-bit then 4-bit teacher (CUDA), a smaller teacher; then LoRA."""
-    t, m = profile.trainer, profile.model
-    fixes = []
-    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+def _fix_groups(profile: Profile, device: str, student: ModelShape) -> list[list[tuple[str, list[str]]]]:
+    """Upstream's out-of-memory fixes, in its order, each a group of alternatives (at most one of a group is
+    taken): a smaller batch with more accumulation (the same global batch); gradient checkpointing; an 8-bit or
+    4-bit teacher (CUDA only); a smaller teacher (a Qwen2.5 size still larger than the student); then LoRA."""
+    t, m, init = profile.trainer, profile.model, profile.teacher_model_init_kwargs
+    groups: list[list[tuple[str, list[str]]]] = []
+    batch, accumulation, batches = t.per_device_train_batch_size, t.gradient_accumulation_steps, []
     while batch > 1:
         batch, accumulation = max(1, batch // 2), accumulation * 2
-        fixes.append((f"batch {batch} x {accumulation} accumulation",
-                      [f"trainer.per_device_train_batch_size={batch}",
-                       f"trainer.gradient_accumulation_steps={accumulation}"]))
-    if not m.gradient_checkpointing:
-        fixes.append(("gradient checkpointing", ["model.gradient_checkpointing=true"]))
-    init = profile.teacher_model_init_kwargs
-    if device == "cuda" and not (init.load_in_8bit or init.load_in_4bit):
-        fixes.append(("8-bit teacher", ["teacher_model_init_kwargs.load_in_8bit=true"]))
-        fixes.append(("4-bit teacher", ["teacher_model_init_kwargs.load_in_4bit=true"]))
-    smaller = smaller_size(profile.teacher_model_name_or_path, profile.model.model_name_or_path)
-    if smaller:
-        fixes.append((f"teacher {smaller}", [f"teacher_model_name_or_path={smaller}"]))
-    if not m.lora.enabled:
-        fixes.append(("LoRA student", ["model.lora.enabled=true"]))
-    return fixes
+        batches.append((f"batch {batch} x {accumulation} accumulation",
+                        [f"trainer.per_device_train_batch_size={batch}",
+                         f"trainer.gradient_accumulation_steps={accumulation}"]))
+    groups.append(batches)
+    checkpointing = ("gradient checkpointing", ["model.gradient_checkpointing=true"])
+    groups.append([] if m.gradient_checkpointing else [checkpointing])
+    quantized = device == "cuda" and not (init.load_in_8bit or init.load_in_4bit)
+    groups.append([("8-bit teacher", ["teacher_model_init_kwargs.load_in_8bit=true"]),
+                   ("4-bit teacher", ["teacher_model_init_kwargs.load_in_4bit=true"])] if quantized else [])
+    smaller = smaller_size(profile.teacher_model_name_or_path)
+    if smaller and model_shape(smaller, m.family).parameters > student.parameters:
+        groups.append([(f"teacher {smaller}", [f"teacher_model_name_or_path={smaller}"])])
+    groups.append([] if m.lora.enabled else [("LoRA student", ["model.lora.enabled=true"])])
+    return [group for group in groups if group]
 
 
 def cheapest_fix(profile: Profile, *, device: str, devices: int, memory: int) -> dict[str, Any] | None:
-    """The first of the fixes, alone, that lets some option fit; else the fewest of them in order, together."""
-    fixes = _fixes(profile, device)
-    quantized = ("teacher_model_init_kwargs.load_in_8bit=true", "teacher_model_init_kwargs.load_in_4bit=true")
+    """The fewest fixes that together let some option fit; among as few, the earliest in upstream's order (a
+    smaller batch before checkpointing before a quantized teacher ...), then the lowest peak."""
+    import itertools
 
-    def attempt(overrides: list[str]) -> dict[str, Any] | None:
-        tried = _with_overrides(profile, overrides)
-        plan = plan_profile(tried, device=device, devices=devices, memory=memory, fix=False)
-        fitting = [o for o in plan.options if o.fits]
-        if not fitting:
-            return None
-        best = min(fitting, key=lambda o: o.peak_bytes)
-        return {"overrides": overrides, "option": best.name, "peak_bytes": best.peak_bytes}
-
-    for label, overrides in fixes:
-        found = attempt(overrides)
+    student = model_shape(profile.model.model_name_or_path, profile.model.family)
+    groups = _fix_groups(profile, device, student)
+    found = []
+    for count in range(1, len(groups) + 1):
+        for chosen in itertools.combinations(range(len(groups)), count):
+            for picks in itertools.product(*(range(len(groups[g])) for g in chosen)):
+                changes = [groups[g][i] for g, i in zip(chosen, picks, strict=True)]
+                overrides = [o for _, group in changes for o in group]
+                plan = plan_profile(_with_overrides(profile, overrides), device=device, devices=devices,
+                                    memory=memory, fix=False)
+                fitting = [o for o in plan.options if o.fits]
+                if fitting:
+                    best = min(fitting, key=lambda o: o.peak_bytes)
+                    found.append(((chosen, picks, best.peak_bytes), {
+                        "changes": [label for label, _ in changes], "overrides": overrides, "option": best.name,
+                        "peak_bytes": best.peak_bytes}))
         if found:
-            return found | {"changes": [label]}
-    labels, together = [], []
-    for label, overrides in fixes:
-        if overrides[0] == quantized[1] and quantized[0] in together:
-            together.remove(quantized[0])  # 4-bit replaces 8-bit
-            labels.remove("8-bit teacher")
-        keys = {o.partition("=")[0] for o in overrides}
-        together = [o for o in together if o.partition("=")[0] not in keys] + overrides
-        labels = [lab for lab in labels if not lab.startswith("batch") or not label.startswith("batch")] + [label]
-        found = attempt(together)
-        if found:
-            return found | {"changes": labels}
+            return min(found, key=lambda item: item[0])[1]
     return None
 
 

@@ -11,9 +11,9 @@ from ..errors import TargetsNotMet, UsageError
 from ._common import JsonOpt, OverridesArg, ProfileOpt, out, print_json, reporting_errors
 
 Opt = typer.Option
-CPU_NOTE = ("Note: these are live bytes. On a CPU, glibc's allocator keeps memory the step freed, so the process's "
-            "peak RSS ran 17-43 % above them in benchmarks/plan_check.py; MALLOC_MMAP_THRESHOLD_=131072 returns it "
-            "(RSS then within 8 % of the plan) at 25-60 % slower steps.")
+CPU_NOTE = ("Note: these are live bytes, against the RAM available now. On a CPU, glibc's allocator keeps memory a "
+            "step freed, so the process's peak RSS ran 21-74 % above the plan in benchmarks/plan_check.py; "
+            "MALLOC_MMAP_THRESHOLD_=131072 returns it (RSS then within 8 % of the plan) at 25-60 % slower steps.")
 _SHOWN = ("teacher weights", "student weights", "sampling copy", "gradients", "optimizer state", "activations",
           "loss", "generation (KV cache)", "runtime")
 
@@ -41,13 +41,15 @@ def plan(
     with reporting_errors(json_out):
         config = load_profile(profile, overrides, {
             "--teacher": ("teacher_model_name_or_path", teacher), "--student": ("model.model_name_or_path", student)})
-        code = show_plan(config, gpus=gpus, gpu_memory=gpu_memory, json_out=json_out)
+        code = show_plan(config, gpus=gpus, gpu_memory=gpu_memory, json_out=json_out,
+                         teacher_flag=teacher is not None)
     raise typer.Exit(code)
 
 
-def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: bool) -> int:
+def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: bool,
+              teacher_flag: bool = False) -> int:
     """Print the plan of `config`; its exit code: 0 when an option fits, 3 when none does."""
-    from ..plan import parse_memory, plan_profile
+    from ..plan import gib, parse_memory, plan_profile
 
     if gpus is None and gpu_memory is not None:
         raise UsageError("--gpu-memory needs --gpus.", fix="Pass both, e.g. --gpus 8 --gpu-memory 80GB.")
@@ -62,7 +64,11 @@ def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: boo
         print_json(result.to_dict())
     else:
         out.print(_table(result))
-        out.print(_verdict(result), markup=False, highlight=False)
+        out.print(_verdict(result, teacher_flag), markup=False, highlight=False)
+        if result.host_ram_bytes:
+            out.print(f"Host RAM: under FSDP or ZeRO-3 every process loads both models on the CPU first: "
+                      f"{result.devices} x {gib(result.host_ram_bytes / result.devices)} = "
+                      f"{gib(result.host_ram_bytes)} per machine.", markup=False, highlight=False)
         if result.device == "cpu":
             out.print(CPU_NOTE, markup=False, highlight=False)
     if not result.fits:
@@ -99,9 +105,14 @@ def _table(result) -> Table:
             table.add_row(f"  (checkpointing {other})", *(gib(o.activations_other_setting) for o in result.options),
                           style="dim")
     table.add_row("peak (phase)", *(f"{gib(o.peak_bytes)} ({o.peak_phase})" for o in result.options), style="bold")
-    table.add_row("verdict", *("fits" if o.fits else "does not fit" for o in result.options), style="bold")
-    notes = "; ".join(dict.fromkeys(n for o in result.options for n in o.notes))
-    table.caption = (f"batch {w.batch} x {w.seq_len} tokens (max_length + max_new_tokens), gradient checkpointing "
+    table.add_row("verdict", *("not supported" if o.unsupported else "fits" if o.fits else "does not fit"
+                               for o in result.options), style="bold")
+    notes = "; ".join(dict.fromkeys([n for o in result.options for n in o.notes]
+                                    + [f"{o.name}: {o.unsupported}" for o in result.options if o.unsupported]))
+    if result.device == "cuda":
+        notes = "GPUs with native bf16 assumed (Ampere or later)" + (f"; {notes}" if notes else "")
+    lengths = "max_length + max_new_tokens" if w.on_policy else "max_length"
+    table.caption = (f"batch {w.batch} x {w.seq_len} tokens ({lengths}), gradient checkpointing "
                      f"{'on' if w.gradient_checkpointing else 'off'}, {'chunked' if w.chunked_loss else 'full'} loss, "
                      f"LoRA {'r=' + str(w.lora_rank) if w.lora_rank else 'off'}" + (f"; {notes}" if notes else ""))
     table.caption_justify = "left"
@@ -112,16 +123,20 @@ def _size(parameters: int) -> str:
     return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
 
 
-def _verdict(result) -> str:
+def _verdict(result, teacher_flag: bool = False) -> str:
     from ..plan import gib
 
     fitting = [o for o in result.options if o.fits]
     if fitting:
-        best = min(fitting, key=lambda o: o.peak_bytes)
-        return f"Fits: {', '.join(o.name for o in fitting)} (least per device: {best.name}, {gib(best.peak_bytes)})."
+        shown = ", ".join(f"{o.name} ({gib(o.peak_bytes)})" for o in fitting)
+        return f"Fits in {gib(result.memory_bytes)}: {shown}."
     if result.fix is None:
-        return ("Does not fit any way here, even with a smaller batch, gradient checkpointing, a quantized or "
-                "smaller teacher and LoRA. Use more or larger GPUs.")
+        tried = ("a smaller batch, gradient checkpointing, a smaller teacher or LoRA" if result.device == "cpu" else
+                 "a smaller batch, gradient checkpointing, a quantized or smaller teacher or LoRA")
+        where = "a machine with more RAM" if result.device == "cpu" else "more or larger GPUs"
+        return f"Does not fit, even with {tried}. Use {where}."
     fix = result.fix
+    overrides = [f"--teacher {o.partition('=')[2]}" if teacher_flag and o.startswith("teacher_model_name_or_path=")
+                 else o for o in fix["overrides"]]
     return (f"Does not fit. Cheapest change that fits: {' + '.join(fix['changes'])} -> {fix['option']}, "
-            f"{gib(fix['peak_bytes'])} per device: {' '.join(fix['overrides'])}")
+            f"{gib(fix['peak_bytes'])} per device: {' '.join(overrides)}")
