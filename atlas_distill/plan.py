@@ -328,19 +328,16 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     gen_bytes = 2 if w.sampling_copy else w.compute_bytes
     tokens = w.prompt_len + w.max_new_tokens
     generation = (student.kv_cache(b, tokens, gen_bytes) + prefill(student, b, gen_bytes)) if w.on_policy else 0
-    if strategy == "zero3":  # generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
-        generation += student_weights * (1 - 1 / devices) if w.on_policy else 0
-        evaluation_gathered = student_weights * (1 - 1 / devices)
-    else:
-        evaluation_gathered = 0
+    # under ZeRO-3, generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
+    gathered_student = student_weights * (1 - 1 / devices) if strategy == "zero3" else 0
     evaluation = max(teacher.kv_cache(w.eval_batch, tokens, w.teacher_other_bytes)
                      + prefill(teacher, w.eval_batch, w.teacher_other_bytes),
                      student.kv_cache(w.eval_batch, tokens, gen_bytes) + prefill(student, w.eval_batch, gen_bytes))
     components.update({"generation (KV cache)": max(generation, evaluation)})
     runtime = CPU_RUNTIME if w.device == "cpu" else CUDA_RUNTIME
     components["runtime"] = runtime
-    # transformers' default optimizer with torch >= 2.8 is the fused AdamW on a GPU (in place); on the CPU a
-    # temporary the size of the largest weight (the embeddings) was measured (benchmarks/plan_check.py)
+    # transformers' default optimizer with torch >= 2.8 is the fused AdamW (in place) on a GPU; on the CPU at most a
+    # temporary the size of the largest weight (the embeddings) is allowed for
     largest = w.lora_rank * student.intermediate if w.lora_rank else student.vocab * student.hidden
     optimizer_temporaries = 0 if w.device == "cuda" else min(largest, trained) * 4
     resident = (teacher_weights + components["student weights"] + components["sampling copy"]
@@ -349,8 +346,8 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     phases = {
         "training step": resident + activations + loss + backward + head_grad,
         "optimizer step": resident + grads + optimizer_temporaries,
-        "generation": resident + generation,
-        "evaluation": resident + evaluation + evaluation_gathered,
+        "generation": resident + generation + (gathered_student if w.on_policy else 0),
+        "evaluation": resident + evaluation + gathered_student,
     }
     if shard > 1:
         # before training, `train` evaluates the teacher and the whole student on each GPU; DeepSpeed (without
