@@ -52,7 +52,7 @@ def local_config(directory: str) -> dict[str, Any] | None:
 
 
 def parameter_count(config: dict[str, Any], layers: int | None = None) -> int | None:
-    """Parameters of a Llama-style decoder (Qwen2, Llama, SmolLM2) from its config: embeddings, attention
+    """Parameters of a Llama-style decoder (Qwen2, Llama, Mistral, SmolLM2) from its config: embeddings, attention
     (with Qwen2's q/k/v biases), the gated MLP, the norms and, unless tied, the output head. None when a number
     is missing or the architecture is another."""
     try:
@@ -62,7 +62,7 @@ def parameter_count(config: dict[str, Any], layers: int | None = None) -> int | 
         vocab, depth = int(config["vocab_size"]), int(layers or config["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
         return None
-    if config.get("model_type") not in ("qwen2", "llama"):
+    if config.get("model_type") not in ("qwen2", "llama", "mistral"):
         return None
     head_dim = int(config.get("head_dim") or hidden // heads)
     kv = kv_heads * head_dim

@@ -112,7 +112,7 @@ def shape_from_config(name: str, config: dict[str, Any], layers: int | None = No
     if total is None:
         raise ModelSpecError(f"`{name}`: its config is not a Llama-style decoder this tool can plan for "
                              f"(model_type {config.get('model_type')!r}).",
-                             fix="Plan with a Qwen2, Qwen2.5 or Llama model, or measure with a short `train` run.")
+                             fix="Plan with a Qwen2, Qwen2.5, Llama or Mistral model, or measure with a short `train` run.")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     depth = int(layers or config["num_hidden_layers"])
@@ -295,7 +295,12 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     else:
         trained = student.parameters
         student_weights = student.parameters * 4
-    gathered = 2 * student.layer_parameters * 4 if shard > 1 else 0  # a layer and the next, gathered whole
+    # sharded: a decoder layer and the next gathered whole, and the top-level group (embeddings, lm_head), which stays
+    # gathered through the forward and the loss; DeepSpeed under bf16 also keeps a bf16 copy of its shard
+    embeddings = student.vocab * student.hidden * (1 if student.tied else 2)
+    gathered = (2 * student.layer_parameters + embeddings) * 4 if shard > 1 else 0
+    if strategy == "zero3" and w.compute_bytes == 2:
+        gathered += student.parameters * 2 / shard
     components = {
         "teacher weights": teacher_weights,
         "student weights": student_weights / shard + gathered,

@@ -52,13 +52,13 @@ def test_activation_count_is_what_a_real_layer_saves_for_backward(arch):
     assert kept == 4 * batch * length * shape.hidden
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_parameter_and_lora_counts_match_the_real_models(arch):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    config = (LlamaConfig if arch == "llama" else Qwen2Config)(num_hidden_layers=3, **TINY)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](num_hidden_layers=3, **TINY)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     shape = shape_from_config("tiny", {"model_type": arch, "num_hidden_layers": 3, **TINY})
     assert shape.parameters == sum(p.numel() for p in model.parameters())
@@ -159,7 +159,7 @@ def test_plan_json_fits_on_eight_gpus(cli):
     assert plan["fits"] and plan["device"] == "cuda" and plan["devices"] == 8
     verdicts = {o["name"]: o["fits"] for o in plan["options"]}
     assert verdicts == {"one GPU": False, "DDP x8": False, "FSDP x8": True, "ZeRO-3 x8": True}
-    assert plan["fix"] is None
+    assert plan["fix"] is None and plan["exit_code"] == 0
 
 
 def test_plan_names_the_fix_and_exits_3_when_nothing_fits(cli):

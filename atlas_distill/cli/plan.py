@@ -60,8 +60,9 @@ def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: boo
     else:
         memory = parse_memory(gpu_memory)
     result = plan_profile(config, device="cuda" if gpus else "cpu", devices=gpus or 1, memory=memory)
+    code = 0 if result.fits else TargetsNotMet.exit_code
     if json_out:
-        print_json(result.to_dict())
+        print_json(result.to_dict() | {"exit_code": code})
     else:
         out.print(_table(result))
         out.print(_verdict(result, teacher_flag), markup=False, highlight=False)
@@ -71,9 +72,7 @@ def show_plan(config, *, gpus: int | None, gpu_memory: str | None, json_out: boo
                       f"{gib(result.host_ram_bytes)} per machine.", markup=False, highlight=False)
         if result.device == "cpu":
             out.print(CPU_NOTE, markup=False, highlight=False)
-    if not result.fits:
-        return TargetsNotMet.exit_code
-    return 0
+    return code
 
 
 def _this_machine() -> tuple[int, int | None]:
