@@ -112,7 +112,8 @@ def shape_from_config(name: str, config: dict[str, Any], layers: int | None = No
     if total is None:
         raise ModelSpecError(f"`{name}`: its config is not a Llama-style decoder this tool can plan for "
                              f"(model_type {config.get('model_type')!r}).",
-                             fix="Plan with a Qwen2, Qwen2.5, Llama or Mistral model, or measure with a short `train` run.")
+                             fix="Plan with a Qwen2, Qwen2.5, Llama or Mistral model, or measure with a short "
+                             "`train` run.")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     depth = int(layers or config["num_hidden_layers"])
