@@ -201,3 +201,15 @@ def test_train_plan_prints_the_plan_and_loads_nothing(cli, tmp_path):
     assert result.code == 0, result.stderr
     assert result.json()["student"]["layers"] == 8
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_cpu_plan_leaves_room_for_the_allocator():
+    from atlas_distill.plan import CPU_RSS_ROOM
+
+    profile = load_profile("default", ["teacher_model_name_or_path=smollm2-135m",
+                                       "model.model_name_or_path=smollm2-135m"])
+    peak = plan_profile(profile, device="cpu", memory=100 * GIB).options[0].peak_bytes
+    assert not plan_profile(profile, device="cpu", memory=int(peak * 1.1), fix=False).fits
+    assert plan_profile(profile, device="cpu", memory=int(peak * CPU_RSS_ROOM) + 1, fix=False).fits
+    gpu_peak = plan_profile(profile, device="cuda", memory=100 * GIB).options[0].peak_bytes
+    assert plan_profile(profile, device="cuda", memory=gpu_peak, fix=False).fits  # a GPU's allocator: live bytes

@@ -11,9 +11,10 @@ from ..errors import TargetsNotMet, UsageError
 from ._common import JsonOpt, OverridesArg, ProfileOpt, out, print_json, reporting_errors
 
 Opt = typer.Option
-CPU_NOTE = ("Note: these are live bytes, against the RAM available now. On a CPU, glibc's allocator keeps memory a "
-            "step freed, so the process's peak RSS ran 21-74 % above the plan in benchmarks/plan_check.py; "
-            "MALLOC_MMAP_THRESHOLD_=131072 returns it (RSS then within 8 % of the plan) at 25-60 % slower steps.")
+CPU_NOTE = ("Note: these are live bytes; an option fits when 1.3x them is within the RAM available now. On a CPU, "
+            "glibc's allocator keeps memory a step freed, so the process's peak RSS ran 21-74 % above the plan in "
+            "benchmarks/plan_check.py (median 30 %); MALLOC_MMAP_THRESHOLD_=131072 returns it (RSS then within 8 % "
+            "of the plan) at 25-60 % slower steps.")
 _SHOWN = ("teacher weights", "student weights", "sampling copy", "gradients", "optimizer state", "activations",
           "loss", "generation (KV cache)", "runtime")
 

@@ -67,7 +67,8 @@ def train(
         if plan:
             from .plan import show_plan
 
-            raise typer.Exit(show_plan(config, gpus=None, gpu_memory=None, json_out=json_out))
+            raise typer.Exit(show_plan(config, gpus=None, gpu_memory=None, json_out=json_out,
+                                       teacher_flag=teacher is not None))
         if resume and not config.run_name:
             raise UsageError("--resume needs the run to continue.", fix="Pass --run-name NAME of the run directory.")
         url = None if traces else resolve_db_url(database_url, config.database.url)
