@@ -268,17 +268,11 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
 
 
 def _cpu_bf16() -> bool:
-    """Whether this CPU has native bf16 (what `train` checks with torch), read from /proc/cpuinfo."""
-    import platform
+    """Whether this CPU has native bf16 as far as /proc/cpuinfo tells without torch (`train` also asks oneDNN):
+    an x86 CPU listing AVX512-BF16 or AMX; elsewhere, or unreadable, no."""
+    from .models.loading import x86_cpuinfo_bf16
 
-    from .models.loading import native_bf16
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        return native_bf16(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
+    return bool(x86_cpuinfo_bf16())
 
 
 def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: str = "single", devices: int = 1
@@ -403,7 +397,7 @@ def plan_profile(profile: Profile, *, device: str = "cpu", devices: int = 1, mem
         single = options[0].components
         plan.host_ram_bytes = devices * (single["teacher weights"] + single["student weights"])
     if fix and not plan.fits:
-        plan.fix = cheapest_fix(profile, device=device, devices=devices, memory=memory)
+        plan.fix = cheapest_fix(profile, student, device=device, devices=devices, memory=memory)
     return plan
 
 
@@ -441,12 +435,12 @@ def _fix_groups(profile: Profile, device: str, student: ModelShape) -> list[list
     return [group for group in groups if group]
 
 
-def cheapest_fix(profile: Profile, *, device: str, devices: int, memory: int) -> dict[str, Any] | None:
+def cheapest_fix(profile: Profile, student: ModelShape, *, device: str, devices: int, memory: int
+                 ) -> dict[str, Any] | None:
     """The fewest fixes that together let some option fit; among as few, the earliest in upstream's order (a
     smaller batch before checkpointing before a quantized teacher ...), then the lowest peak."""
     import itertools
 
-    student = model_shape(profile.model.model_name_or_path, profile.model.family)
     groups = _fix_groups(profile, device, student)
     found = []
     for count in range(1, len(groups) + 1):
@@ -468,16 +462,11 @@ def cheapest_fix(profile: Profile, *, device: str, devices: int, memory: int) ->
 
 
 def _with_overrides(profile: Profile, overrides: list[str]) -> Profile:
-    from .config.loader import parse_override
+    from .config.loader import parse_override, set_dotted
 
     data = profile.model_dump()
     for text in overrides:
-        key, value = parse_override(text)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(data, *parse_override(text))
     return Profile.model_validate(data)
 
 

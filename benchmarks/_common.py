@@ -11,12 +11,20 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM ...) in MB; None where there is no such file."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS. On Linux ru_maxrss survives execve, so a child spawned by a big parent
     reports at least the parent's RSS; VmHWM belongs to the process's own address space."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    peak = status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_description, log, peak_rss_mb, reset_peak_rss  # noqa: E402
+from _common import cpu_description, log, peak_rss_mb, reset_peak_rss, status_mb  # noqa: E402
 
 TEACHER = "smollm2-135m"
 DEFAULT_ROWS = ("smollm2-135m@15L,4,256,on,off", "smollm2-135m@15L,4,256,off,off", "smollm2-135m@15L,8,512,on,off",
@@ -47,11 +47,6 @@ def overrides(student: str, batch: int, max_length: int, gc: bool, lora: bool, o
             "trainer.lmbda=0", "trainer.teacher_cache_topk=0", f"trainer.max_steps={STEPS}",
             "trainer.eval_steps=1000", "trainer.save_steps=1000", "trainer.report_to=[]", "trainer.min_reward=null",
             "data.review_status=null", f"output_dir={output_dir}"]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
 def measure(row: dict) -> dict:
@@ -80,7 +75,7 @@ def measure(row: dict) -> dict:
         import torch
 
         cuda = torch.cuda.is_available()
-        loaded = _rss_mb()
+        loaded = status_mb("VmRSS")
         reset_peak_rss()
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -101,7 +101,8 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for `a.b`, making the levels that are missing."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -194,12 +195,12 @@ def load_profile(
         except ProfileError as exc:
             problems.extend(exc.problems)
             continue
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
         sources[key] = f"override `{text}`"
     for key, (flag, value) in _flag_items(flags):
         if isinstance(value, Widen):
             value = _widened(tree, key, value)
-        _set_dotted(tree, key, None if isinstance(value, Null) else value)
+        set_dotted(tree, key, None if isinstance(value, Null) else value)
         sources[key] = f"flag {flag}"
     try:
         resolved = Profile.model_validate(tree)

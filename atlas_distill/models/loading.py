@@ -90,12 +90,19 @@ def cpu_bf16() -> bool:
 
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
+    listed = x86_cpuinfo_bf16()
+    return True if listed is None else listed  # elsewhere oneDNN's own check (e.g. Arm's BF16 extension) decides
+
+
+def x86_cpuinfo_bf16() -> bool | None:
+    """Whether this x86 CPU's /proc/cpuinfo lists native bf16 (`native_bf16`); None off x86 or when it cannot be
+    read. Needs no torch: `plan` asks it too."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True  # oneDNN's own check (e.g. Arm's BF16 extension)
+        return None
     try:
         return native_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return True
+        return None
 
 
 def native_bf16(cpuinfo: str) -> bool:
