@@ -168,10 +168,11 @@ def test_zero3_partitioned_parameters_are_read_by_their_full_shape(make_tiny_mod
 
 
 def test_teacher_cache_counts_a_key_stored_twice_once():
-    cache = TeacherCache(k=2)
-    topk = (torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2), torch.zeros(4))
+    cache = TeacherCache(k=2, vocab=10)
+    topk = (torch.arange(8, dtype=torch.int32).reshape(4, 2), torch.zeros(4, 2), torch.zeros(4))
     cache.store([b"a", b"a"], [2, 2], topk)
-    assert len(cache.entries) == 1 and cache.bytes == 2 * (2 * 4 + 2 * 4 + 4)
+    (record, positions), = cache.entries.values()
+    assert positions == 2 and cache.bytes == len(record)
 
 
 def test_explicit_bf16_sampling_makes_no_copy_of_a_bf16_student(tmp_path, make_tiny_model):

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from . import topk_format
+
 
 class TeacherCache:
-    """The teacher's top-k log-probs (and tail) at each completion position of the examples it has seen.
+    """The teacher's top-k log-probs (and tail) at each completion position of the examples it has seen, in memory,
+    one topk_format record per example (the teacher store's format), keyed by `topk_format.example_keys`."""
 
-    An example is keyed by the digest of its unpadded tokens and its loss positions, so the same example
-    padded differently in another batch finds its entry. Entries are kept on the CPU, in fp32.
-    """
-
-    def __init__(self, k: int, max_bytes: int = 2 * 2**30) -> None:
-        self.k = k
+    def __init__(self, k: int, vocab: int, max_bytes: int = 2 * 2**30) -> None:
+        self.k, self.vocab = k, vocab
         self.max_bytes = max_bytes  # a large dataset keeps its first examples only, not all RAM
         self.bytes = 0
-        self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.entries: dict[bytes, tuple[bytes, int]] = {}
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def keys(inputs, mask: torch.Tensor) -> list[bytes]:
-        import hashlib
-
-        keys = []
-        for ids, attention, positions in zip(inputs["input_ids"], inputs["attention_mask"], mask):
-            digest = hashlib.blake2b(ids[attention.bool()].cpu().numpy().tobytes(), digest_size=16)
-            # loss positions among the real tokens, so left or right padding does not change the key
-            digest.update(positions[(attention[:-1] * attention[1:]).bool()].cpu().numpy().tobytes())
-            keys.append(digest.digest())
-        return keys
+    keys = staticmethod(topk_format.example_keys)
 
     def lookup(self, keys: list[bytes], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The batch's (indices, log-probs, tail), its rows' positions concatenated in order; None on any miss."""
@@ -39,15 +28,20 @@ class TeacherCache:
             self.misses += 1
             return None
         self.hits += 1
-        return tuple(torch.cat([entry[i] for entry in found]).to(device) for i in range(3))
+        return concatenated([topk_format.decode(record, n, self.k, self.vocab) for record, n in found], device)
 
     def store(self, keys: list[bytes], counts: list[int], topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         splits = [part.detach().cpu().split(counts) for part in topk]
-        for key, *parts in zip(keys, *splits):
+        for key, count, *parts in zip(keys, counts, *splits):
             if key in self.entries:  # the same example twice in one batch: kept (and counted) once
                 continue
-            size = sum(part.numel() * part.element_size() for part in parts)
-            if self.bytes + size > self.max_bytes:
+            record = topk_format.encode(*parts, self.vocab)
+            if self.bytes + len(record) > self.max_bytes:
                 return
-            self.entries[key] = tuple(part.clone() for part in parts)
-            self.bytes += size
+            self.entries[key] = (record, count)
+            self.bytes += len(record)
+
+
+def concatenated(parts: list[tuple[torch.Tensor, ...]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoded examples' (indices, log-probs, tail), their positions concatenated in order, on `device`."""
+    return tuple(torch.cat([part[i] for part in parts]).to(device) for i in range(3))

@@ -163,8 +163,8 @@ class AtlasGKDTrainer(GKDTrainer):
         # let one process skip the teacher forward's all-gathers while the others wait in them).
         self.chunked_loss = (args.chunked_loss and not self.zero3 and divergence.plain_head(self.model)
                              and divergence.plain_head(teacher_model))
-        self.teacher_cache = (TeacherCache(args.teacher_cache_topk) if self.chunked_loss and args.teacher_cache_topk > 0
-                              else None)
+        self.teacher_cache = (TeacherCache(args.teacher_cache_topk, self.shared_vocab)
+                              if self.chunked_loss and args.teacher_cache_topk > 0 else None)
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
         self.generation_dtype = self._sampling_dtype(args.generation_dtype)
