@@ -8,7 +8,7 @@ the README:
     2  no data: nothing matched the filters, or the input is empty
     3  targets not met, where the command was asked to check them
     4  database error: unreachable, authentication failed, schema missing
-    5  invalid input data: a malformed trace file or record
+    5  invalid input data: a malformed trace file or record, a teacher store that is foreign, incomplete or damaged
     6  output error: the output path cannot be written
     7  training failed: out of memory, non-finite loss, hardware not available
     8  invalid run: a RUN given to compare has no summary.json, or it is not valid
@@ -74,6 +74,12 @@ class DatabaseConnectionLost(DatabaseError):
 
 class InvalidTraceData(AtlasDistillError):
     """A trace file line or record that is not a valid Atlas session."""
+
+    exit_code = 5
+
+
+class TeacherStoreError(AtlasDistillError):
+    """A teacher store built for another teacher, tokenizer, max_length or data; unfinished; or damaged."""
 
     exit_code = 5
 

@@ -103,15 +103,24 @@ class TrainingRecipe:
         emit("line", f"Loaded datasets: train={len(self.prepared.train)}, eval={len(self.prepared.eval)} "
                      "conversations")
 
+        store = self._teacher_store(teacher_path)
         emit("stage", "Loading models")
         init = profile.teacher_model_init_kwargs
-        teacher = models.load_model(teacher_path, dtype=models.teacher_dtype(init.dtype), trust_remote_code=trust,
-                                    load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
+        t = profile.trainer
+        if store is not None and t.lmbda == 0 and not t.seq_kd:
+            from .teacher_store.unloaded import UnloadedTeacher
+
+            teacher = UnloadedTeacher(teacher_path, trust_remote_code=trust)
+            emit("line", f"Teacher not loaded: every step is off-policy and reads the teacher store {store.path}")
+        else:
+            teacher = models.load_model(teacher_path, dtype=models.teacher_dtype(init.dtype), trust_remote_code=trust,
+                                        load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
         student = models.load_model(student_path, trust_remote_code=trust, for_training=True,
                                     dtype=models.training_dtype(profile.model.dtype, lora=profile.model.lora.enabled))
         models.shared_vocab_size(self.tokenizer, teacher_tokenizer, student, teacher)
         student = models.apply_lora(student, profile.model.lora)
-        self.parameters = models.count_parameters(teacher), models.count_parameters(student)
+        self.parameters = (models.count_parameters(teacher) or models.model_parameters(self.teacher_spec),
+                           models.count_parameters(student))
         warning = on_main(state, lambda: self.run_dir.start(profile, student))
         if warning:
             emit("line", warning)
@@ -124,10 +133,22 @@ class TrainingRecipe:
         self.trainer = AtlasGKDTrainer(
             model=student, teacher_model=teacher, args=from_profile(profile, self.run_dir.path, report_to),
             train_dataset=Dataset.from_list(self.prepared.train), eval_dataset=Dataset.from_list(self.eval_rows),
-            processing_class=self.tokenizer, callbacks=[tracker])
+            processing_class=self.tokenizer, callbacks=[tracker], teacher_store=store)
         self.trainer.on_evaluation = lambda ev: ev["summary"] and emit(
             "line", "  " + format_baseline_line(ev["summary"]))
         _quiet_console(self.trainer)
+
+    def _teacher_store(self, teacher_path: str):
+        """trainer.teacher_store opened and checked against this run (teacher, tokenizer, settings, every
+        conversation), before any model loads; None without one."""
+        path = self.profile.trainer.teacher_store
+        if path is None:
+            return None
+        from .teacher_store.recipe import open_for_run
+
+        self.emit("stage", "Checking the teacher store")
+        return open_for_run(path, self.profile, teacher_name=self.teacher_spec.name, teacher_path=teacher_path,
+                            tokenizer=self.tokenizer, rows=self.prepared.train + self.prepared.eval)
 
     def measure_before(self) -> None:
         """Teacher and student before training on the eval sessions, and the baseline the run is judged against;
@@ -146,7 +167,8 @@ class TrainingRecipe:
             conversations, references = [r["messages"] for r in rows], [r["reference"] for r in rows]
             targets = [r.get("targets") for r in rows]
             saved = tuple(trainer.evaluate_model(model, conversations, references, targets).figures()
-                          for model in (trainer.teacher_model, trainer.model))
+                          if model is not None else None
+                          for model in (trainer.teacher_model if trainer.teacher_loaded else None, trainer.model))
             on_main(self.state, lambda: self.run_dir.save_before_training(key, *saved))
         self.teacher_eval, self.student_before = saved
         self.baseline = _baseline(profile, self.student_before)

@@ -90,7 +90,8 @@ def test_usage_errors_exit_1_with_our_message_fix_and_json_document(cli):
         ("export", "--min-reward", "abc"): ("Invalid value for '--min-reward'", "`atlas-distill export --help`"),
         ("inspect", "x.jsonl", "--top", "0"): ("Invalid value for '--top'", "`atlas-distill inspect --help`"),
         ("train", "--traces"): ("'--traces' requires an argument", "`atlas-distill train --help`"),
-        ("nope",): ("No such command 'nope'.", "export, inspect, train, chain, compare, plan, demo-db, profile"),
+        ("nope",): ("No such command 'nope'.",
+                    "export, inspect, train, chain, compare, plan, demo-db, profile, teacher-store"),
         ("profile", "nope"): ("No such command 'nope'.", "show, list"),
     }
     for args, (message, fix) in cases.items():
@@ -143,7 +144,7 @@ def test_a_gkd_surface_missing_from_trl_fails_at_import_with_what_to_install():
 
 
 HELP_PAGES = [[], ["export"], ["inspect"], ["train"], ["chain"], ["compare"], ["demo-db"], ["profile"],
-              ["profile", "show"], ["profile", "list"], ["plan"]]
+              ["profile", "show"], ["profile", "list"], ["plan"], ["teacher-store"], ["teacher-store", "build"]]
 
 
 def test_every_help_page_is_pinned(cli):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import chain, compare, demo_db, export, inspect, plan, profile, train
+from . import chain, compare, demo_db, export, inspect, plan, profile, teacher_store, train
 from ..errors import UsageError
 from ._common import PRECEDENCE, quiet_closed_pipe, show_error
 
@@ -40,6 +40,7 @@ app.command("chain")(chain.chain)
 app.command("compare")(compare.compare)
 app.command("plan")(plan.plan)
 app.add_typer(profile.app, name="profile")
+app.add_typer(teacher_store.app, name="teacher-store")
 app.command("demo-db")(demo_db.demo_db)
 
 

@@ -114,8 +114,10 @@ def _replica(main: bool):
             raise typer.Exit(exc.exit_code) from None
 
 
-def _rates(figures: Figures) -> str:
+def _rates(figures: Figures | None) -> str:
     """final-answer / step / episode success, e.g. `95.0% / 97.5% / 92.5%` (older runs: final only)."""
+    if figures is None:
+        return "not measured (teacher not loaded)"
     shown = [figures.success_rate, figures.step_success_rate, figures.episode_success_rate]
     return " / ".join("n/a" if value is None else f"{value:.1%}" for value in shown)
 

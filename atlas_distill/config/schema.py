@@ -141,6 +141,7 @@ class TrainerConfig(_Strict):
     kv_cache_generation: bool = setting("kv_cache_generation")
     chunked_loss: bool = setting("chunked_loss")
     teacher_cache_topk: int = setting("teacher_cache_topk", ge=0)
+    teacher_store: str | None = setting("teacher_store")
     group_by_length: bool = setting("group_by_length")
     generation_dtype: GenerationDtype = setting("generation_dtype")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")

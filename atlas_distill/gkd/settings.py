@@ -72,6 +72,11 @@ class AtlasSettings:
     teacher_cache_topk: int = field(
         default=256, metadata={"help": "Off-policy batches keep the teacher's top-k log-probs and a tail bucket; a "
                                        "repeated example (next epoch) skips the teacher. 0: off."})
+    teacher_store: str | None = field(
+        default=None, metadata={"help": "A teacher store directory (`atlas-distill teacher-store build`): off-policy "
+                                        "steps (lmbda 0, the warm-up) read the teacher's top-k from it instead of "
+                                        "running the teacher; a run with no on-policy step never loads the teacher. "
+                                        "null: none."})
     group_by_length: bool = field(
         default=True, metadata={"help": "Batches of similar-length examples (less padding)."})
     generation_dtype: GenerationDtype = field(

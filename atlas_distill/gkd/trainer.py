@@ -24,6 +24,9 @@ Each speedup is on by default and has a switch to turn it off:
   teacher runs its backbone only, under `torch.inference_mode`;
 - `teacher_cache_topk`: off-policy batches (lmbda < 1) keep the teacher's top-k log-probs plus a tail
   bucket per position; when the same example comes back (the next epoch) the teacher does not run;
+- `teacher_store`: off-policy batches read the teacher's top-k from a store built before training
+  (`atlas-distill teacher-store build`, teacher_store/) and the teacher does not run; `atlas-distill train` does not
+  load it at all when no step is on-policy (an `UnloadedTeacher` stands in its place);
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
   optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
@@ -43,7 +46,7 @@ import torch
 
 from ..errors import TrainingError
 from ..models import loading, shared_vocab_size
-from . import divergence
+from . import divergence, topk_format
 from .collator import TargetSpanCollator
 from .config import AtlasGKDConfig, GKDConfig
 from .settings import AtlasSettings
@@ -113,7 +116,7 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def __init__(self, model=None, teacher_model=None, args: AtlasGKDConfig | None = None, *,
                  db_url: str | None = None, traces: str | None = None, min_reward: float | None = 0.8,
-                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+                 train_dataset=None, eval_dataset=None, processing_class=None, teacher_store=None, **kwargs):
         if not isinstance(args, AtlasSettings):
             raise TypeError("AtlasGKDTrainer needs atlas-distill's config as `args`: `from atlas_distill import "
                             "GKDConfig` (TRL's GKDConfig plus our settings), not "
@@ -163,8 +166,14 @@ class AtlasGKDTrainer(GKDTrainer):
         # let one process skip the teacher forward's all-gathers while the others wait in them).
         self.chunked_loss = (args.chunked_loss and not self.zero3 and divergence.plain_head(self.model)
                              and divergence.plain_head(teacher_model))
+        self.teacher_store = teacher_store if teacher_store is not None else self._open_store(args.teacher_store)
+        if self.teacher_store is not None and not self.chunked_loss:
+            raise TrainingError("trainer.teacher_store needs the chunked loss, which this run does not use "
+                                "(chunked_loss off, DeepSpeed ZeRO-3, or a model whose logits are rescaled).",
+                                fix="Set trainer.chunked_loss=true, or train without trainer.teacher_store.")
         self.teacher_cache = (TeacherCache(args.teacher_cache_topk, self.shared_vocab)
-                              if self.chunked_loss and args.teacher_cache_topk > 0 else None)
+                              if self.chunked_loss and args.teacher_cache_topk > 0 and self.teacher_store is None
+                              else None)
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
         self.generation_dtype = self._sampling_dtype(args.generation_dtype)
@@ -175,6 +184,29 @@ class AtlasGKDTrainer(GKDTrainer):
                           stacklevel=2)
         self._sampler: torch.nn.Module | None = None
         self._sampler_step = -1
+
+    def _open_store(self, path: str | None):
+        """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings and
+        training rows (`atlas-distill train` opens and checks it before loading models, and passes it in)."""
+        if path is None:
+            return None
+        from ..teacher_store import StoreKey, TeacherStore, row_keys, teacher_fingerprint, tokenizer_fingerprint
+
+        store = TeacherStore.open(path)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        tokenizer = self.processing_class
+        name = teacher.name_or_path
+        key = StoreKey(teacher=name, teacher_fingerprint=teacher_fingerprint(name),
+                       tokenizer=tokenizer_fingerprint(tokenizer), max_length=self.args.max_length,
+                       temperature=self.temperature, vocab=self.shared_vocab, targets=self.args.targets, k=store.key.k)
+        store.check_for(key, row_keys(list(self.train_dataset), tokenizer, self.args.max_length))
+        return store
+
+    @property
+    def teacher_loaded(self) -> bool:
+        from ..teacher_store.unloaded import UnloadedTeacher
+
+        return not isinstance(self.accelerator.unwrap_model(self.teacher_model), UnloadedTeacher)
 
     def in_warmup(self) -> bool:
         return self.state.global_step < self.args.offpolicy_warmup_steps
@@ -193,9 +225,14 @@ class AtlasGKDTrainer(GKDTrainer):
         mask = inputs["labels"][:, 1:] != -100
         student_hidden = divergence.completion_hidden(student, inputs, mask)
         vocab, beta, temperature = self.shared_vocab, self.step_beta, self.temperature
+        store = self.teacher_store if self._batch_from_dataset else None
         cache = self.teacher_cache if self._batch_from_dataset else None
-        keys = cache.keys(inputs, mask) if cache is not None else []
-        cached = cache.lookup(keys, student_hidden.device) if cache is not None else None
+        keys = topk_format.example_keys(inputs, mask) if store is not None or cache is not None else []
+        cached = (store or cache).lookup(keys, student_hidden.device) if keys else None
+        if store is not None and cached is None:
+            raise TrainingError(f"A batch holds a conversation that the teacher store {store.path} does not.",
+                                fix="Build the store from this run's traces and profile (`atlas-distill "
+                                "teacher-store build`), or train without trainer.teacher_store.")
         if cached is not None:
             per_position = divergence.topk_divergence(student_hidden, student, vocab=vocab, beta=beta,
                                                       temperature=temperature, indices=cached[0],
@@ -206,8 +243,8 @@ class AtlasGKDTrainer(GKDTrainer):
             with torch.inference_mode():
                 teacher_hidden = self._forward_redirection(self.teacher_model, teacher, divergence.completion_hidden,
                                                            teacher, inputs, mask)
-                topk = (divergence.teacher_topk(teacher_hidden, teacher, vocab=vocab, k=cache.k, temperature=temperature)
-                        if cache is not None else None)
+                topk = (divergence.teacher_topk(teacher_hidden, teacher, vocab=vocab, k=cache.k,
+                                                temperature=temperature) if cache is not None else None)
             if topk is not None:  # stored outside inference mode, so they can later be saved for backward
                 cache.store(keys, mask.sum(dim=1).tolist(), topk)
             # An inference tensor cannot be saved for backward; this copy is only [N, H].
@@ -324,7 +361,16 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.step_beta = self.beta
-        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.teacher_loaded:
+            metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        else:  # eval_loss from the teacher store: the chunked loss (no logits returned), batches from the dataset
+            saved = self.args.prediction_loss_only, self._batch_from_dataset
+            self.args.prediction_loss_only, self._batch_from_dataset = True, True
+            try:
+                metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys,
+                                           metric_key_prefix=metric_key_prefix)
+            finally:
+                self.args.prediction_loss_only, self._batch_from_dataset = saved
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or len(dataset) == 0:
             return metrics

@@ -96,19 +96,21 @@ class RunDir:
 
     # -- records
 
-    def before_training(self, key: dict[str, Any]) -> tuple[Figures, Figures] | None:
-        """The teacher and student-before figures saved under the same `key`, else None."""
+    def before_training(self, key: dict[str, Any]) -> tuple[Figures | None, Figures] | None:
+        """The teacher and student-before figures saved under the same `key`, else None (teacher's: None when the
+        run did not load it)."""
         try:
             saved = json.loads((self.path / "before_training.json").read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(saved, dict) or saved.get("key") != key:
             return None
-        return Figures.from_dict(saved["teacher_eval"]), Figures.from_dict(saved["student_before"])
+        teacher = saved["teacher_eval"]
+        return Figures.from_dict(teacher) if teacher else None, Figures.from_dict(saved["student_before"])
 
-    def save_before_training(self, key: dict[str, Any], teacher: Figures, student: Figures) -> None:
+    def save_before_training(self, key: dict[str, Any], teacher: Figures | None, student: Figures) -> None:
         write_json(self.path / "before_training.json",
-                   {"key": key, "teacher_eval": teacher.to_dict(), "student_before": student.to_dict()})
+                   {"key": key, "teacher_eval": teacher and teacher.to_dict(), "student_before": student.to_dict()})
 
     def write_summary(self, summary: RunSummary) -> None:
         write_json(self.summary_path, summary.to_dict())

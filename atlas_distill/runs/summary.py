@@ -165,7 +165,9 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def _rates(figures: Figures) -> str:
+def _rates(figures: Figures | None) -> str:
+    if figures is None:
+        return "not measured (the run read a teacher store and did not load the teacher)"
     return (f"{figures.success_rate:.2%} ({_percent(figures.step_success_rate)} / "
             f"{_percent(figures.episode_success_rate)})")
 
