@@ -114,8 +114,8 @@ def heldout_loss(student, teacher, tokenizer, rows, temperature: float, beta: fl
 
 def topk_error(ks: list[int], sessions: int = 32, bits: tuple[int, ...] = (32,)) -> list[dict]:
     """The top-k cache's error: exact vs folded generalized JSD of the untrained student on held-out answers, with
-    the teacher's k log-probs stored in `bits` each (32: fp32 as the in-memory cache keeps them; 16: fp16; 8: a
-    code on a per-position linear scale between the top and the k-th), and what a position then costs in bytes."""
+    the teacher's k log-probs stored in `bits` each (32: fp32; 16: fp16; 8: the teacher store's records), and what
+    a position then costs in bytes."""
     import torch
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -126,6 +126,7 @@ def topk_error(ks: list[int], sessions: int = 32, bits: tuple[int, ...] = (32,))
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=SETTINGS["max_length"])
     beta, temperature, vocab = SETTINGS["beta"], SETTINGS["temperature"], len(tokenizer)
     exact, folded = [], {(k, b): [] for k in ks for b in bits}
+    sizes = dict.fromkeys(folded, 0)
     with torch.inference_mode():
         for start in range(0, sessions, BATCH):
             batch = collator([{"messages": m} for m in held_out["messages"][start:start + BATCH]])
@@ -137,37 +138,41 @@ def topk_error(ks: list[int], sessions: int = 32, bits: tuple[int, ...] = (32,))
             for k in ks:
                 indices, values, tail = divergence.teacher_topk(h_t, teacher, vocab=vocab, k=k, temperature=temperature)
                 for b in bits:
-                    stored, stored_tail = _stored(values, tail, b)
+                    stored_indices, stored, stored_tail, size = _stored(indices, values, tail, b, vocab)
+                    sizes[k, b] += size
                     folded[k, b].append(divergence.topk_divergence(
-                        h_s, student, vocab=vocab, beta=beta, temperature=temperature, indices=indices,
+                        h_s, student, vocab=vocab, beta=beta, temperature=temperature, indices=stored_indices,
                         teacher_values=stored, teacher_tail=stored_tail))
     exact_mean = float(torch.cat(exact).mean())
-    index_bytes = 2 if vocab <= 2**16 else 3  # Qwen2.5's 151,665 tokens need 18 bits
+    positions = sum(len(part) for part in exact)
     rows = []
     for (k, b), parts in folded.items():
         mean = float(torch.cat(parts).mean())
-        per_position = 4 + (4 if b == 8 else 0)  # the tail (fp32), and the 8-bit scale's two ends (fp16)
-        rows.append({"k": k, "bits": b, "bytes_per_token": k * (index_bytes + b // 8) + per_position,
+        rows.append({"k": k, "bits": b, "bytes_per_token": round(sizes[k, b] / positions),
                      "exact_loss": round(exact_mean, 5), "topk_loss": round(mean, 5),
                      "relative_error": round(1 - mean / exact_mean, 5)})
     return rows
 
 
-def _stored(values, tail, bits: int):
-    """Top-k log-probs [N, k] (descending) and tail [N] as read back from `bits`-bit storage, renormalised so the
-    k + 1 outcomes sum to one again."""
+def _stored(indices, values, tail, bits: int, vocab: int):
+    """Top-k (indices, log-probs, tail) as read back from storage with `bits` per log-prob, renormalised so the
+    k + 1 outcomes sum to one again, and the bytes that took. 8: the record format of the teacher store and the
+    in-memory cache (gkd/topk_format.py: an 8-bit code per log-prob on its position's scale, zlib), its size
+    measured; 32 and 16: the raw size of ids, log-probs and an fp32 tail."""
     import torch
 
+    from atlas_distill.gkd import topk_format
     from atlas_distill.gkd.divergence import TAIL_FLOOR
 
+    n, k = indices.shape
+    if bits == 8:
+        record = topk_format.encode(indices, values, tail, vocab)
+        return *topk_format.decode(record, n, k, vocab), len(record)
     if bits == 16:
         values = values.half().float()
-    elif bits == 8:
-        top, last = values[:, :1], values[:, -1:]
-        step = (top - last).clamp_min(1e-6) / 255
-        values = last + torch.round((values - last) / step) * step
     total = torch.logsumexp(torch.cat([values, tail.unsqueeze(-1)], dim=-1), dim=-1)
-    return values - total.unsqueeze(-1), (tail - total).clamp_min(TAIL_FLOOR)
+    size = n * (k * (topk_format.id_dtype(vocab).itemsize + bits // 8) + 4)  # ids, log-probs, fp32 tail; raw
+    return indices, values - total.unsqueeze(-1), (tail - total).clamp_min(TAIL_FLOOR), size
 
 
 def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
@@ -344,7 +349,7 @@ def main() -> None:
     parser.add_argument("--topk-error", metavar="K,K,...",
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
     parser.add_argument("--topk-bits", default="32", metavar="B,B,...",
-                        help="with --topk-error: bits per stored log-prob, of 32 (the cache's fp32), 16, 8")
+                        help="with --topk-error: bits per stored log-prob, of 32, 16, 8 (the store's records)")
     parser.add_argument("--seeds", default=str(SETTINGS["seed"]),
                         help="comma-separated training seeds (data order, sampling, on/off-policy draws); "
                              "--learning runs each trainer once per seed, timing runs use the first; the "

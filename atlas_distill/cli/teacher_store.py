@@ -39,7 +39,8 @@ def build(
     include_status: IncludeStatusOpt = None,
     all_statuses: AllStatusesOpt = False,
     status: StatusOpt = None,
-    k: Annotated[int, Opt("--k", min=1, help="Teacher tokens kept per position (plus one tail bucket).")] = 512,
+    k: Annotated[int, Opt("--k", min=1, help="Teacher tokens kept per position, plus one tail bucket (1024: about "
+                          "1.9 KB per position, the loss 5 % below exact on the demo).")] = 1024,
     batch_size: Annotated[int, Opt(min=1, help="Conversations per teacher forward pass.")] = 8,
     restart: Annotated[bool, Opt(help="Discard what --out holds (another build's store) and build anew.")] = False,
     skip_invalid: Annotated[bool, Opt(help="Skip malformed trace file lines and count them.")] = False,

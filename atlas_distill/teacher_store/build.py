@@ -61,9 +61,10 @@ def build_teacher_store(out: str | Path, key: StoreKey, rows: list[dict], tokeni
     if not todo and (out / MANIFEST).is_file():
         return _result(out, read_json(out / MANIFEST), started, 0.0, len(built))
     (out / MANIFEST).unlink(missing_ok=True)
-    teacher_seconds = _run_teacher(out, key, list(todo.values()), tokenizer, load_teacher, done, batch_size,
-                                   shard_bytes, on_progress, len(built), len(built) + len(todo)) if todo else 0.0
-    shards = whole_shards(out)
+    teacher_seconds, written = _run_teacher(out, key, list(todo.values()), tokenizer, load_teacher, done, batch_size,
+                                            shard_bytes, on_progress, len(built), len(built) + len(todo)) \
+        if todo else (0.0, [])
+    shards = done + written  # the shards found whole, then this build's (not read back again)
     manifest = {"key": asdict(key), "data": data, "shards": shards,
                 "examples": sum(len(s["examples"]) for s in shards),
                 "positions": sum(e[3] for s in shards for e in s["examples"]),
@@ -114,7 +115,7 @@ def _remove_strays(out: Path, done: list[dict]) -> None:
 
 
 def _run_teacher(out: Path, key: StoreKey, rows: list[dict], tokenizer, load_teacher, done: list[dict],
-                 batch_size: int, shard_bytes: int, on_progress, finished: int, total: int) -> float:
+                 batch_size: int, shard_bytes: int, on_progress, finished: int, total: int) -> tuple[float, list]:
     from ..gkd import divergence, topk_format
     from ..gkd.collator import TargetSpanCollator
 
@@ -141,7 +142,7 @@ def _run_teacher(out: Path, key: StoreKey, rows: list[dict], tokenizer, load_tea
         if on_progress:
             on_progress(finished, total)
     writer.flush()
-    return teacher_seconds
+    return teacher_seconds, writer.written
 
 
 class _ShardWriter:
@@ -153,6 +154,7 @@ class _ShardWriter:
         self.records: list[bytes] = []
         self.examples: list[list] = []
         self.size = 0
+        self.written: list[dict] = []  # the index of each shard published
 
     def add(self, key: bytes, record: bytes, positions: int) -> None:
         self.examples.append([key.hex(), self.size, len(record), positions])
@@ -174,9 +176,10 @@ class _ShardWriter:
                 handle.flush()
                 os.fsync(handle.fileno())
             tmp.replace(path)
-            write_json(path.with_suffix(".json"), {"file": name, "bytes": self.size, "blake2b": file_digest(path),
-                                                   "examples": self.examples})
+            meta = {"file": name, "bytes": self.size, "blake2b": file_digest(path), "examples": self.examples}
+            write_json(path.with_suffix(".json"), meta)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise write_failure(exc, path) or exc from None
+        self.written.append(meta)
         self.number, self.records, self.examples, self.size = self.number + 1, [], [], 0
