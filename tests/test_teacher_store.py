@@ -79,6 +79,18 @@ def test_a_record_of_the_wrong_shape_is_refused():
         topk_format.decode(record, 3, 4, 100)
 
 
+def test_the_cache_reads_back_a_k_larger_than_the_vocabulary_and_an_example_with_no_positions():
+    from atlas_distill.gkd.teacher_cache import TeacherCache
+
+    cache = TeacherCache(k=500, vocab=100)  # teacher_topk then keeps all 100 tokens
+    log_probs = torch.log_softmax(torch.randn(3, 100), dim=-1)
+    top = log_probs.topk(100, dim=-1)
+    cache.store([b"a", b"b"], [3, 0], (top.indices.to(torch.int32), top.values, torch.full((3,), -1e4)))
+    indices, values, _ = cache.lookup([b"a", b"b"], "cpu")
+    assert indices.shape == (3, 100)
+    torch.testing.assert_close(values.exp().sum(-1), torch.ones(3), atol=1e-4, rtol=0)
+
+
 # Building
 
 

@@ -12,7 +12,7 @@ class TeacherCache:
     one topk_format record per example (the teacher store's format), keyed by `topk_format.example_keys`."""
 
     def __init__(self, k: int, vocab: int, max_bytes: int = 2 * 2**30) -> None:
-        self.k, self.vocab = k, vocab
+        self.k, self.vocab = min(k, vocab), vocab  # teacher_topk keeps at most the whole vocabulary
         self.max_bytes = max_bytes  # a large dataset keeps its first examples only, not all RAM
         self.bytes = 0
         self.entries: dict[bytes, tuple[bytes, int]] = {}

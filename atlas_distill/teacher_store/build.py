@@ -48,6 +48,8 @@ def build_teacher_store(out: str | Path, key: StoreKey, rows: list[dict], tokeni
                         on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
     started = time.perf_counter()
     out = Path(out)
+    if key.k > key.vocab:
+        raise ValueError(f"k={key.k} is more than the {key.vocab} tokens of the vocabulary")
     keys = row_keys(rows, tokenizer, key.max_length)
     data = data_digest(keys)
     _claim(out, key, data, restart)

@@ -48,8 +48,8 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
                                    skip_invalid=skip_invalid)
     init = profile.teacher_model_init_kwargs
     dtype = models.teacher_dtype(init.dtype)
-    key = run_key(profile, teacher_name=teacher_spec.name, teacher_path=teacher_path, tokenizer=tokenizer, k=k,
-                  teacher_dtype=dtype)
+    key = run_key(profile, teacher_name=teacher_spec.name, teacher_path=teacher_path, tokenizer=tokenizer,
+                  k=min(k, len(tokenizer)), teacher_dtype=dtype)
 
     def load_teacher():
         emit("stage", "Running the teacher over every target position")
