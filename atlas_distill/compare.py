@@ -111,14 +111,14 @@ def row_from_run(run: FinishedRun) -> CompareRow:
 
 def rows_measured_before(run: FinishedRun) -> list[CompareRow]:
     """A train run's teacher and its student before training, as the run measured them on its own eval sessions
-    (summary teacher_eval / student_before); none for a run without both."""
+    (summary teacher_eval / student_before), each that the run measured (a run from a teacher store with the
+    teacher never loaded has no teacher row)."""
     s = run.summary
-    if s.teacher_eval is None or s.student_before is None:
-        return []
     return [CompareRow(name=f"{run.name} ({label})", kind=label, path=run.path, parameters=parameters,
                        eval_sessions=s.data.get("eval_used"), model=model, **figures.to_dict())
             for label, figures, model, parameters in (("teacher", s.teacher_eval, s.teacher, s.teacher_parameters),
-                                                      ("before", s.student_before, s.student, s.student_parameters))]
+                                                      ("before", s.student_before, s.student, s.student_parameters))
+            if figures is not None]
 
 
 def row_from_model(m: ModelEvaluation) -> CompareRow:

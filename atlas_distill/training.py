@@ -15,6 +15,7 @@ so that every process stops with the same error.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 from .config import Profile
 from .demo import DEMO_TRACES
-from .errors import AtlasDistillError, TrainingError
+from .errors import AtlasDistillError, TeacherStoreError, TrainingError
 from .progress import Event
 from .runs.layout import RunDir, checkpoint_step
 from .runs.summary import Figures, RunSummary, model_card
@@ -146,6 +147,12 @@ class TrainingRecipe:
             return None
         from .teacher_store.recipe import open_for_run
 
+        if not self.profile.trainer.chunked_loss or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            raise TeacherStoreError(
+                "trainer.teacher_store needs the chunked loss, which this run does not use (trainer.chunked_loss is "
+                "off, or DeepSpeed ZeRO-3, under which the trainer computes the full logits).",
+                fix="Set trainer.chunked_loss=true and launch with DDP, FSDP or one process, or train without "
+                "trainer.teacher_store.")
         self.emit("stage", "Checking the teacher store")
         return open_for_run(path, self.profile, teacher_name=self.teacher_spec.name, teacher_path=teacher_path,
                             tokenizer=self.tokenizer, rows=self.prepared.train + self.prepared.eval)

@@ -87,6 +87,16 @@ def test_before_adds_each_runs_teacher_and_student_before_as_it_measured_them(cl
     assert "run (teacher)" in table and "run (before)" in table
 
 
+def test_before_keeps_the_student_before_of_a_run_that_never_loaded_its_teacher(cli, tmp_path):
+    """A run from a teacher store with lmbda 0 never loads the teacher: teacher_eval is null, student_before is not."""
+    write_summary(tmp_path / "run", 0.80, 40.0, 0.3, 1_000, teacher_eval=None, student_before={
+        "success_rate": 0.10, "step_success_rate": 0.4, "episode_success_rate": 0.05, "avg_tokens": 70.0})
+    result = cli("compare", "run", "--before", "--json", "trainer.baseline_tokens=null")
+    rows = rows_by_name(result.json())
+    assert list(rows) == ["run (before)", "run"] and result.code == 0, result.stderr
+    assert rows["run (before)"]["reference"] and rows["run"]["success_delta_pp"] == pytest.approx(70.0)
+
+
 def test_json_deltas_match_the_hand_computed_ones(cli, runs):
     result = cli("compare", *runs, "--json")
     assert result.code == 0, result.stderr

@@ -41,14 +41,15 @@ def build(out, teacher_dir, data=None, **kwargs):
                                lambda: AutoModelForCausalLM.from_pretrained(teacher_dir), batch_size=3, **kwargs)
 
 
-def trainer_for(tmp_path, student_dir, teacher, **settings):
+def trainer_for(tmp_path, student_dir, teacher, eval_rows=None, **settings):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     args = GKDConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, report_to=[],
                      max_new_tokens=4, use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
                      max_length=128, seed=3, bf16=False, lmbda=0.0, temperature=0.9, group_by_length=False,
                      **settings)
     return AtlasGKDTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), teacher_model=teacher, args=args,
-                           train_dataset=Dataset.from_list(rows()), eval_dataset=Dataset.from_list(rows(3)),
+                           train_dataset=Dataset.from_list(rows()),
+                           eval_dataset=Dataset.from_list(eval_rows or rows(3)),
                            processing_class=tokenizer)
 
 
@@ -77,6 +78,17 @@ def test_a_record_of_the_wrong_shape_is_refused():
     record = topk_format.encode(torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 4), torch.zeros(2), 100)
     with pytest.raises(ValueError, match="does not hold 3 positions"):
         topk_format.decode(record, 3, 4, 100)
+
+
+def test_a_token_the_teacher_rules_out_stays_finite_in_the_record():
+    log_probs = torch.log_softmax(torch.randn(2, 100), dim=-1)
+    log_probs[0, :50] = float("-inf")  # e.g. a teacher that masks tokens, or probabilities that underflow
+    top = log_probs.topk(80, dim=-1)
+    record = topk_format.encode(top.indices.to(torch.int32), top.values, torch.full((2,), -1e4), 100)
+    _, values, tail = topk_format.decode(record, 2, 80, 100)
+    assert torch.isfinite(values).all() and torch.isfinite(tail).all()
+    torch.testing.assert_close(values.exp().sum(-1), torch.ones(2), atol=1e-4, rtol=0)
+    assert (values[0].sort(descending=True).values[50:] < -50).all()  # the ruled-out tokens stay near zero mass
 
 
 def test_the_cache_reads_back_a_k_larger_than_the_vocabulary_and_an_example_with_no_positions():
@@ -130,10 +142,13 @@ def test_a_killed_build_looks_incomplete_and_resumes_where_it_stopped(tmp_path, 
     with pytest.raises(TeacherStoreError, match="not complete"):
         TeacherStore.open(tmp_path / "store")
     (tmp_path / "store/shards/.00009.bin.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves it
+    (tmp_path / "store/shards/00010.json").write_text('{"file": 3}')  # not a shard's index: ignored, removed
+    (tmp_path / "store/shards/kept").mkdir()  # a directory someone made there is left alone
     result = build(tmp_path / "store", teacher_dir, shard_bytes=1)
     assert result.resumed == 6 and result.examples == 8
     assert not (tmp_path / "store/shards/.00009.bin.tmp").exists()
-    whole = build(tmp_path / "again", teacher_dir)
+    assert not (tmp_path / "store/shards/00010.json").exists() and (tmp_path / "store/shards/kept").is_dir()
+    build(tmp_path / "again", teacher_dir)
     resumed, fresh = TeacherStore.open(tmp_path / "store"), TeacherStore.open(tmp_path / "again")
     assert set(resumed.index) == set(fresh.index)
     assert build(tmp_path / "store", teacher_dir).resumed == 8  # complete: nothing is recomputed
@@ -147,6 +162,14 @@ def test_a_build_refuses_another_builds_directory_unless_restarted(tmp_path, mak
         build(tmp_path / "store", teacher_dir, key=store_key(teacher_dir, tokenizer, temperature=0.5))
     with pytest.raises(TeacherStoreError, match="the conversations"):
         build(tmp_path / "store", teacher_dir, data=rows(5))
+    with pytest.raises(TeacherStoreError, match="teacher_dtype: store auto, this build bfloat16"):
+        build(tmp_path / "store", teacher_dir, key=store_key(teacher_dir, tokenizer, teacher_dtype="bfloat16"))
+    import fcntl
+
+    with open(tmp_path / "store/.lock") as held:  # another build writing the store now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TeacherStoreError, match="Another `teacher-store build` is writing"):
+            build(tmp_path / "store", teacher_dir)
     result = build(tmp_path / "store", teacher_dir, data=rows(5), restart=True)
     assert result.examples == 5 and result.resumed == 0
     (tmp_path / "other").mkdir()
@@ -169,6 +192,10 @@ def test_a_damaged_or_truncated_shard_is_named(tmp_path, make_tiny_model):
         TeacherStore.open(tmp_path / "store")
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(TeacherStoreError, match="truncated"):
+        TeacherStore.open(tmp_path / "store")
+    manifest = tmp_path / "store/manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"shards": [{"file": "00000.bin"}]}))
+    with pytest.raises(TeacherStoreError, match="manifest.json is damaged"):
         TeacherStore.open(tmp_path / "store")
 
 
@@ -230,6 +257,27 @@ def test_an_on_policy_step_uses_the_live_teacher_beside_the_store(tmp_path, make
     assert calls == [1]
 
 
+def test_eval_loss_with_the_teacher_loaded_is_exact_whatever_the_last_step_read(tmp_path, make_tiny_model):
+    student_dir, teacher_dir = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = trainer_for(tmp_path, student_dir, AutoModelForCausalLM.from_pretrained(teacher_dir),
+                          teacher_cache_topk=K)
+    trainer._batch_from_dataset = True  # as after an off-policy step, which reads the top-k cache
+    first = trainer.evaluate()["eval_loss"]
+    second = trainer.evaluate()["eval_loss"]  # the cache would hold the eval rows now, were they read through it
+    trainer._batch_from_dataset = False  # as after an on-policy step
+    third = trainer.evaluate()["eval_loss"]
+    assert first == pytest.approx(second, rel=1e-6) and first == pytest.approx(third, rel=1e-6)
+    assert trainer.teacher_cache.hits == 0 and not trainer.teacher_cache.entries
+
+
+def test_the_trainer_refuses_a_store_without_its_eval_conversations(tmp_path, make_tiny_model):
+    student_dir, teacher_dir = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    build(tmp_path / "store", teacher_dir)
+    with pytest.raises(TeacherStoreError, match="1 of the 9 training and eval conversations are not in"):
+        trainer_for(tmp_path, student_dir, UnloadedTeacher(str(teacher_dir)), eval_rows=rows(9)[8:],
+                    teacher_store=str(tmp_path / "store"))
+
+
 def test_the_trainer_refuses_a_store_built_at_another_temperature(tmp_path, make_tiny_model):
     student_dir, teacher_dir = make_tiny_model(seed=1), make_tiny_model(seed=2)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -274,3 +322,7 @@ def test_cli_builds_a_store_and_train_runs_from_it_without_the_teacher(cli, tmp_
                   f"trainer.teacher_store={tmp_path / 'store'}", "trainer.temperature=0.5")
     assert refused.code == 5
     assert "temperature: store 0.9, this run 0.5" in refused.stderr and "Traceback" not in refused.stderr
+    unchunked = cli("train", *common, "--max-steps", "2", "--output-dir", "out", "trainer.lmbda=0",
+                    f"trainer.teacher_store={tmp_path / 'store'}", "trainer.chunked_loss=false")
+    assert unchunked.code == 5 and "needs the chunked loss" in unchunked.stderr
+    assert "Loading models" not in unchunked.stderr  # refused before any model loads

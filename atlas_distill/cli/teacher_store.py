@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..models import resolve_model_spec
 from ..traces.jsonl import check_trace_file
 from ._common import (AllStatusesOpt, IncludeStatusOpt, JsonOpt, LearningKeyOpt, LiveProgress, MinRewardOpt,
-                      OverridesArg, ProfileOpt, StatusOpt, filter_flags, out, print_json, reporting_errors)
+                      OverridesArg, ProfileOpt, StatusOpt, err, filter_flags, out, print_json, reporting_errors)
 
 Opt = typer.Option
 app = typer.Typer(help="Build a teacher store: off-policy training without the teacher in memory.",
@@ -67,12 +67,17 @@ def build(
             check_database(url)
         from ..teacher_store.recipe import build_for_profile
 
-        with LiveProgress(quiet=json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
-            result = build_for_profile(config, out_dir, db_url=url, traces=traces, k=k, batch_size=batch_size,
-                                       restart=restart, skip_invalid=skip_invalid, on_event=on_event)
+        try:
+            with LiveProgress(quiet=json_out) as on_event, contextlib.redirect_stdout(sys.stderr):
+                result = build_for_profile(config, out_dir, db_url=url, traces=traces, k=k, batch_size=batch_size,
+                                           restart=restart, skip_invalid=skip_invalid, on_event=on_event)
+        except KeyboardInterrupt:
+            err.print(f"Interrupted. {out_dir} is not a complete store (no manifest.json), so no run will take it; the "
+                      "same command resumes after the last whole shard.", markup=False)
+            raise typer.Exit(130) from None
     figures = {"store": str(result.path), "examples": result.examples, "positions": result.positions,
                "bytes": result.bytes, "bytes_per_position": round(result.bytes / max(result.positions, 1), 1),
-               "k": k, "seconds": result.seconds, "teacher_seconds": result.teacher_seconds,
+               "k": result.k, "seconds": result.seconds, "teacher_seconds": result.teacher_seconds,
                "resumed_examples": result.resumed}
     if json_out:
         print_json(figures)
@@ -81,6 +86,8 @@ def build(
         f"resumed after {result.resumed} examples" if result.resumed else "built")
     out.print(f"Teacher store {result.path} {done}: {result.examples} conversations, {result.positions:,} target "
               f"positions, {result.bytes / 1e6:.1f} MB ({figures['bytes_per_position']:,} B per position at "
-              f"k={k}); {result.seconds:.1f} s, of which the teacher {result.teacher_seconds:.1f} s.", markup=False)
-    out.print(f"Train with it: atlas-distill train --profile {profile} trainer.teacher_store={result.path} "
-              "(off-policy steps read it; with trainer.lmbda=0 the teacher is never loaded)", markup=False)
+              f"k={result.k}); {result.seconds:.1f} s, of which the teacher {result.teacher_seconds:.1f} s.",
+              markup=False)
+    out.print(f"Train with it: `atlas-distill train` with this build's --profile, --teacher, --student, data flags "
+              f"and overrides, plus trainer.teacher_store={result.path} (off-policy steps read it; with "
+              "trainer.lmbda=0 the teacher is never loaded).", markup=False)

@@ -27,6 +27,7 @@ from .divergence import TAIL_FLOOR
 
 LEVELS = 255  # 8-bit codes 0..255
 ZLIB_LEVEL = 6
+SPAN = 100.0  # a position's codes cover at most 100 nats below its top log-prob (e^-100: nothing the loss can see)
 
 
 def example_keys(inputs, mask: torch.Tensor) -> list[bytes]:
@@ -53,7 +54,9 @@ def encode(indices: torch.Tensor, values: torch.Tensor, tail: torch.Tensor, voca
     order = indices.argsort(dim=-1)
     indices, values = indices.gather(-1, order).numpy(), values.gather(-1, order)
     deltas = np.diff(indices, axis=-1, prepend=0).astype(id_dtype(vocab))
-    high, low = values.max(dim=-1).values, values.min(dim=-1).values
+    high = values.max(dim=-1).values
+    values = torch.maximum(values, (high - SPAN).unsqueeze(-1))  # a -inf (a token the teacher rules out) stays finite
+    low = values.min(dim=-1).values
     step = (high - low).clamp_min(1e-6) / LEVELS
     codes = torch.round((values - low.unsqueeze(-1)) / step.unsqueeze(-1)).clamp(0, LEVELS).to(torch.uint8)
     ends = torch.stack([low, high], dim=-1).numpy().astype(np.float32)

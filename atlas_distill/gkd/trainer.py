@@ -186,8 +186,8 @@ class AtlasGKDTrainer(GKDTrainer):
         self._sampler_step = -1
 
     def _open_store(self, path: str | None):
-        """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings and
-        training rows (`atlas-distill train` opens and checks it before loading models, and passes it in)."""
+        """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings,
+        training and eval rows (`atlas-distill train` opens and checks it before loading models, and passes it in)."""
         if path is None:
             return None
         from ..teacher_store import StoreKey, TeacherStore, row_keys, teacher_fingerprint, tokenizer_fingerprint
@@ -199,7 +199,9 @@ class AtlasGKDTrainer(GKDTrainer):
         key = StoreKey(teacher=name, teacher_fingerprint=teacher_fingerprint(name),
                        tokenizer=tokenizer_fingerprint(tokenizer), max_length=self.args.max_length,
                        temperature=self.temperature, vocab=self.shared_vocab, targets=self.args.targets, k=store.key.k)
-        store.check_for(key, row_keys(list(self.train_dataset), tokenizer, self.args.max_length))
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset or []]
+        rows = list(self.train_dataset or []) + [row for part in evals for row in part]
+        store.check_for(key, row_keys(rows, tokenizer, self.args.max_length), "training and eval conversations")
         return store
 
     @property
@@ -361,16 +363,14 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.step_beta = self.beta
-        if self.teacher_loaded:
+        # eval_loss is the loss over the eval batches as recorded: against the live teacher when it is loaded (exact,
+        # never the top-k cache or store, whatever the last training step read), from the teacher store when not.
+        saved = self.args.prediction_loss_only, self._batch_from_dataset
+        self.args.prediction_loss_only, self._batch_from_dataset = True, not self.teacher_loaded
+        try:
             metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        else:  # eval_loss from the teacher store: the chunked loss (no logits returned), batches from the dataset
-            saved = self.args.prediction_loss_only, self._batch_from_dataset
-            self.args.prediction_loss_only, self._batch_from_dataset = True, True
-            try:
-                metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys,
-                                           metric_key_prefix=metric_key_prefix)
-            finally:
-                self.args.prediction_loss_only, self._batch_from_dataset = saved
+        finally:
+            self.args.prediction_loss_only, self._batch_from_dataset = saved
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or len(dataset) == 0:
             return metrics

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..outputs import write_failure
 from .fingerprint import file_digest, row_keys
 from .store import BUILD, MANIFEST, SHARDS, StoreKey, read_json, whole_shards, write_json
 
+LOCK = ".lock"
 SHARD_BYTES = 64 * 2**20  # a shard is checked whole when opened: 64 MB reads in well under a second
 
 
@@ -36,6 +38,7 @@ class BuildResult:
     """Of it, the teacher's forward passes (what one off-policy epoch spends in the teacher)."""
     resumed: int
     """Examples found already built (a resumed build), not recomputed."""
+    k: int
 
 
 def data_digest(keys: list[bytes]) -> str:
@@ -52,46 +55,77 @@ def build_teacher_store(out: str | Path, key: StoreKey, rows: list[dict], tokeni
         raise ValueError(f"k={key.k} is more than the {key.vocab} tokens of the vocabulary")
     keys = row_keys(rows, tokenizer, key.max_length)
     data = data_digest(keys)
-    _claim(out, key, data, restart)
-    done = whole_shards(out)
-    _remove_strays(out, done)
-    built = {entry[0] for shard in done for entry in shard["examples"]}
-    todo = {}
-    for row, row_key in zip(rows, keys):
-        if row_key.hex() not in built:
-            todo.setdefault(row_key, row)  # the same conversation twice is built once
-    if not todo and (out / MANIFEST).is_file():
-        return _result(out, read_json(out / MANIFEST), started, 0.0, len(built))
-    (out / MANIFEST).unlink(missing_ok=True)
-    teacher_seconds, written = _run_teacher(out, key, list(todo.values()), tokenizer, load_teacher, done, batch_size,
-                                            shard_bytes, on_progress, len(built), len(built) + len(todo)) \
-        if todo else (0.0, [])
-    shards = done + written  # the shards found whole, then this build's (not read back again)
-    manifest = {"key": asdict(key), "data": data, "shards": shards,
-                "examples": sum(len(s["examples"]) for s in shards),
-                "positions": sum(e[3] for s in shards for e in s["examples"]),
-                "bytes": sum(s["bytes"] for s in shards),
-                "build_seconds": round(time.perf_counter() - started, 2)}
-    write_json(out / MANIFEST, manifest)
-    return _result(out, manifest, started, teacher_seconds, len(built))
+    with _locked(out):
+        _claim(out, key, data, restart)
+        done = whole_shards(out)
+        _remove_strays(out, done)
+        built = {entry[0] for shard in done for entry in shard["examples"]}
+        todo = {}
+        for row, row_key in zip(rows, keys):
+            if row_key.hex() not in built:
+                todo.setdefault(row_key, row)  # the same conversation twice is built once
+        complete = read_json(out / MANIFEST)
+        if not todo and isinstance(complete, dict) and complete.get("shards") == done:
+            return _result(out, complete, started, 0.0, len(built))
+        (out / MANIFEST).unlink(missing_ok=True)
+        teacher_seconds, written = (0.0, []) if not todo else _run_teacher(
+            out, key, list(todo.values()), tokenizer, load_teacher, done, batch_size, shard_bytes, on_progress,
+            len(built), len(built) + len(todo))
+        shards = done + written  # the shards found whole, then this build's (not read back again)
+        manifest = {"key": asdict(key), "data": data, "shards": shards,
+                    "examples": sum(len(s["examples"]) for s in shards),
+                    "positions": sum(e[3] for s in shards for e in s["examples"]),
+                    "bytes": sum(s["bytes"] for s in shards),
+                    "build_seconds": round(time.perf_counter() - started, 2)}
+        write_json(out / MANIFEST, manifest)
+        return _result(out, manifest, started, teacher_seconds, len(built))
 
 
 def _result(out: Path, manifest: dict, started: float, teacher_seconds: float, resumed: int) -> BuildResult:
     return BuildResult(out, manifest["examples"], manifest["positions"], manifest["bytes"],
-                       round(time.perf_counter() - started, 2), round(teacher_seconds, 2), resumed)
+                       round(time.perf_counter() - started, 2), round(teacher_seconds, 2), resumed,
+                       manifest["key"]["k"])
+
+
+@contextmanager
+def _locked(out: Path):
+    """`out` held by this build alone while it runs (an flock on out/.lock, released when the process ends)."""
+    import fcntl
+
+    is_store = (out / BUILD).is_file() or (out / MANIFEST).is_file()
+    if out.exists() and (not out.is_dir() or (any(p.name != LOCK for p in out.iterdir()) and not is_store)):
+        raise OutputError(f"{out} exists and is not a teacher store; the build would mix its files with others.",
+                          fix="Choose a new --out directory (or an existing store's).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+    except OSError as exc:
+        raise write_failure(exc, out) or exc from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TeacherStoreError(f"Another `teacher-store build` is writing {out} now.",
+                                    fix="Wait for it to finish (a second build into the same --out would mix their "
+                                    "shards), or choose another --out.") from None
+        yield
 
 
 def _claim(out: Path, key: StoreKey, data: str, restart: bool) -> None:
     """Make `out` this build's: new, or the same build's to resume; another build's only with `restart`."""
     is_store = (out / BUILD).is_file() or (out / MANIFEST).is_file()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_store)):
-        raise OutputError(f"{out} exists and is not a teacher store; the build would mix its files with others.",
-                          fix="Choose a new --out directory (or an existing store's).")
     claimed = read_json(out / BUILD) or read_json(out / MANIFEST)
     if claimed is not None and not restart:
-        differences = StoreKey.from_dict(claimed["key"]).differences(key)
-        if claimed["key"].get("k") != key.k:
-            differences.append(f"k: store {claimed['key'].get('k')}, this build {key.k}")
+        try:
+            theirs = StoreKey.from_dict(claimed["key"])
+        except (KeyError, TypeError):
+            raise TeacherStoreError(f"{out} holds a teacher store whose {BUILD} and {MANIFEST} are damaged.",
+                                    fix="Add --restart to discard it and build anew, or choose another --out.") \
+                from None
+        differences = theirs.differences(key)
+        for name in ("k", "teacher_dtype"):  # one store's records all come from one k and one teacher dtype
+            if getattr(theirs, name) != getattr(key, name):
+                differences.append(f"{name}: store {getattr(theirs, name)}, this build {getattr(key, name)}")
         if claimed.get("data") != data:
             differences.append("the conversations (other traces, filters or data settings)")
         if differences:
@@ -112,7 +146,7 @@ def _remove_strays(out: Path, done: list[dict]) -> None:
     """Everything in shards/ that is not a whole shard: a shard being written when the build was killed."""
     keep = {name for shard in done for name in (shard["file"], Path(shard["file"]).with_suffix(".json").name)}
     for path in (out / SHARDS).iterdir():
-        if path.name not in keep:
+        if path.name not in keep and not path.is_dir():
             path.unlink()
 
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Profile
+from ..errors import TrainingError, UsageError
 from .build import BuildResult, build_teacher_store
 from .fingerprint import row_keys, teacher_fingerprint, tokenizer_fingerprint
 from .store import StoreKey, TeacherStore
@@ -33,6 +35,11 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
     from ..data import prepare_for_profile
     from ..demo import DEMO_TRACES
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("`teacher-store build` runs in one process; it was started in several (WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}), which would each write the same store.",
+                         fix="Run it with plain `atlas-distill teacher-store build`, not under accelerate launch or "
+                         "torchrun.")
     emit = on_event or (lambda kind, data: None)
     trust = profile.model.trust_remote_code
     teacher_spec = models.resolve_model_spec(profile.teacher_model_name_or_path, profile.model.family)
@@ -48,17 +55,28 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
                                    skip_invalid=skip_invalid)
     init = profile.teacher_model_init_kwargs
     dtype = models.teacher_dtype(init.dtype)
+    loaded_as = "8-bit" if init.load_in_8bit else "4-bit" if init.load_in_4bit else dtype
     key = run_key(profile, teacher_name=teacher_spec.name, teacher_path=teacher_path, tokenizer=tokenizer,
-                  k=min(k, len(tokenizer)), teacher_dtype=dtype)
+                  k=min(k, len(tokenizer)), teacher_dtype=loaded_as)
 
     def load_teacher():
         emit("stage", "Running the teacher over every target position")
         return models.load_model(teacher_path, dtype=dtype, trust_remote_code=trust, load_in_8bit=init.load_in_8bit,
                                  load_in_4bit=init.load_in_4bit)
 
-    return build_teacher_store(out, key, prepared.train + prepared.eval, tokenizer, load_teacher,
-                               batch_size=batch_size, restart=restart,
-                               on_progress=lambda done, total: emit("step", (done, total)))
+    try:
+        return build_teacher_store(out, key, prepared.train + prepared.eval, tokenizer, load_teacher,
+                                   batch_size=batch_size, restart=restart,
+                                   on_progress=lambda done, total: emit("step", (done, total)))
+    except RuntimeError as exc:
+        text = str(exc)
+        if "out of memory" not in text.lower() and "DefaultCPUAllocator" not in text:
+            raise
+        raise TrainingError(f"Out of memory while running the teacher: {text.splitlines()[0]}",
+                            fix=f"Run the same command again with a smaller --batch-size (this one: {batch_size}); it "
+                            "resumes after the shards already written. An 8-bit teacher "
+                            "(teacher_model_init_kwargs.load_in_8bit=true, CUDA only) needs a store of its own.") \
+            from None
 
 
 def open_for_run(path: str | Path, profile: Profile, *, teacher_name: str, teacher_path: str, tokenizer,

@@ -11,7 +11,9 @@ manifest, so it is never taken for complete and the next build resumes after the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,7 +41,8 @@ class StoreKey:
     targets: str
     k: int
     teacher_dtype: str = "auto"
-    """Recorded, not compared: a bf16 and an fp32 teacher's distributions differ by a JSD of about 6e-4."""
+    """How the teacher was loaded (float32, bfloat16, 8-bit, 4-bit). Not compared with a run's (a bf16 and an fp32
+    teacher's distributions differ by a JSD of about 6e-4), but a build resumes only with the same one."""
     format: int = FORMAT
 
     def differences(self, run: StoreKey) -> list[str]:
@@ -69,8 +72,6 @@ def read_json(path: Path) -> dict | None:
 
 def write_json(path: Path, data: dict) -> None:
     """Whole or absent: written beside, flushed, renamed."""
-    import os
-
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
         json.dump(data, handle)
@@ -82,14 +83,19 @@ def write_json(path: Path, data: dict) -> None:
 def whole_shards(directory: Path) -> list[dict]:
     """The shards whose .bin is there at the size and digest their .json records, in order."""
     shards = []
-    for meta_path in sorted((directory / SHARDS).glob("*.json")):
+    for meta_path in sorted((directory / SHARDS).glob("[0-9]*.json")):
         meta = read_json(meta_path)
-        if meta is None:
-            continue
         data = meta_path.with_suffix(".bin")
-        if data.is_file() and data.stat().st_size == meta["bytes"] and file_digest(data) == meta["blake2b"]:
+        if (_is_shard_meta(meta) and meta["file"] == data.name and data.is_file()
+                and data.stat().st_size == meta["bytes"] and file_digest(data) == meta["blake2b"]):
             shards.append(meta)
     return shards
+
+
+def _is_shard_meta(meta) -> bool:
+    return (isinstance(meta, dict) and isinstance(meta.get("file"), str) and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("blake2b"), str) and isinstance(meta.get("examples"), list)
+            and all(isinstance(e, list) and len(e) == 4 for e in meta["examples"]))
 
 
 class TeacherStore:
@@ -98,7 +104,8 @@ class TeacherStore:
     def __init__(self, path: Path, manifest: dict, index: dict[bytes, tuple[int, int, int, int]]) -> None:
         self.path, self.manifest, self.index = path, manifest, index
         self.key = StoreKey.from_dict(manifest["key"])
-        self._handles: dict[int, object] = {}
+        # Opened now, so a shard removed or replaced after the checks cannot be read in the middle of training.
+        self._handles = [os.open(path / SHARDS / shard["file"], os.O_RDONLY) for shard in manifest["shards"]]
 
     @classmethod
     def open(cls, path: str | Path) -> TeacherStore:
@@ -112,11 +119,20 @@ class TeacherStore:
             raise TeacherStoreError(f"{path} is not a teacher store (no {MANIFEST}).",
                                     fix="Build one with `atlas-distill teacher-store build --out DIR`, or correct "
                                     "trainer.teacher_store.")
-        index = {}
-        for number, shard in enumerate(manifest["shards"]):
+        try:
+            StoreKey.from_dict(manifest["key"])
+            int(manifest["examples"]), int(manifest["positions"]), int(manifest["bytes"])
+            shards = manifest["shards"]
+            if not all(_is_shard_meta(shard) for shard in shards):
+                raise ValueError("a shard entry is not a shard's index")
+            index = {bytes.fromhex(key): (number, offset, length, positions)
+                     for number, shard in enumerate(shards) for key, offset, length, positions in shard["examples"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TeacherStoreError(f"The teacher store's {path / MANIFEST} is damaged ({exc}).",
+                                    fix="Delete it and run the same `atlas-distill teacher-store build` command "
+                                    "again: it checks the shards already there and writes the manifest anew.") from None
+        for shard in shards:
             cls._check_shard(path, shard)
-            for key, offset, length, positions in shard["examples"]:
-                index[bytes.fromhex(key)] = (number, offset, length, positions)
         return cls(path, manifest, index)
 
     @staticmethod
@@ -146,11 +162,16 @@ class TeacherStore:
                              for shard, offset, length, positions in found], device)
 
     def _read(self, shard: int, offset: int, length: int) -> bytes:
-        import os
-
-        if shard not in self._handles:
-            self._handles[shard] = os.open(self.path / SHARDS / self.manifest["shards"][shard]["file"], os.O_RDONLY)
         return os.pread(self._handles[shard], length, offset)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            os.close(handle)
+        self._handles = []
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def check_for(self, run: StoreKey, keys: list[bytes], what: str = "training conversations") -> None:
         """Refuse this store for a run it was not built for: name every difference, or how much data it lacks."""
