@@ -92,6 +92,12 @@ class ModelSpecError(AtlasDistillError):
     """A model spec that does not resolve, or models that cannot be used together."""
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether a RuntimeError from torch is an allocation failure (CUDA's "out of memory", the CPU allocator's)."""
+    text = str(exc)
+    return "out of memory" in text.lower() or "DefaultCPUAllocator" in text
+
+
 class TrainingError(AtlasDistillError):
     """Training could not run or stopped: out of memory, a non-finite loss, a missing dependency."""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import Profile
 from .demo import DEMO_TRACES
-from .errors import AtlasDistillError, TeacherStoreError, TrainingError
+from .errors import AtlasDistillError, TeacherStoreError, TrainingError, out_of_memory
 from .progress import Event
 from .runs.layout import RunDir, checkpoint_step
 from .runs.summary import Figures, RunSummary, model_card
@@ -326,7 +326,7 @@ def _save_final(trainer, tokenizer, final_dir: Path, state) -> None:
 
 def _training_failure(exc: RuntimeError) -> TrainingError:
     text = str(exc)
-    if "out of memory" in text.lower() or "DefaultCPUAllocator" in text:
+    if out_of_memory(exc):
         return TrainingError(
             f"Out of memory during training: {text.splitlines()[0]}",
             fix="Set trainer.per_device_train_batch_size=2 with trainer.gradient_accumulation_steps=8, keep "

@@ -41,6 +41,17 @@ def build(out, teacher_dir, data=None, **kwargs):
                                lambda: AutoModelForCausalLM.from_pretrained(teacher_dir), batch_size=3, **kwargs)
 
 
+def demo_traces(path, sessions: int):
+    """The first `sessions` lines of the bundled demo traces, as a trace file."""
+    import gzip
+
+    from atlas_distill.demo import DEMO_TRACES
+
+    with gzip.open(DEMO_TRACES, "rt") as source:
+        path.write_text("".join(source.readline() for _ in range(sessions)))
+    return path
+
+
 def trainer_for(tmp_path, student_dir, teacher, eval_rows=None, **settings):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     args = GKDConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, report_to=[],
@@ -179,6 +190,31 @@ def test_a_build_refuses_another_builds_directory_unless_restarted(tmp_path, mak
     assert (tmp_path / "other/notes.txt").read_text() == "mine"
 
 
+def test_a_build_out_of_memory_or_in_several_processes_is_refused_with_the_fix(tmp_path, make_tiny_model,
+                                                                                  monkeypatch):
+    from atlas_distill import models
+    from atlas_distill.config import load_profile
+    from atlas_distill.errors import TrainingError, UsageError
+    from atlas_distill.teacher_store.recipe import build_for_profile
+
+    teacher_dir = make_tiny_model(seed=2)
+    traces = demo_traces(tmp_path / "traces.jsonl", 8)
+    profile = load_profile("default", [f"teacher_model_name_or_path={teacher_dir}",
+                                       f"model.model_name_or_path={teacher_dir}", "trainer.min_reward=0",
+                                       "data.eval_split=0.25"])
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9000000000 bytes.")
+
+    monkeypatch.setattr(models, "load_model", no_memory)
+    with pytest.raises(TrainingError, match="Out of memory while running the teacher.*smaller --batch-size"):
+        build_for_profile(profile, tmp_path / "store", traces=str(traces), batch_size=4)
+    assert not (tmp_path / "store/manifest.json").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="runs in one process"):
+        build_for_profile(profile, tmp_path / "store", traces=str(traces))
+
+
 # Checks when opened
 
 
@@ -297,12 +333,7 @@ def math_finite(value) -> bool:
 
 def test_cli_builds_a_store_and_train_runs_from_it_without_the_teacher(cli, tmp_path, make_tiny_model):
     student_dir, teacher_dir = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    traces = tmp_path / "traces.jsonl"
-    from atlas_distill.demo import DEMO_TRACES
-    import gzip
-
-    with gzip.open(DEMO_TRACES, "rt") as source:
-        traces.write_text("".join(source.readline() for _ in range(12)))
+    traces = demo_traces(tmp_path / "traces.jsonl", 12)
     common = [f"--teacher={teacher_dir}", f"--student={student_dir}", f"--traces={traces}", "--min-reward=0",
               "trainer.max_length=256", "data.eval_split=0.25"]
     built = cli("teacher-store", "build", "--out", "store", "--k", "8", "--json", *common)

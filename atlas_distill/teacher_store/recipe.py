@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Profile
-from ..errors import TrainingError, UsageError
+from ..errors import TrainingError, UsageError, out_of_memory
 from .build import BuildResult, build_teacher_store
 from .fingerprint import row_keys, teacher_fingerprint, tokenizer_fingerprint
 from .store import StoreKey, TeacherStore
@@ -69,10 +69,9 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
                                    batch_size=batch_size, restart=restart,
                                    on_progress=lambda done, total: emit("step", (done, total)))
     except RuntimeError as exc:
-        text = str(exc)
-        if "out of memory" not in text.lower() and "DefaultCPUAllocator" not in text:
+        if not out_of_memory(exc):
             raise
-        raise TrainingError(f"Out of memory while running the teacher: {text.splitlines()[0]}",
+        raise TrainingError(f"Out of memory while running the teacher: {str(exc).splitlines()[0]}",
                             fix=f"Run the same command again with a smaller --batch-size (this one: {batch_size}); it "
                             "resumes after the shards already written. An 8-bit teacher "
                             "(teacher_model_init_kwargs.load_in_8bit=true, CUDA only) needs a store of its own.") \
