@@ -244,7 +244,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     t, m, init = profile.trainer, profile.model, profile.teacher_model_init_kwargs
     on_policy = t.lmbda > 0 or t.seq_kd
     gpu = device == "cuda"
-    compute = {"auto": 2 if gpu else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
+    compute = {"auto": 2 if gpu or _cpu_amx() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
     teacher = {"auto": 2 if gpu or _cpu_bf16() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[init.dtype]
     teacher_other = teacher
     if init.load_in_8bit or init.load_in_4bit:
@@ -265,6 +265,13 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
         lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora)
+
+
+def _cpu_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX, where `train`'s model.dtype auto is bf16 autocast (`models.autocast_bf16`)."""
+    from .models.loading import x86_cpuinfo_amx
+
+    return bool(x86_cpuinfo_amx())
 
 
 def _cpu_bf16() -> bool:

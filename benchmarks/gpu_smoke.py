@@ -95,6 +95,7 @@ def trainer_for(student_dir: Path, teacher_dir: Path, work: Path, *, teacher=Non
                 callbacks=(), **settings):
     """An AtlasGKDTrainer as `atlas-distill train` builds one: models through models.load_model, the student in
     its training dtype, the mixed precision from the profile's model.dtype=auto."""
+    import torch
     from datasets import Dataset
 
     from atlas_distill import models
@@ -109,7 +110,7 @@ def trainer_for(student_dir: Path, teacher_dir: Path, work: Path, *, teacher=Non
     args = dict(output_dir=str(work / "run"), per_device_train_batch_size=2, per_device_eval_batch_size=4,
                 max_steps=2, report_to=[], max_new_tokens=8, logging_steps=1, save_strategy="no", disable_tqdm=True,
                 max_length=512, seed=3, bf16=bf16, fp16=fp16, learning_rate=LR, lr_scheduler_type="constant",
-                weight_decay=0.0, eval_max_sessions=eval_rows)
+                weight_decay=0.0, eval_max_sessions=eval_rows, use_cpu=not torch.cuda.is_available())
     args.update(settings)
     return AtlasGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(**args),
                            train_dataset=Dataset.from_list(data.train[:train_rows]),

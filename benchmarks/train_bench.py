@@ -3,18 +3,21 @@
 Setup (issue 5): teacher = the builtin SmolLM2-135M-Instruct in fp32; student = a copy of it keeping its
 15 even-numbered decoder layers (0, 2, ..., 28); the bundled demo CRM traces (task prompts of 148-203
 tokens, reference answers of 44-55); batch 4, max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5,
-seed 42; both trainers in fp32 (bf16=False: TRL's GKDConfig defaults to bf16 autocast, which on
-a CPU without native bf16 made TRL's step 7x slower here; `--bf16` turns it on for both). For
+seed 42. Precision (`--precision`): auto, each trainer as it trains best here: ours as `atlas-distill train`
+sets it (model.dtype auto: bf16 autocast on a CPU with AMX or a GPU with native bf16, else fp32; fp32 master
+weights either way), TRL's in fp32 (TRL's configs default to bf16 autocast, which on a CPU without native bf16
+made TRL's step 7x slower, and on an AMX CPU made DistillationTrainer's step slower, not faster); fp32 or bf16
+(autocast) sets it for every trainer. For
 every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a fresh
 subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after the
 first (the first pays one-off costs: allocator warm-up, the optimizer state).
 
-    python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--json]
+    python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--precision auto] [--json]
     python benchmarks/train_bench.py --learning 30 --gc off --lmbda 0.5 --seeds 42,1,2
         # 30 steps of each trainer per training seed, then both students' held-out loss
 
 --json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
-peak_rss_mb, final_loss, seed} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
+peak_rss_mb, final_loss, seed, bf16} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
 and losses); progress goes to stderr. Without it, a table with the ratios.
 `--atlas-off` runs ours with all its speedups switched off (a check that the switches work).
 """
@@ -256,9 +259,19 @@ def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: 
     return sum(timed) / len(timed), losses
 
 
+def bf16_for(trainer_name: str, precision: str) -> bool:
+    """Whether `trainer_name` trains under bf16 autocast at `precision` (the module docstring says why)."""
+    from atlas_distill.gkd.config import mixed_precision
+
+    if precision != "auto":
+        return precision == "bf16"
+    return trainer_name == "atlas" and mixed_precision("auto")[0]
+
+
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-           seed: int, bf16: bool, teacher_setting: str = "auto", data: str = "task") -> dict:
+           seed: int, precision: str, teacher_setting: str = "auto", data: str = "task") -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
+    bf16 = bf16_for(trainer_name, "fp32" if atlas_off and precision == "auto" else precision)
     dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
     tokenizer, teacher, student = _models(dtype)
     # the held-out loss is measured against the fp32 teacher for every trainer (one formula for all)
@@ -279,7 +292,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
            "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype,
-           "data": data}
+           "data": data, "bf16": bf16}
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
@@ -289,13 +302,12 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-              seed: int, bf16: bool, teacher_setting: str = "auto", data: str = "task") -> dict:
+              seed: int, precision: str, teacher_setting: str = "auto", data: str = "task") -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
                "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting,
-               "--data", data]
+               "--data", data, "--precision", precision]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
-    command += ["--bf16"] if bf16 else []
     log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps, "
         f"seed {seed}")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -318,8 +330,8 @@ def against_ours(row: dict, ours: dict | None, memory_key: str) -> tuple[str, st
 
 def _ratio_table(rows: list[dict]) -> str:
     """Per (gc, lmbda): each trainer's s/step and peak RSS, and ours against each anchor that ran there."""
-    lines = ["| gc | lmbda | trainer | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio | final loss |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| gc | lmbda | trainer | compute | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio | final loss |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     keyed = {(r["trainer"], r["gradient_checkpointing"], r["lmbda"]): r for r in rows}
     for gc, lmbda in dict.fromkeys((r["gradient_checkpointing"], r["lmbda"]) for r in rows):
         ours = keyed.get(("atlas", gc, lmbda))
@@ -328,7 +340,8 @@ def _ratio_table(rows: list[dict]) -> str:
             if row is None:
                 continue
             speed, memory = against_ours(row, ours, "peak_rss_mb")
-            lines.append(f"| {'on' if gc else 'off'} | {lmbda:g} | {name} | {row['s_per_step']:.2f} | {speed} "
+            lines.append(f"| {'on' if gc else 'off'} | {lmbda:g} | {name} | {'bf16' if row.get('bf16') else 'fp32'} "
+                         f"| {row['s_per_step']:.2f} | {speed} "
                          f"| {row['peak_rss_mb']:.0f} | {memory} | {row['final_loss']} |")
     return "\n".join(lines)
 
@@ -354,9 +367,9 @@ def main() -> None:
                         help="comma-separated training seeds (data order, sampling, on/off-policy draws); "
                              "--learning runs each trainer once per seed, timing runs use the first; the "
                              "held-out split stays seed 42's")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast in both trainers (TRL's GKDConfig default; without it both train in fp32, "
-                             "as `atlas-distill train` does on a CPU); slow on a CPU without native bf16")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: ours as `atlas-distill train` picks it here (bf16 autocast on an AMX CPU), TRL's "
+                        "in fp32; fp32 / bf16 (autocast): every trainer so; bf16 is slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
     parser.add_argument("--data", choices=["task", "conversation"], default="task",
                         help="task: task prompt -> final answer; conversation: the multi-turn episodes, ours learning "
@@ -376,7 +389,7 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.bf16, args.teacher_dtype, args.data)
+                         seeds[0], args.precision, args.teacher_dtype, args.data)
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
@@ -389,11 +402,11 @@ def main() -> None:
             f"{r['topk_loss']}, relative error {r['relative_error']:.2%}" for r in rows))
         return
     if args.learning:
-        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.bf16,
+        rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.precision,
                           args.teacher_dtype, args.data) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
-        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.bf16, args.teacher_dtype,
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision, args.teacher_dtype,
                           args.data) for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))

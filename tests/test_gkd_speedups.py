@@ -222,6 +222,30 @@ def test_native_bf16_is_read_from_the_flags_of_real_cpuinfo_texts():
     assert not loading.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
         "model name\t: AMD EPYC", "model name\t: AMD EPYC avx512_bf16"))
     assert not loading.native_bf16("")
+    # AMX, where `auto` trains under bf16 autocast: Sapphire Rapids lists it, Zen 4 does not
+    assert not loading.amx(recorded) and not loading.amx("")
+    assert loading.amx(cpuinfo_variant(add=("amx_bf16", "amx_tile")))
+    assert not loading.amx(cpuinfo_variant(add=("amx_tile",)))  # the tile unit without its bf16 instructions
+
+
+@pytest.mark.parametrize("cuda, cuda_native, native, amx, expected", [
+    (False, False, False, False, False),  # AVX2 only
+    (False, False, True, False, False),  # AVX512-BF16 without AMX (Zen 4): fp32, where autocast gained little
+    (False, False, True, True, True),  # AMX
+    (False, False, False, True, False),  # AMX listed but oneDNN has no bf16 here: never slower than fp32
+    (True, True, False, False, True),  # a GPU with native bf16 decides, whatever the CPU
+    (True, False, True, True, False)])  # a T4 / V100: emulated bf16, even on an AMX host
+def test_auto_trains_under_bf16_autocast_on_a_native_bf16_gpu_or_an_amx_cpu(monkeypatch, cuda, cuda_native, native,
+                                                                           amx, expected):
+    from atlas_distill.gkd.config import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_native)
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: native)
+    monkeypatch.setattr(loading, "x86_cpuinfo_amx", lambda: amx)
+    assert loading.autocast_bf16() is expected
+    assert mixed_precision("auto") == (expected, False)
+    assert mixed_precision("float32") == (False, False)
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
@@ -265,3 +289,69 @@ def test_teacher_cache_stops_storing_at_its_memory_budget():
     cache = TeacherCache(k=4, vocab=100, max_bytes=3 * one + one // 2)  # room for three and a half rows
     cache.store([bytes([i]) for i in range(5)], [5] * 5, topk)
     assert len(cache.entries) == 3 and cache.bytes <= cache.max_bytes
+
+
+def _head_inputs(model) -> list[torch.Tensor]:
+    """Every input the model's lm_head receives from now on (a hook registered after the trainer's)."""
+    seen: list[torch.Tensor] = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    return seen
+
+
+def test_generation_hands_the_lm_head_a_contiguous_input(tmp_path, make_tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16")
+    inputs = batch(trainer)
+    prompts = {"input_ids": inputs["prompts"], "attention_mask": inputs["prompt_attention_mask"]}
+    # without the hook, generation's first forward gives the head a [B, 1, H] view of the whole sequence
+    plain = AutoModelForCausalLM.from_pretrained(student)
+    unhooked = _head_inputs(plain)
+    plain.generate(**prompts, max_new_tokens=2, do_sample=False)
+    assert not unhooked[0].is_contiguous() and unhooked[0].shape[:2] == (2, 1)
+    for model in (trainer.model, trainer.teacher_model, trainer._sampling_copy()):  # the copy keeps the hook
+        seen = _head_inputs(model)
+        model.generate(**prompts, max_new_tokens=2, do_sample=False)
+        assert seen and all(each.is_contiguous() for each in seen)
+        logits = model(**prompts).logits[:, -1:]  # and the projection is unchanged
+        assert torch.equal(logits, model(**prompts, logits_to_keep=1).logits)
+
+
+def _flash_enabled_in(model, calls: list[bool]):
+    return model.get_input_embeddings().register_forward_hook(
+        lambda *_: calls.append(torch.backends.cuda.flash_sdp_enabled()))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_cpu_bf16_step_trains_the_student_with_the_math_attention_kernel(tmp_path, make_tiny_model, bf16):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-native-bf16 warning, on CPUs without it
+        trainer = make_trainer(tmp_path, student, teacher, args={"bf16": bf16, "lmbda": 0.0})
+    student_calls, teacher_calls = [], []
+    hooks = [_flash_enabled_in(trainer.model, student_calls), _flash_enabled_in(trainer.teacher_model, teacher_calls)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+    trainer.training_step(trainer.model, batch(trainer))
+    for hook in hooks:
+        hook.remove()
+    # CPU flash attention's bf16 backward is slow: the student's forward (and so its backward) is math's there
+    assert student_calls == [not bf16] and teacher_calls == [True]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+
+
+def test_the_chunked_divergence_under_autocast_trains_the_fp32_head(monkeypatch):
+    student, teacher, hidden_s, hidden_t = heads()
+    shared = V - 37
+    exact = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=0.5,
+                                          temperature=0.9)
+    monkeypatch.setattr(divergence, "TOKEN_CHUNK", 16)  # three chunks, each recomputed in backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=0.5,
+                                              temperature=0.9)
+    mixed.sum().backward()
+    weight = student.lm_head.weight
+    assert weight.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    assert weight.grad[:shared].abs().sum() > 0 and not weight.grad[shared:].any()  # the shared vocabulary only
+    assert torch.allclose(mixed, exact, rtol=0.05, atol=0.02)  # bf16 logits: close, not equal

@@ -182,14 +182,15 @@ def test_explicit_bf16_sampling_makes_no_copy_of_a_bf16_student(tmp_path, make_t
     assert trainer._sampling_dtype("bfloat16") is None  # it samples from itself: already bf16
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("native, amx", [(True, True), (True, False), (False, False)])
 def test_train_loads_the_frozen_teacher_in_bf16_where_the_cpu_has_native_bf16(monkeypatch, make_tiny_model,
-                                                                             tmp_path, native):
+                                                                             tmp_path, native, amx):
     from atlas_distill.config import load_profile
     from atlas_distill.models import loading
     from atlas_distill.training import TrainingRecipe
 
     monkeypatch.setattr(loading, "cpu_bf16", lambda: native)
+    monkeypatch.setattr(loading, "x86_cpuinfo_amx", lambda: amx)
     profile = load_profile("default", ["trainer.report_to=[]", "trainer.max_length=192", "data.prompt=task",
                                        f"teacher_model_name_or_path={make_tiny_model(seed=2)}",
                                        f"model.model_name_or_path={make_tiny_model(seed=1)}",
@@ -198,7 +199,8 @@ def test_train_loads_the_frozen_teacher_in_bf16_where_the_cpu_has_native_bf16(mo
     recipe.setup(db_url=None, traces=None, skip_invalid=False, resume=False)
     trainer = recipe.trainer
     assert trainer.teacher_model.dtype == (torch.bfloat16 if native else torch.float32)
-    assert trainer.model.dtype == torch.float32 and not trainer.args.bf16  # fp32 masters, no autocast on a CPU
+    # fp32 masters, under bf16 autocast only on a CPU with AMX (model.dtype auto)
+    assert trainer.model.dtype == torch.float32 and trainer.args.bf16 is amx
     assert trainer.generation_dtype == (torch.bfloat16 if native else None)
     # the bf16 teacher's log-probs enter the fp32 loss: a finite loss with a gradient
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

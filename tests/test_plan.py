@@ -213,3 +213,15 @@ def test_a_cpu_plan_leaves_room_for_the_allocator():
     assert plan_profile(profile, device="cpu", memory=int(peak * CPU_RSS_ROOM) + 1, fix=False).fits
     gpu_peak = plan_profile(profile, device="cuda", memory=100 * GIB).options[0].peak_bytes
     assert plan_profile(profile, device="cuda", memory=gpu_peak, fix=False).fits  # a GPU's allocator: live bytes
+
+
+@pytest.mark.parametrize("amx, native", [(True, True), (False, True), (False, False)])
+def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, amx, native):
+    from atlas_distill import plan
+
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: amx)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: native)
+    work = workload_for(_profile(), "cpu")
+    assert work.autocast is amx and work.compute_bytes == (2 if amx else 4)  # model.dtype auto
+    assert work.teacher_bytes == (2 if native else 4) and work.sampling_copy is native
+    assert workload_for(_profile("model.dtype=float32"), "cpu").autocast is False

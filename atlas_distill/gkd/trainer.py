@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
-from ..models import loading, shared_vocab_size
-from . import divergence, topk_format
+from ..models import contiguous_head_input, loading, shared_vocab_size
+from . import attention, divergence, topk_format
 from .collator import TargetSpanCollator
 from .config import AtlasGKDConfig, GKDConfig
 from .settings import AtlasSettings
@@ -154,6 +154,8 @@ class AtlasGKDTrainer(GKDTrainer):
             # accelerate does not move a model it prepares for evaluation under FSDP: the frozen teacher is placed
             # whole on each process's GPU (it is never trained, so it needs no sharded optimizer state)
             self.teacher_model = self.teacher_model.to(self.accelerator.device)
+        for each in (self.model, self.teacher_model):  # models given to the Python API, not only load_model's
+            contiguous_head_input(self.accelerator.unwrap_model(each))
         self.shared_vocab = shared_vocab_size(processing_class, processing_class, self.model, teacher_model)
         self.on_evaluation: Callable[[dict[str, Any]], None] | None = None
         self.step_beta = self.beta
@@ -242,7 +244,7 @@ class AtlasGKDTrainer(GKDTrainer):
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             teacher.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), attention.for_inference(self.args):
                 teacher_hidden = self._forward_redirection(self.teacher_model, teacher, divergence.completion_hidden,
                                                            teacher, inputs, mask)
                 topk = (divergence.teacher_topk(teacher_hidden, teacher, vocab=vocab, k=cache.k,
@@ -260,7 +262,7 @@ class AtlasGKDTrainer(GKDTrainer):
         """GKDTrainer.compute_loss with temperature and the shared vocabulary: both models' full logits."""
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), attention.for_inference(self.args):
             teacher_outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         vocab = self.shared_vocab
         loss = self.generalized_jsd_loss(
@@ -357,7 +359,8 @@ class AtlasGKDTrainer(GKDTrainer):
         else:
             self._batch_from_dataset = True
         # GKDTrainer.training_step would draw on/off-policy again; the step itself is SFT's.
-        loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+        with attention.for_training(self.args):
+            loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
         self._check_finite_loss(loss)
         return loss
 
