@@ -355,3 +355,18 @@ def test_the_chunked_divergence_under_autocast_trains_the_fp32_head(monkeypatch)
     assert weight.dtype == torch.float32 and weight.grad.dtype == torch.float32
     assert weight.grad[:shared].abs().sum() > 0 and not weight.grad[shared:].any()  # the shared vocabulary only
     assert torch.allclose(mixed, exact, rtol=0.05, atol=0.02)  # bf16 logits: close, not equal
+
+
+def test_on_policy_sampling_draws_by_inverse_cdf_on_a_cpu(tmp_path, make_tiny_model, monkeypatch):
+    from atlas_distill.gkd import sampling
+
+    trainer = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2), generation_dtype="float32")
+    draws = []
+    original = sampling.inverse_cdf_draw
+    monkeypatch.setattr(sampling, "inverse_cdf_draw", lambda probs, generator=None: draws.append(probs.shape)
+                        or original(probs, generator))
+    inputs = batch(trainer)
+    trainer._generate_into(trainer.model, inputs)
+    new = inputs["input_ids"].shape[1] - inputs["prompts"].shape[1]
+    assert new > 0 and len(draws) == new  # one draw per generated position, each over the whole batch
+    assert all(shape[0] == 2 for shape in draws)

@@ -2,11 +2,12 @@
 
 Generation's first forward projects only the last position: transformers slices the hidden states to
 [B, 1, H], a view with the batch stride of the whole sequence. `torch.matmul` folds such an input into one
-matrix only when its strides allow a view, so it takes the batched path instead: the [V, H] weight is
-expanded to [B, H, V] and, on a CPU in bf16, copied whole (oneDNN's batched kernel needs it dense). With
-the builtin's 49,152 x 576 head and 4 sequences that took 211 ms against 2 ms for a contiguous copy of the
-[4, 1, 576] input (AMX CPU, bf16 or fp32 weights under bf16 autocast; fp32 weights were not affected).
-A sampling copy, a bf16 teacher and an autocast student all paid it once per `generate`.
+matrix only when its strides allow a view (or when an operand requires grad), so for a frozen weight it takes
+the batched path: the [V, H] weight is expanded to [B, H, V] and, on a CPU in bf16, copied whole. With the
+builtin's 49,152 x 576 head and 4 sequences that one projection took 296 ms against 4 ms, and generation's
+first forward 0.49 s against 0.24 s (benchmarks/generation_bench.py, AMX CPU). A bf16 sampling copy, a bf16
+teacher and a student under autocast (its casts do not require grad) all paid it once per `generate`; fp32
+weights did not.
 """
 
 from __future__ import annotations

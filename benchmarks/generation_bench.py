@@ -1,0 +1,94 @@
+"""On-policy sampling's two CPU fixes, each against what it replaced, interleaved in one process (issue 15).
+
+    python benchmarks/generation_bench.py [--repeats 8] [--json]
+
+The model is the sampling copy of train_bench.py's student (the builtin's 15 even-numbered layers, bf16), the
+prompts 4 random ones of 170 tokens, left-padded by 20 and 5, as a GKD batch is; 32 new tokens at temperature
+0.9, top_k 0. Two comparisons, each run alternately `--repeats` times (medians; the machine's speed drifts):
+- the head's input: generation's first forward (the prompt, projecting its last position) with the lm_head's
+  input as transformers slices it, a [4, 1, 576] view, against it made contiguous (`models.contiguous_head_input`);
+- the draw: `generate` with torch.multinomial against the inverse-CDF draw (`gkd.sampling`), the head fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from _common import cpu_description, log
+
+
+def _alternate(runs: dict, repeats: int) -> dict[str, float]:
+    for run in runs.values():  # warm-up
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import GenerationConfig
+
+    from atlas_distill.gkd.sampling import inverse_cdf_sampling
+    from atlas_distill.models import contiguous_head_input
+    from train_bench import _models
+
+    tokenizer, _teacher, student = _models("bfloat16")
+    del _teacher
+    sampler = student.to(torch.bfloat16).eval().requires_grad_(False)  # frozen, as the trainer's copy
+    head = sampler.get_output_embeddings()
+    head._forward_pre_hooks.clear()  # load_model put the fix there: measured without it first
+    head._atlas_contiguous_input = False
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, len(tokenizer), (4, 170), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :20] = mask[1, :5] = 0
+    config = GenerationConfig(max_new_tokens=32, do_sample=True, temperature=0.9, top_k=0,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+
+    @torch.no_grad()
+    def prefill():
+        sampler(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+
+    @torch.no_grad()
+    def generate(draw):
+        with draw():
+            sampler.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    log("the head's input: generation's first forward")
+    sliced = _alternate({"sliced": prefill}, args.repeats)
+    contiguous_head_input(sampler)
+    fixed = _alternate({"contiguous": prefill}, args.repeats)
+    assert head._forward_pre_hooks, "the fix was not installed"
+    log("the draw: 32 tokens for 4 prompts")
+    draws = _alternate({"multinomial": lambda: generate(nullcontext), "inverse_cdf": lambda: generate(
+        inverse_cdf_sampling)}, args.repeats)
+    result = {"cpu": cpu_description(), "prefill_s": {**sliced, **fixed}, "generate_s": draws}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"CPU: {result['cpu']}")
+    print(f"first forward, head input as sliced: {sliced['sliced']:.3f} s; contiguous: {fixed['contiguous']:.3f} s "
+          f"({sliced['sliced'] / fixed['contiguous']:.1f}x)")
+    print(f"generate, torch.multinomial: {draws['multinomial']:.3f} s; inverse CDF: {draws['inverse_cdf']:.3f} s "
+          f"({1 - draws['inverse_cdf'] / draws['multinomial']:.0%} less)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
