@@ -1,6 +1,7 @@
 """Where a GKD step's time goes: AtlasGKDTrainer against TRL's DistillationTrainer, phase by phase (issue 15).
 
-    python benchmarks/step_profile.py [--steps 6] [--gc on|off] [--trainers trl-distillation,atlas] [--bf16] [--json]
+    python benchmarks/step_profile.py [--steps 6] [--gc on|off] [--trainers trl-distillation,atlas] [--precision auto]
+                                      [--json]
 
 The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
 runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
@@ -9,7 +10,8 @@ its chunks are recomputed in backward), backward, the optimizer step, and the re
 means over the steps after the first. It also times one matmul of the step's main shape ([tokens, hidden] x
 [hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
 (2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
-positions) is set.
+positions) is set. `--precision` as train_bench.py's (auto: ours bf16 autocast on an AMX CPU, TRL's fp32); the
+matmul is timed in bf16 when any trainer ran under autocast.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from _common import cpu_description, log, peak_rss_mb, reset_peak_rss
-from train_bench import BATCH, SETTINGS, _config, _datasets, _models, build_trainer, teacher_dtype_for
+from train_bench import BATCH, SETTINGS, _config, _datasets, _models, bf16_for, build_trainer, teacher_dtype_for
 
 PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
 
@@ -176,10 +178,9 @@ def step_gflop(tokens: int, completion: int) -> float:
     return flops / 1e9
 
 
-def run_child(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) -> dict:
+def run_child(name: str, steps: int, gc: bool, precision: str, teacher_setting: str) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off",
-               "--teacher-dtype", teacher_setting]
-    command += ["--bf16"] if bf16 else []
+               "--teacher-dtype", teacher_setting, "--precision", precision]
     log(f"profiling {name}, gradient checkpointing {'on' if gc else 'off'}, {steps} steps")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -192,7 +193,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--gc", choices=["on", "off"], default="off")
     parser.add_argument("--trainers", default="trl-distillation,atlas")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: ours bf16 autocast where `atlas-distill train` picks it (an AMX CPU), TRL's fp32; "
+                        "fp32 / bf16: both trainers so")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: ours as `atlas-distill train` loads it (bf16 on a CPU with native bf16), TRL's fp32")
     parser.add_argument("--json", action="store_true")
@@ -200,13 +203,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
-            row = worker(args.worker, args.steps, args.gc == "on", args.bf16, args.teacher_dtype)
+            row = worker(args.worker, args.steps, args.gc == "on", bf16_for(args.worker, args.precision),
+                         args.teacher_dtype)
         print(json.dumps(row), flush=True)
         return
-    rows = [run_child(name, args.steps, args.gc == "on", args.bf16, args.teacher_dtype)
+    rows = [run_child(name, args.steps, args.gc == "on", args.precision, args.teacher_dtype)
             for name in args.trainers.split(",")]
     tokens = rows[0]["tokens"]
-    limit = matmul_limit(tokens, args.bf16)
+    limit = matmul_limit(tokens, any(row["bf16"] for row in rows))
     gflop = step_gflop(tokens, BATCH * SETTINGS["max_new_tokens"])
     for row in rows:
         row["step_gflop"] = round(gflop, 1)
@@ -217,7 +221,7 @@ def main() -> None:
         print(json.dumps(rows))
         return
     print(f"CPU: {rows[0]['cpu']}; matmul {limit['shape']} {limit['dtype']}: {limit['gflops']} GFLOP/s")
-    print("| phase | " + " | ".join(row["trainer"] for row in rows) + " |")
+    print("| phase | " + " | ".join(f"{row['trainer']} ({'bf16' if row['bf16'] else 'fp32'})" for row in rows) + " |")
     print("| --- |" + " ---: |" * len(rows))
     for phase in (*PHASES, "s_per_step"):
         values = [row["phases"][phase] if phase != "s_per_step" else row["s_per_step"] for row in rows]

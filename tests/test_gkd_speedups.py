@@ -323,12 +323,12 @@ def _flash_enabled_in(model, calls: list[bool]):
         lambda *_: calls.append(torch.backends.cuda.flash_sdp_enabled()))
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_a_cpu_bf16_step_trains_the_student_with_the_math_attention_kernel(tmp_path, make_tiny_model, bf16):
+@pytest.mark.parametrize("bf16, switch", [(True, True), (False, True), (True, False)])
+def test_a_cpu_bf16_step_trains_the_student_with_the_math_attention_kernel(tmp_path, make_tiny_model, bf16, switch):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the no-native-bf16 warning, on CPUs without it
-        trainer = make_trainer(tmp_path, student, teacher, args={"bf16": bf16, "lmbda": 0.0})
+        trainer = make_trainer(tmp_path, student, teacher, args={"bf16": bf16, "lmbda": 0.0}, math_attention=switch)
     student_calls, teacher_calls = [], []
     hooks = [_flash_enabled_in(trainer.model, student_calls), _flash_enabled_in(trainer.teacher_model, teacher_calls)]
     trainer.model.train()
@@ -337,7 +337,7 @@ def test_a_cpu_bf16_step_trains_the_student_with_the_math_attention_kernel(tmp_p
     for hook in hooks:
         hook.remove()
     # CPU flash attention's bf16 backward is slow: the student's forward (and so its backward) is math's there
-    assert student_calls == [not bf16] and teacher_calls == [True]
+    assert student_calls == [not (bf16 and switch)] and teacher_calls == [True]
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
 
 
@@ -370,3 +370,8 @@ def test_on_policy_sampling_draws_by_inverse_cdf_on_a_cpu(tmp_path, make_tiny_mo
     new = inputs["input_ids"].shape[1] - inputs["prompts"].shape[1]
     assert new > 0 and len(draws) == new  # one draw per generated position, each over the whole batch
     assert all(shape[0] == 2 for shape in draws)
+    off = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2), generation_dtype="float32",
+                       inverse_cdf_sampling=False)
+    draws.clear()
+    off._generate_into(off.model, batch(off))
+    assert draws == []  # switched off: torch.multinomial draws

@@ -144,6 +144,8 @@ class TrainerConfig(_Strict):
     teacher_store: str | None = setting("teacher_store")
     group_by_length: bool = setting("group_by_length")
     generation_dtype: GenerationDtype = setting("generation_dtype")
+    inverse_cdf_sampling: bool = setting("inverse_cdf_sampling")
+    math_attention: bool = setting("math_attention")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Learning-rate warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

@@ -14,11 +14,12 @@ from contextlib import nullcontext
 
 
 def _cpu_bf16(args) -> bool:
-    return bool(args.bf16) and args.device.type == "cpu"
+    return bool(args.bf16) and args.device.type == "cpu" and args.math_attention
 
 
 def for_training(args):
-    """Around a training step's forward and backward: the math kernel on a CPU under bf16 autocast."""
+    """Around a training step's forward and backward: the math kernel on a CPU under bf16 autocast (unless
+    `math_attention` is off)."""
     if not _cpu_bf16(args):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -83,6 +83,14 @@ class AtlasSettings:
         default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
                                           "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "
                                           "else the student itself."})
+    inverse_cdf_sampling: bool = field(
+        default=True, metadata={"help": "On a CPU, each sampled token is drawn by inverting the cumulative "
+                                        "distribution, not by torch.multinomial's vocabulary-wide random fill (the "
+                                        "same distribution; 11 % off decoding)."})
+    math_attention: bool = field(
+        default=True, metadata={"help": "Under bf16 autocast on a CPU the student trains with PyTorch's math "
+                                        "attention kernel (the flash kernel's bf16 backward took twice as long); "
+                                        "false: PyTorch's own choice."})
 
 
 SETTINGS = {f.name: f for f in dataclasses.fields(AtlasSettings)}

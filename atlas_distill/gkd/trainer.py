@@ -28,8 +28,11 @@ Each speedup is on by default and has a switch to turn it off:
   (`atlas-distill teacher-store build`, teacher_store/) and the teacher does not run; `atlas-distill train` does not
   load it at all when no step is on-policy (an `UnloadedTeacher` stands in its place);
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
-- on a CPU each sampled token is drawn by inverting the cumulative distribution (gkd/sampling.py), not by
-  torch.multinomial's vocabulary-wide fill of random numbers: the same distribution, 11 % off decoding;
+- `inverse_cdf_sampling`: on a CPU each sampled token is drawn by inverting the cumulative distribution
+  (gkd/sampling.py), not by torch.multinomial's vocabulary-wide fill of random numbers: the same distribution,
+  11 % off decoding;
+- `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
+  (gkd/attention.py), whose bf16 backward is twice as fast as the flash kernel's;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
   optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
   per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
@@ -41,7 +44,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -299,7 +302,8 @@ class AtlasGKDTrainer(GKDTrainer):
             yield view
 
     def _generate_into(self, generator, inputs) -> None:
-        with inverse_cdf_sampling():  # on a CPU, each token's draw without multinomial's vocabulary-wide RNG fill
+        # on a CPU, each token's draw without multinomial's vocabulary-wide RNG fill
+        with inverse_cdf_sampling() if self.args.inverse_cdf_sampling else nullcontext():
             if generator is self.model and self.generation_dtype is not None:
                 ids, mask, labels = self.generate_on_policy_outputs(self._sampling_copy(), inputs,
                                                                     self.generation_config)
