@@ -330,7 +330,8 @@ def against_ours(row: dict, ours: dict | None, memory_key: str) -> tuple[str, st
 
 def _ratio_table(rows: list[dict]) -> str:
     """Per (gc, lmbda): each trainer's s/step and peak RSS, and ours against each anchor that ran there."""
-    lines = ["| gc | lmbda | trainer | compute | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio | final loss |",
+    lines = ["| gc | lmbda | trainer | compute | s/step | ours' speed-up | peak RSS MB | ours' RSS ratio "
+             "| final loss |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     keyed = {(r["trainer"], r["gradient_checkpointing"], r["lmbda"]): r for r in rows}
     for gc, lmbda in dict.fromkeys((r["gradient_checkpointing"], r["lmbda"]) for r in rows):
@@ -406,8 +407,8 @@ def main() -> None:
                           args.teacher_dtype, args.data) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
-        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision, args.teacher_dtype,
-                          args.data) for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
+        rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision,
+                          args.teacher_dtype, args.data) for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
         return
