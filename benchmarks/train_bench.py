@@ -408,7 +408,8 @@ def main() -> None:
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
         rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision,
-                          args.teacher_dtype, args.data) for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
+                          args.teacher_dtype, args.data)
+                for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
         return
