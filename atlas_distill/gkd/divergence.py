@@ -2,11 +2,14 @@
 
 `chunked_divergence` projects only the completion positions' hidden states through both models'
 `lm_head`, TOKEN_CHUNK positions at a time, and takes the divergence chunk by chunk, so no B x L x V
-logits tensor exists and the prompt positions are never projected. With more than one chunk, each is
-recomputed in the backward pass (activation checkpointing), so at most one chunk's [TOKEN_CHUNK, V]
-tiles are alive. (TRL's ChunkedDivergenceFunction, trl/kernels/chunked_divergence.py, does the same on
-vocabulary tiles too; without Triton, on this CPU, it took 1.7x longer for 200 positions x 49,152
-tokens: it projects twice for the JSD and again in backward.)
+logits tensor exists and the prompt positions are never projected. When a gradient is wanted, each chunk's
+gradient (the hidden states' and the head's) is taken in the forward pass while its tiles exist, the head's
+summed into one buffer: nothing is recomputed in backward, which only scales what forward kept. Against the
+same chunks checkpointed and recomputed in backward (the way before), that halved the loss's time in fp32 and
+took 360 MB off a train_bench step's peak (benchmarks/README.md). (TRL's ChunkedDivergenceFunction,
+trl/kernels/chunked_divergence.py, works on vocabulary tiles too; without Triton, on this CPU, it took 1.7x
+longer than the checkpointed chunks for 200 positions x 49,152 tokens: it projects twice for the JSD and again
+in backward.)
 
 `teacher_topk` and `topk_divergence` are the off-policy cache: the teacher's distribution at a position
 is kept as its k most likely tokens plus one tail bucket holding the rest of the mass, and the student's
@@ -22,9 +25,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Positions projected at once: a [TOKEN_CHUNK, V] fp32 tile is 12.6 MB at V = 49,152. Smaller than a batch's
-# completion (4 x 32 positions in train_bench.py), so the tiles are recomputed in backward instead of kept from the
-# forward until then: 256 (one chunk there, its tiles saved for backward) peaked 84 MB higher, at the same step time.
+# Positions projected at once: a [TOKEN_CHUNK, V] fp32 tile is 12.6 MB at V = 49,152, and a chunk's gradient
+# holds a few of them at a time. Smaller than a batch's completion (4 x 32 positions in train_bench.py).
 TOKEN_CHUNK = 64
 TAIL_FLOOR = -1e4  # log-probability standing for "no mass": exp() is 0 in fp32 and 0 * TAIL_FLOOR is 0, not NaN
 
@@ -88,15 +90,118 @@ def _chunk_divergence(student_hidden, teacher_hidden, s_weight, s_bias, t_weight
 
 def chunked_divergence(student_hidden, teacher_hidden, student, teacher, *, vocab: int, beta: float,
                        temperature: float) -> torch.Tensor:
-    """Per-position generalized JSD [N] over the first `vocab` tokens, TOKEN_CHUNK positions at a time."""
-    s_weight, s_bias = _head(student, vocab)
+    """Per-position generalized JSD [N] over the first `vocab` tokens, TOKEN_CHUNK positions at a time.
+
+    Where a gradient is wanted, each chunk's gradient is taken in the forward pass, while its tiles exist
+    (`_FusedDivergence`): the student's head gradient is summed into one buffer, no tile is recomputed in
+    backward, and backward only scales what forward kept."""
     t_weight, t_bias = _head(teacher, vocab)
-    n = student_hidden.shape[0]
-    if n <= TOKEN_CHUNK:
-        return _chunk_divergence(student_hidden, teacher_hidden, s_weight, s_bias, t_weight, t_bias, beta, temperature)
-    return torch.cat([checkpoint(_chunk_divergence, student_hidden[start:start + TOKEN_CHUNK],
-                                 teacher_hidden[start:start + TOKEN_CHUNK], s_weight, s_bias, t_weight, t_bias, beta,
-                                 temperature, use_reentrant=False) for start in range(0, n, TOKEN_CHUNK)])
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or _head_parameter(student).requires_grad):
+        head = student.get_output_embeddings()
+        device = student_hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        return _FusedDivergence.apply(student_hidden, teacher_hidden, head.weight, getattr(head, "bias", None),
+                                      t_weight, t_bias, vocab, beta, temperature, dtype)
+    s_weight, s_bias = _head(student, vocab)
+    return _joined([_chunk_divergence(student_hidden[start:start + TOKEN_CHUNK],
+                                      teacher_hidden[start:start + TOKEN_CHUNK], s_weight, s_bias, t_weight, t_bias,
+                                      beta, temperature) for start in range(0, student_hidden.shape[0], TOKEN_CHUNK)],
+                   student_hidden)
+
+
+def _head_parameter(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: float,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position generalized JSD [c] of log-probs [c, V] (as `generalized_jsd`) and its gradient with respect to
+    the student's logits before the temperature: for the mixture m = (1 - beta) p_s + beta p_t it is
+    (1 - beta) p_s (log p_s - log m - KL(p_s || m)) / T, at beta 0 (p_s - p_t) / T, at beta 1
+    p_s (log p_s - log p_t - KL(p_s || p_t)) / T."""
+    s, t = student, teacher
+    p_s = s.exp()
+    if beta == 0:
+        p_t = t.exp()
+        return (p_t * (t - s)).sum(-1), (p_s - p_t) / temperature
+    if beta == 1:
+        kl_s = (p_s * (s - t)).sum(-1)
+        return kl_s, p_s * (s - t - kl_s.unsqueeze(-1)) / temperature
+    mixture = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))
+    kl_s = (p_s * (s - mixture)).sum(-1)
+    kl_t = (t.exp() * (t - mixture)).sum(-1)
+    grad = p_s * (s - mixture - kl_s.unsqueeze(-1)) * ((1 - beta) / temperature)
+    return beta * kl_t + (1 - beta) * kl_s, grad
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """`chunked_divergence` with each chunk's gradient taken in forward, while its [TOKEN_CHUNK, V] tiles exist.
+
+    Checkpointed chunks (the way without a gradient) recompute both models' tiles in backward, and autograd gave
+    each chunk's head gradient its own [V, H] tensor before summing them (and another for the vocabulary slice,
+    and another for autocast's cast): those were the step's peak memory. Here the head gradient is one fp32
+    [V, H] buffer that each chunk adds into. Backward scales the kept gradients by the loss's weight per
+    position when it is the same for all (a sum or mean, as the trainer's loss); otherwise it recomputes the
+    chunks with each position's weight."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab: int, beta: float,
+                temperature: float, dtype: torch.dtype):
+        ctx.args = (student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab, beta, temperature, dtype)
+        ctx.wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3])
+        per_position, ctx.grads = _fused_pass(*ctx.args, ctx.wants, None)
+        return per_position
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.equal(grad_output, grad_output[:1].expand_as(grad_output)):
+            grads, scale = ctx.grads, grad_output[:1]
+        else:
+            grads, scale = _fused_pass(*ctx.args, ctx.wants, grad_output)[1], None
+        ctx.grads = ctx.args = None
+        if scale is not None and scale.numel():
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(scale.to(grad.dtype))
+        grad_hidden, grad_weight, grad_bias = grads
+        return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _fused_pass(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab, beta, temperature, dtype,
+                wants, row_weight):
+    """Per-position divergence [N] and the gradients `wants` asks for (hidden, head weight, head bias), each
+    position's gradient weighted by `row_weight` [N] (None: 1)."""
+    want_hidden, want_weight, want_bias = wants
+    with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
+        s_weight = weight[:vocab].to(dtype)
+        s_bias = bias[:vocab].to(dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        parts = []
+        for start in range(0, student_hidden.shape[0], TOKEN_CHUNK):
+            rows = slice(start, start + TOKEN_CHUNK)
+            hidden = student_hidden[rows].to(dtype)
+            student = _log_probs(hidden, s_weight, s_bias, temperature)
+            teacher = _log_probs(teacher_hidden[rows], t_weight, t_bias, temperature)
+            per_position, grad = divergence_and_gradient(student, teacher, beta, temperature)
+            parts.append(per_position)
+            if row_weight is not None:
+                grad = grad * row_weight[rows].unsqueeze(-1)
+            grad = grad.to(dtype)
+            if want_hidden:
+                grad_hidden[rows] = grad @ s_weight
+            if want_weight and grad.dtype == grad_weight.dtype:
+                grad_weight[:vocab].addmm_(grad.t(), hidden)  # in place: no [V, H] temporary
+            elif want_weight:
+                grad_weight[:vocab] += grad.t() @ hidden
+            if want_bias:
+                grad_bias[:vocab] += grad.sum(0)
+        return _joined(parts, student_hidden), (grad_hidden, grad_weight, grad_bias)
+
+
+def _joined(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
 
 
 def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
@@ -150,4 +255,4 @@ def topk_divergence(student_hidden, student, *, vocab: int, beta: float, tempera
         parts.append(checkpoint(_folded_divergence, student_hidden[start:end], weight, bias, indices[start:end],
                                 teacher_values[start:end], teacher_tail[start:end], beta, temperature,
                                 use_reentrant=False))
-    return torch.cat(parts) if parts else student_hidden.new_zeros(0)
+    return _joined(parts, student_hidden)
