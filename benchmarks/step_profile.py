@@ -6,7 +6,7 @@
 The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
 runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
 every op is synchronous): generation, the teacher's forward, the student's forward, the divergence (forward;
-its chunks are recomputed in backward), backward, the optimizer step, and the rest of the step. Figures are the
+ours and DT's take its gradient there too), backward, the optimizer step, and the rest of the step. Figures are the
 means over the steps after the first. It also times one matmul of the step's main shape ([tokens, hidden] x
 [hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
 (2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion

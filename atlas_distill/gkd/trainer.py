@@ -20,8 +20,9 @@ Each speedup is on by default and has a switch to turn it off:
 - `kv_cache_generation`: on-policy generation uses the KV cache, also under gradient checkpointing
   (TRL then generates without one; checkpointing is off during `generate` either way);
 - `chunked_loss`: the divergence is computed from the completion positions' hidden states only,
-  projected through both lm_heads in chunks (gkd/divergence.py), so no B x L x V logits exist; the
-  teacher runs its backbone only, under `torch.inference_mode`;
+  projected through both lm_heads in chunks (gkd/divergence.py), so no B x L x V logits exist, each chunk's
+  gradient taken in forward (nothing recomputed in backward); the teacher runs its backbone only, under
+  `torch.inference_mode`;
 - `teacher_cache_topk`: off-policy batches (lmbda < 1) keep the teacher's top-k log-probs plus a tail
   bucket per position; when the same example comes back (the next epoch) the teacher does not run;
 - `teacher_store`: off-policy batches read the teacher's top-k from a store built before training
@@ -33,8 +34,8 @@ Each speedup is on by default and has a switch to turn it off:
   11 % off decoding;
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
   (gkd/attention.py), whose bf16 backward is twice as fast as the flash kernel's;
-- `generation_dtype`: on-policy samples come from a bf16 copy of the student (refreshed after every
-  optimizer step) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
+- `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each
+  generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
   per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
   student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x slower than fp32.
 """
