@@ -100,6 +100,11 @@ def test_chunked_divergence_gradient_with_a_weight_per_position_a_bias_and_a_sha
         for mine, theirs in zip(ours, expected, strict=True):
             assert theirs.abs().max() > 1e-3 and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
         assert not ours[1][shared:].any() and not ours[2][shared:].any()  # the shared vocabulary only
+    kept = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=beta,
+                                         temperature=0.9).sum()
+    first = torch.autograd.grad(kept, parameters, retain_graph=True)
+    again = torch.autograd.grad(kept, parameters)  # a retained graph's second backward: the same gradients
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(first, again, strict=True))
     with torch.no_grad():  # without a gradient: the same values, no gradient work
         plain = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=beta,
                                               temperature=0.9)

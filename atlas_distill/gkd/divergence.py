@@ -154,11 +154,11 @@ class _FusedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.equal(grad_output, grad_output[:1].expand_as(grad_output)):
-            grads, scale = ctx.grads, grad_output[:1]
+        kept, ctx.grads = ctx.grads, None  # a second backward (retain_graph) recomputes
+        if kept is not None and torch.equal(grad_output, grad_output[:1].expand_as(grad_output)):
+            grads, scale = kept, grad_output[:1]
         else:
             grads, scale = _fused_pass(*ctx.args, ctx.wants, grad_output)[1], None
-        ctx.grads = ctx.args = None
         if scale is not None and scale.numel():
             for grad in grads:
                 if grad is not None:
