@@ -6,7 +6,7 @@ logits tensor exists and the prompt positions are never projected. When a gradie
 gradient (the hidden states' and the head's) is taken in the forward pass while its tiles exist, the head's
 summed into one buffer: nothing is recomputed in backward, which only scales what forward kept. Against the
 same chunks checkpointed and recomputed in backward (the way before), that halved the loss's time in fp32 and
-took 360 MB off a train_bench step's peak (benchmarks/README.md). (TRL's ChunkedDivergenceFunction,
+took 250-360 MB off a train_bench step's peak (benchmarks/README.md). (TRL's ChunkedDivergenceFunction,
 trl/kernels/chunked_divergence.py, works on vocabulary tiles too; without Triton, on this CPU, it took 1.7x
 longer than the checkpointed chunks for 200 positions x 49,152 tokens: it projects twice for the JSD and again
 in backward.)
