@@ -80,14 +80,6 @@ def generalized_jsd(student_log_probs, teacher_log_probs, beta: float) -> torch.
     return beta * (t.exp() * (t - mixture)).sum(-1) + (1 - beta) * (s.exp() * (s - mixture)).sum(-1)
 
 
-def _chunk_divergence(student_hidden, teacher_hidden, s_weight, s_bias, t_weight, t_bias, beta: float,
-                      temperature: float) -> torch.Tensor:
-    student = _log_probs(student_hidden, s_weight, s_bias, temperature)
-    with torch.no_grad():
-        teacher = _log_probs(teacher_hidden, t_weight, t_bias, temperature)
-    return generalized_jsd(student, teacher, beta)
-
-
 def chunked_divergence(student_hidden, teacher_hidden, student, teacher, *, vocab: int, beta: float,
                        temperature: float) -> torch.Tensor:
     """Per-position generalized JSD [N] over the first `vocab` tokens, TOKEN_CHUNK positions at a time.
@@ -96,21 +88,14 @@ def chunked_divergence(student_hidden, teacher_hidden, student, teacher, *, voca
     (`_FusedDivergence`): the student's head gradient is summed into one buffer, no tile is recomputed in
     backward, and backward only scales what forward kept."""
     t_weight, t_bias = _head(teacher, vocab)
-    if torch.is_grad_enabled() and (student_hidden.requires_grad or _head_parameter(student).requires_grad):
-        head = student.get_output_embeddings()
-        device = student_hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-        return _FusedDivergence.apply(student_hidden, teacher_hidden, head.weight, getattr(head, "bias", None),
-                                      t_weight, t_bias, vocab, beta, temperature, dtype)
-    s_weight, s_bias = _head(student, vocab)
-    return _joined([_chunk_divergence(student_hidden[start:start + TOKEN_CHUNK],
-                                      teacher_hidden[start:start + TOKEN_CHUNK], s_weight, s_bias, t_weight, t_bias,
-                                      beta, temperature) for start in range(0, student_hidden.shape[0], TOKEN_CHUNK)],
-                   student_hidden)
-
-
-def _head_parameter(model) -> torch.Tensor:
-    return model.get_output_embeddings().weight
+    head = student.get_output_embeddings()
+    device = student_hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    args = (student_hidden, teacher_hidden, head.weight, getattr(head, "bias", None), t_weight, t_bias, vocab, beta,
+            temperature, dtype)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or head.weight.requires_grad):
+        return _FusedDivergence.apply(*args)
+    return _fused_pass(*args, (False, False, False), None)[0]
 
 
 def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: float,
@@ -137,9 +122,9 @@ def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: 
 class _FusedDivergence(torch.autograd.Function):
     """`chunked_divergence` with each chunk's gradient taken in forward, while its [TOKEN_CHUNK, V] tiles exist.
 
-    Checkpointed chunks (the way without a gradient) recompute both models' tiles in backward, and autograd gave
-    each chunk's head gradient its own [V, H] tensor before summing them (and another for the vocabulary slice,
-    and another for autocast's cast): those were the step's peak memory. Here the head gradient is one fp32
+    Checkpointed chunks (the way before) recomputed both models' tiles in backward, and autograd gave each
+    chunk's head gradient its own [V, H] tensor before summing them (and another for the vocabulary slice, and
+    another for autocast's cast): those were the step's peak memory. Here the head gradient is one fp32
     [V, H] buffer that each chunk adds into. Backward scales the kept gradients by the loss's weight per
     position when it is the same for all (a sum or mean, as the trainer's loss); otherwise it recomputes the
     chunks with each position's weight."""

@@ -35,9 +35,10 @@ Each speedup is on by default and has a switch to turn it off:
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
   (gkd/attention.py), whose bf16 backward is twice as fast as the flash kernel's;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each
-  generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where decoding, which reads every weight
-  per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512 without BF16) "auto" samples from the
-  student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x slower than fp32.
+  generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where
+  decoding, which reads every weight per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512
+  without BF16) "auto" samples from the student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x
+  slower than fp32.
 """
 
 from __future__ import annotations
