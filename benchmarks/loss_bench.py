@@ -1,0 +1,113 @@
+"""The chunked loss's forward + backward: ours against the checkpointed chunks it replaced and TRL's (issue 15).
+
+    python benchmarks/loss_bench.py [--repeats 8] [--json]
+
+One batch of train_bench.py's shape: 4 completions of 32 positions (128 hidden states of width 576), both heads
+[49,152, 576] fp32 and random, beta 0.5, temperature 0.9; the loss is the sum over positions / 128, then backward
+into the student's hidden states and head. Three ways, run alternately `--repeats` times (medians; the machine's
+speed drifts), in fp32 and under bf16 autocast:
+- ours: `divergence.chunked_divergence`, each 64-position chunk's gradient taken in its forward pass;
+- checkpointed: the same chunks under activation checkpointing, recomputed in backward (ours until commit 86dd449);
+- trl: DistillationTrainer's `_chunked_divergence_loss` (TRL's ChunkedDivergenceFunction; no Triton on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from _common import cpu_description, log
+
+V, H, BATCH, COMPLETION, BETA, TEMPERATURE = 49_152, 576, 4, 32, 0.5, 0.9
+
+
+def _checkpointed(hidden_s, hidden_t, student, teacher):
+    """The chunked loss as it was: each chunk checkpointed, its tiles recomputed in backward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from atlas_distill.gkd import divergence
+
+    s_weight, s_bias = divergence._head(student, V)
+    t_weight, t_bias = divergence._head(teacher, V)
+
+    def chunk(h_s, h_t):
+        log_s = divergence._log_probs(h_s, s_weight, s_bias, TEMPERATURE)
+        with torch.no_grad():
+            log_t = divergence._log_probs(h_t, t_weight, t_bias, TEMPERATURE)
+        return divergence.generalized_jsd(log_s, log_t, BETA)
+
+    step = divergence.TOKEN_CHUNK
+    return torch.cat([checkpoint(chunk, hidden_s[i:i + step], hidden_t[i:i + step], use_reentrant=False)
+                      for i in range(0, hidden_s.shape[0], step)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args()
+
+    import torch
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from atlas_distill.gkd import divergence
+
+    class Head(torch.nn.Module):
+        def __init__(self, generator) -> None:
+            super().__init__()
+            self.lm_head = torch.nn.Linear(H, V, bias=False)
+            self.lm_head.weight.data.copy_(torch.randn(V, H, generator=generator) * 0.05)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = Head(generator), Head(generator)
+    n = BATCH * COMPLETION
+    hidden_s = torch.randn(n, H, generator=generator, requires_grad=True)
+    hidden_t = torch.randn(n, H, generator=generator)
+    mask = torch.ones(BATCH, COMPLETION, dtype=torch.long)
+    losses = {
+        "ours": lambda: divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=BETA,
+                                                      temperature=TEMPERATURE).sum() / n,
+        "checkpointed": lambda: _checkpointed(hidden_s, hidden_t, student, teacher).sum() / n,
+        "trl": lambda: _chunked_divergence_loss(hidden_s.view(BATCH, COMPLETION, H),
+                                                hidden_t.view(BATCH, COMPLETION, H), student.lm_head.weight,
+                                                teacher.lm_head.weight, mask, BETA, temperature=TEMPERATURE)[0],
+    }
+    results = {"cpu": cpu_description(), "positions": n, "vocab": V}
+    for precision in ("fp32", "bf16"):
+        def run(loss, bf16=precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                value = loss()
+            value.backward()
+            student.lm_head.weight.grad = hidden_s.grad = None
+            return value.item()
+
+        values = {name: run(loss) for name, loss in losses.items()}  # warm-up, and the same loss from each
+        seconds: dict[str, list[float]] = {name: [] for name in losses}
+        for _ in range(args.repeats):
+            for name, loss in losses.items():
+                started = time.perf_counter()
+                run(loss)
+                seconds[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(times) for name, times in seconds.items()}
+        results[precision] = {name: {"ms": round(medians[name] * 1e3, 1), "loss": round(values[name], 6),
+                                     "ours_speedup": round(medians[name] / medians["ours"], 2)} for name in losses}
+        log(f"{precision}: " + ", ".join(f"{name} {medians[name] * 1e3:.1f} ms" for name in losses))
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"CPU: {results['cpu']}; {n} positions x {V:,} tokens, forward + backward, medians of {args.repeats}")
+    print("| precision | way | ms | ours' speed-up | loss |\n| --- | --- | ---: | ---: | ---: |")
+    for precision in ("fp32", "bf16"):
+        for name, row in results[precision].items():
+            speedup = "" if name == "ours" else f"{row['ours_speedup']:.2f}x"
+            print(f"| {precision} | {name} | {row['ms']} | {speedup} | {row['loss']} |")
+
+
+if __name__ == "__main__":
+    main()
