@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_gkd_trainer import batch, make_trainer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from atlas_distill.gkd import divergence
 from atlas_distill.models import loading
@@ -431,3 +433,147 @@ def test_on_policy_sampling_draws_by_inverse_cdf_on_a_cpu(tmp_path, make_tiny_mo
     draws.clear()
     off._generate_into(off.model, batch(off))
     assert draws == []  # switched off: torch.multinomial draws
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+from test_gkd_trainer import make_trainer
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo
+make_trainer(Path({tmp!r}), Path({student!r}), Path({teacher!r}), keep_freed_memory={keep})
+mapped = libc.mallinfo2().hblkhd
+block = torch.empty(64 << 20, dtype=torch.uint8)  # above glibc's default mmap threshold (32 MB at most)
+print((libc.mallinfo2().hblkhd - mapped) >> 20)
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory_serves_a_large_block_from_the_heap_not_a_fresh_mapping(tmp_path, make_tiny_model, keep):
+    """The setting is process-wide, so each case runs in its own process: with it, a 64 MB block comes from malloc's
+    heap (where a freed one is reused, its pages already there); without it, from a new mapping (mallinfo2's
+    hblkhd) whose pages are faulted in again each time."""
+    import subprocess
+    import sys
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    probe = MALLOC_PROBE.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), student=str(student),
+                                teacher=str(teacher), keep=keep)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mapped_mb = int(done.stdout.split()[-1])
+    assert mapped_mb == 0 if keep else mapped_mb >= 64
+
+
+def test_malloc_thresholds_cover_twice_the_largest_parameter_within_mallopts_int():
+    from atlas_distill.gkd.allocator import INT_MAX, MMAP_THRESHOLD, thresholds
+
+    assert thresholds(0) == (MMAP_THRESHOLD, 4 * MMAP_THRESHOLD)
+    assert thresholds(300 << 20) == (600 << 20, INT_MAX)  # 4 x 600 MB is above what an int holds
+    assert thresholds(49152 * 576 * 4)[0] > 2 * 49152 * 576 * 4 - 1  # the builtin's [V, H] fp32 gradient, twice
+    assert thresholds(10 << 30) == (INT_MAX, INT_MAX)
+
+
+class _NewTensors(TorchDispatchMode):
+    """The shapes of the tensors ops allocate (not views or in-place results, which share an input's storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                  if isinstance(leaf, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:  # not a view
+            self.shapes.append((func._schema.name, tuple(out.shape)))
+        return out
+
+
+def _two_backward_passes(trainer, inputs, shared: bool):
+    """Gradients after two forward + backward passes of the chunked loss (gradient accumulation), and the tensors
+    backward created."""
+    from contextlib import nullcontext
+
+    from atlas_distill.gkd import tied_gradient
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    created = _NewTensors()
+    with tied_gradient.shared_gradient(model) if shared else nullcontext():
+        for _ in range(2):
+            loss = trainer.compute_loss(model, inputs)
+            with created:
+                loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, created.shapes
+
+
+def test_a_tied_embedding_adds_its_gradient_into_the_heads_buffer_with_the_same_result(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, teacher_cache_topk=0)
+    model = trainer.model
+    embedding = model.get_input_embeddings()
+    assert embedding.weight is model.get_output_embeddings().weight and embedding.padding_idx is not None
+    inputs = batch(trainer)
+    assert (inputs["input_ids"] == embedding.padding_idx).any()  # the padding row must get no gradient
+    expected, default_created = _two_backward_passes(trainer, inputs, shared=False)
+    ours, shared_created = _two_backward_passes(trainer, inputs, shared=True)
+    vocab_by_hidden = tuple(embedding.weight.shape)
+    assert ("aten::embedding_dense_backward", vocab_by_hidden) in default_created
+    assert [name for name, shape in shared_created if shape == vocab_by_hidden] == []  # no second [V, H] tensor
+    assert expected.keys() == ours.keys()
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert expected["model.embed_tokens.weight"][embedding.padding_idx].abs().max() > 0  # the head's part
+    assert embedding._forward_hooks == {}  # the block leaves the model as it was
+
+
+def test_a_training_step_gives_the_tied_weight_one_gradient_buffer(tmp_path, make_tiny_model):
+    from atlas_distill.gkd import tied_gradient
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, teacher_cache_topk=0, args={"lmbda": 0.0})
+    model = trainer.model
+    trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+    created = _NewTensors()
+    with created:
+        trainer.training_step(model, batch(trainer))
+    vocab_by_hidden = tuple(model.get_input_embeddings().weight.shape)
+    assert ("aten::embedding_dense_backward", vocab_by_hidden) not in created.shapes
+    assert model.get_input_embeddings().weight.grad.abs().max() > 0
+    assert tied_gradient._LINKS == {}
+
+
+def test_a_head_gradient_offered_in_one_backward_pass_is_taken_only_later_in_the_same_pass():
+    from atlas_distill.gkd import tied_gradient
+
+    link, buffer, taken = tied_gradient._Link(), torch.zeros(2), []
+
+    class Offer(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+
+        @staticmethod
+        def backward(ctx, grad):
+            link.offer(buffer)
+            return grad
+
+    class Take(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+
+        @staticmethod
+        def backward(ctx, grad):
+            taken.append(link.take())
+            return grad
+
+    x = torch.ones(1, requires_grad=True)
+    Take.apply(Offer.apply(x)).sum().backward()  # taken before anything was offered
+    Offer.apply(Take.apply(x)).sum().backward()  # offered, then taken, in one pass
+    Take.apply(x).sum().backward()  # a later pass: that buffer may be a .grad by now
+    assert taken[0] is None and taken[1] is buffer and taken[2] is None

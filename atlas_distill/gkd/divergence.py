@@ -24,6 +24,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import tied_gradient
+
 # Positions projected at once: a [TOKEN_CHUNK, V] fp32 tile is 12.6 MB at V = 49,152, and a chunk's gradient
 # holds a few of them at a time. Smaller than a batch's completion (4 x 32 positions in train_bench.py).
 TOKEN_CHUNK = 64
@@ -148,6 +150,7 @@ class _FusedDivergence(torch.autograd.Function):
                 if grad is not None:
                     grad.mul_(scale.to(grad.dtype))
         grad_hidden, grad_weight, grad_bias = grads
+        tied_gradient.offer(ctx.args[2], grad_weight)  # a tied input embedding adds its rows into it
         return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None
 
 

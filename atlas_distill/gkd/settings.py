@@ -87,6 +87,10 @@ class AtlasSettings:
         default=True, metadata={"help": "On a CPU, each sampled token is drawn by inverting the cumulative "
                                         "distribution, not by torch.multinomial's vocabulary-wide random fill (the "
                                         "same distribution; 11 % off decoding)."})
+    keep_freed_memory: bool = field(
+        default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
+                                        "next step instead of returning them to the kernel, which faulted their "
+                                        "pages in again every step (gkd/allocator.py); process-wide."})
     math_attention: bool = field(
         default=True, metadata={"help": "Under bf16 autocast on a CPU the student trains with PyTorch's math "
                                         "attention kernel (the flash kernel's bf16 backward took twice as long); "

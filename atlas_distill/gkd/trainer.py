@@ -32,6 +32,8 @@ Each speedup is on by default and has a switch to turn it off:
 - `inverse_cdf_sampling`: on a CPU each sampled token is drawn by inverting the cumulative distribution
   (gkd/sampling.py), not by torch.multinomial's vocabulary-wide fill of random numbers: the same distribution,
   11 % off decoding;
+- `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
+  loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
   (gkd/attention.py), whose bf16 backward is twice as fast as the flash kernel's;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each
@@ -53,7 +55,7 @@ import torch
 
 from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
-from . import attention, divergence, topk_format
+from . import allocator, attention, divergence, tied_gradient, topk_format
 from .collator import TargetSpanCollator
 from .sampling import inverse_cdf_sampling
 from .config import AtlasGKDConfig, GKDConfig
@@ -193,6 +195,9 @@ class AtlasGKDTrainer(GKDTrainer):
                           "GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto or float32.",
                           stacklevel=2)
         self._sampler: torch.nn.Module | None = None
+        if args.keep_freed_memory and self.args.device.type == "cpu":
+            student = self.accelerator.unwrap_model(self.model)
+            allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
 
     def _open_store(self, path: str | None):
         """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings,
@@ -380,7 +385,10 @@ class AtlasGKDTrainer(GKDTrainer):
         else:
             self._batch_from_dataset = True
         # GKDTrainer.training_step would draw on/off-policy again; the step itself is SFT's.
-        with attention.for_training(self.args):
+        # FSDP and DeepSpeed hand out the weights as views of flat buffers whose gradients they manage themselves
+        shared = self.chunked_loss and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        with attention.for_training(self.args), (tied_gradient.shared_gradient(self.accelerator.unwrap_model(model))
+                                                  if shared else nullcontext()):
             loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
         self._check_finite_loss(loss)
         return loss
