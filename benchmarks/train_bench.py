@@ -284,7 +284,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     with tempfile.TemporaryDirectory() as tmp:
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
                      "group_by_length": False, "generation_dtype": "float32", "inverse_cdf_sampling": False,
-                     "keep_freed_memory": False} if atlas_off else {})
+                     "packed_generation": False, "keep_freed_memory": False} if atlas_off else {})
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}

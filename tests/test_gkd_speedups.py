@@ -577,3 +577,37 @@ def test_a_head_gradient_offered_in_one_backward_pass_is_taken_only_later_in_the
     Offer.apply(Take.apply(x)).sum().backward()  # offered, then taken, in one pass
     Take.apply(x).sum().backward()  # a later pass: that buffer may be a .grad by now
     assert taken[0] is None and taken[1] is buffer and taken[2] is None
+
+
+def test_packed_generation_gives_the_copys_own_logits_and_is_dropped_after_each_generation(tmp_path,
+                                                                                          make_tiny_model):
+    from atlas_distill.gkd import packed_linear
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", args={"lmbda": 1.0})
+    assert trainer.packs_generation == packed_linear.available()
+    if not packed_linear.available():  # this CPU's oneDNN has no bf16 (AVX2): the copy's own forward samples
+        assert make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16").packs_generation is False
+        return
+    inputs, seen = batch(trainer), {}
+    generate = trainer.generate_on_policy_outputs
+
+    def recording(model, *args):
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        seen["packed"] = all("forward" in vars(m) for m in linears) and len(linears) > 0
+        with torch.no_grad():
+            ids = inputs["prompts"]
+            seen["packed_logits"] = model(input_ids=ids).logits.float()
+            packed_linear.unpack(model)
+            seen["plain_logits"] = model(input_ids=ids).logits.float()
+            packed_linear.pack(model, 2)
+        return generate(model, *args)
+
+    trainer.generate_on_policy_outputs = recording
+    trainer._generate_into(trainer.model, inputs)
+    assert seen["packed"]
+    torch.testing.assert_close(seen["packed_logits"], seen["plain_logits"], rtol=1e-2, atol=1e-2)
+    assert not any("forward" in vars(m) for m in trainer._sampler.modules())  # unpacked, then freed
+    assert all(weight.untyped_storage().size() == 0 for weight in trainer._sampler.parameters())
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", packed_generation=False)
+    assert off.packs_generation is False

@@ -145,6 +145,7 @@ class TrainerConfig(_Strict):
     group_by_length: bool = setting("group_by_length")
     generation_dtype: GenerationDtype = setting("generation_dtype")
     inverse_cdf_sampling: bool = setting("inverse_cdf_sampling")
+    packed_generation: bool = setting("packed_generation")
     keep_freed_memory: bool = setting("keep_freed_memory")
     math_attention: bool = setting("math_attention")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
