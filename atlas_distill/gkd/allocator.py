@@ -6,10 +6,10 @@ chunk), the layers' gradients. By default glibc serves a block above its mmap th
 are freed, to 32 MB at most) with a fresh mapping that is unmapped when freed, and it hands the top of its heap
 back to the kernel once more than its trim threshold is free there. Each step's blocks are then new pages that the
 kernel faults in and zeroes one 4 KB page at a time: in a profiled step on a 2-core Zen 4 CPU, zeroing the [V, H]
-gradient took 138 ms where the arithmetic needs about 10, and each elementwise pass over a loss tile 16-22 ms
-instead of 2-3. With both thresholds raised, such blocks come from the heap and go back to it, and the next step
-reuses them: the step ran 11-15 % faster (benchmarks/README.md) at the same peak RSS, since what is kept is what
-the step reuses.
+gradient took 118-138 ms where pages already in memory take 3, and each elementwise pass over a loss tile 16-22 ms
+instead of 3-8. With both thresholds raised, such blocks come from the heap and go back to it, and the next step
+reuses them: the step ran 9-15 % faster (benchmarks/README.md) at the same peak RSS, since what is kept is what the
+step reuses.
 
 The setting is process-wide (malloc has one set of thresholds), so the trainer applies it for a CPU run only.
 """

@@ -23,8 +23,9 @@ import torch
 def available() -> bool:
     """Whether this PyTorch has the packed-weight ops and this CPU runs oneDNN in bf16 (AVX512 or newer)."""
     mkldnn = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
-            and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
+    ops = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
+    return (torch.backends.mkldnn.is_available() and all(hasattr(mkldnn, op) for op in ops)
+            and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _packed_linear(weight, bias, hidden):

@@ -90,7 +90,7 @@ class AtlasSettings:
     packed_generation: bool = field(
         default=True, metadata={"help": "On a CPU, the bf16 sampling copy's linear layers run on oneDNN's "
                                         "pre-packed weights, packed again for each generation (the same outputs; "
-                                        "decoding about 20 % faster)."})
+                                        "generation about 25 % faster)."})
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
                                         "next step instead of returning them to the kernel, which faulted their "

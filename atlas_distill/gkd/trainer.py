@@ -197,7 +197,7 @@ class AtlasGKDTrainer(GKDTrainer):
                           "GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto or float32.",
                           stacklevel=2)
         self._sampler: torch.nn.Module | None = None
-        if args.keep_freed_memory and self.args.device.type == "cpu":
+        if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
             allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
 
