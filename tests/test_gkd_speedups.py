@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,44 @@ def test_chunked_divergence_equals_trl_generalized_jsd(beta, temperature, chunk,
     assert abs(ours.item() - expected.item()) < 1e-5
     assert torch.allclose(our_grad, expected_grad, atol=1e-6)
     assert expected_head.abs().max() > 1e-3 and torch.allclose(our_head, expected_head, atol=1e-6)
+
+
+class _LiveTiles(TorchDispatchMode):
+    """The most [rows, V] tensors alive at once: each new one is counted until its last reference goes."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.live, self.most = vocab, 0, 0
+
+    def _gone(self) -> None:
+        self.live -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                  if isinstance(leaf, torch.Tensor)}
+        if (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == self.vocab and out.shape[0] > 1
+                and out.untyped_storage().data_ptr() not in inputs):
+            self.live += 1
+            self.most = max(self.most, self.live)
+            weakref.finalize(out, self._gone)
+        return out
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_chunk_of_the_fused_divergence_holds_at_most_four_tiles(beta, monkeypatch):
+    """Each chunk's divergence and gradient work in place on its [chunk, V] tiles: at most four exist at once (the
+    student's and teacher's log-probs and two more), where the formulas written out held seven; the same values."""
+    monkeypatch.setattr(divergence, "TOKEN_CHUNK", 16)
+    student, teacher, hidden_s, hidden_t = heads()
+    expected = reference_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=beta, temperature=0.9)
+    expected_grad = torch.autograd.grad(expected.sum(), hidden_s)[0]
+    with _LiveTiles(V) as tiles:
+        ours = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=beta,
+                                             temperature=0.9)
+    assert 2 <= tiles.most <= 4
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), hidden_s)[0], expected_grad, rtol=1e-5, atol=1e-5)
 
 
 def reference_divergence(hidden_s, hidden_t, student, teacher, *, vocab, beta, temperature):
@@ -230,23 +270,33 @@ def test_bf16_sampling_copy_follows_the_student_after_each_step(tmp_path, make_t
     copy = trainer._sampler
     assert copy is not None and copy is not trainer.model and copy.dtype == torch.bfloat16
     # between generations the copy holds no weights (they are not part of the loss, backward or optimizer step)
-    assert all(weight.untyped_storage().size() == 0 for weight in copy.parameters())
+    assert all(weight.untyped_storage().size() == 0 for weight in copy.parameters() if not weight.is_meta)
     inputs = batch(trainer)
     student_calls, sampled_with = [], []
     hook = trainer.model.model.register_forward_hook(lambda *_: student_calls.append(1))
     generate = trainer.generate_on_policy_outputs
 
     def recording(model, *args):
-        sampled_with.append([weight.clone() for weight in model.parameters()])
+        sampled_with.append({name: _weight_in_use(model, name, weight) for name, weight in model.named_parameters()})
         return generate(model, *args)
 
     trainer.generate_on_policy_outputs = recording
     trainer._generate_into(trainer.model, inputs)  # a later step refreshes the copy from the trained student
     hook.remove()
     assert student_calls == []  # the copy samples with its own weights (not through a patched student forward)
-    for target, source in zip(sampled_with[0], trainer.model.parameters(), strict=True):
-        assert torch.equal(target, source.detach().to(torch.bfloat16))
-    assert all(weight.untyped_storage().size() == 0 for weight in copy.parameters())
+    for name, source in trainer.model.named_parameters():
+        assert torch.equal(sampled_with[0][name], source.detach().to(torch.bfloat16)), name
+    assert all(weight.untyped_storage().size() == 0 for weight in copy.parameters() if not weight.is_meta)
+
+
+def _weight_in_use(model, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight `model` computes with: its own, or for a layer that holds only a packed one (packed_linear), the
+    packed product of the identity (the packed weight's values, transposed; bf16 x bf16 sums one product each)."""
+    if not weight.is_meta:
+        return weight.detach().clone()
+    layer = model.get_submodule(name.rsplit(".", 1)[0])
+    with torch.no_grad():
+        return layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).t().contiguous()
     assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]
 
 
@@ -591,23 +641,26 @@ def test_packed_generation_gives_the_copys_own_logits_and_is_dropped_after_each_
         return
     inputs, seen = batch(trainer), {}
     generate = trainer.generate_on_policy_outputs
+    plain = copy.deepcopy(trainer.model).to(torch.bfloat16)  # the student in bf16, on PyTorch's own linear
 
     def recording(model, *args):
-        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-        seen["packed"] = all("forward" in vars(m) for m in linears) and len(linears) > 0
+        linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+        seen["packed"] = all("forward" in vars(m) for m in linears.values()) and len(linears) > 0
+        # a layer of its own holds no plain bf16 weight (only its packed one); the tied lm_head keeps the embedding's
+        seen["plain"] = {name for name, m in linears.items() if not m.weight.is_meta}
         with torch.no_grad():
             ids = inputs["prompts"]
             seen["packed_logits"] = model(input_ids=ids).logits.float()
-            packed_linear.unpack(model)
-            seen["plain_logits"] = model(input_ids=ids).logits.float()
-            packed_linear.pack(model, 2)
+            seen["plain_logits"] = plain(input_ids=ids).logits.float()
         return generate(model, *args)
 
     trainer.generate_on_policy_outputs = recording
     trainer._generate_into(trainer.model, inputs)
-    assert seen["packed"]
+    assert seen["packed"] and seen["plain"] == {"lm_head"}
     torch.testing.assert_close(seen["packed_logits"], seen["plain_logits"], rtol=1e-2, atol=1e-2)
     assert not any("forward" in vars(m) for m in trainer._sampler.modules())  # unpacked, then freed
-    assert all(weight.untyped_storage().size() == 0 for weight in trainer._sampler.parameters())
+    assert all(weight.untyped_storage().size() == 0 for weight in trainer._sampler.parameters() if not weight.is_meta)
+    with pytest.raises(ValueError, match="no weight of its own"):  # nothing to pack a meta weight from
+        packed_linear.pack(trainer._sampler, 2)
     off = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", packed_generation=False)
     assert off.packs_generation is False

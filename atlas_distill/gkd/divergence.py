@@ -104,20 +104,29 @@ def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: 
     """Per-position generalized JSD [c] of log-probs [c, V] (as `generalized_jsd`) and its gradient with respect to
     the student's logits before the temperature: for the mixture m = (1 - beta) p_s + beta p_t it is
     (1 - beta) p_s (log p_s - log m - KL(p_s || m)) / T, at beta 0 (p_s - p_t) / T, at beta 1
-    p_s (log p_s - log p_t - KL(p_s || p_t)) / T."""
+    p_s (log p_s - log p_t - KL(p_s || p_t)) / T.
+
+    Both tiles are the caller's scratch and are overwritten: every step works in place, so at most four [c, V]
+    tiles exist at once (the two given included) where the same formulas written out held seven. The values are
+    the same operations in the same order, so the results are bit for bit those of the formulas above."""
     s, t = student, teacher
-    p_s = s.exp()
     if beta == 0:
         p_t = t.exp()
-        return (p_t * (t - s)).sum(-1), (p_s - p_t) / temperature
+        kl = torch.sub(t, s, out=t).mul_(p_t).sum(-1)  # sum p_t (t - s)
+        return kl, s.exp_().sub_(p_t).div_(temperature)
     if beta == 1:
-        kl_s = (p_s * (s - t)).sum(-1)
-        return kl_s, p_s * (s - t - kl_s.unsqueeze(-1)) / temperature
-    mixture = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))
-    kl_s = (p_s * (s - mixture)).sum(-1)
-    kl_t = (t.exp() * (t - mixture)).sum(-1)
-    grad = p_s * (s - mixture - kl_s.unsqueeze(-1)) * ((1 - beta) / temperature)
-    return beta * kl_t + (1 - beta) * kl_s, grad
+        d = torch.sub(s, t, out=t)  # log p_s - log p_t
+        p_s = s.exp_()
+        kl_s = (p_s * d).sum(-1)
+        return kl_s, d.sub_(kl_s.unsqueeze(-1)).mul_(p_s).div_(temperature)
+    mixture = s + math.log(1 - beta)
+    scratch = t + math.log(beta)
+    torch.logaddexp(mixture, scratch, out=mixture)
+    kl_t = torch.sub(t, mixture, out=scratch).mul_(t.exp_()).sum(-1)  # sum p_t (t - m); t now holds p_t
+    d = torch.sub(s, mixture, out=mixture)  # log p_s - log m
+    p_s = s.exp_()
+    kl_s = torch.mul(p_s, d, out=scratch).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s, d.sub_(kl_s.unsqueeze(-1)).mul_(p_s).mul_((1 - beta) / temperature)
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -169,12 +178,13 @@ def _fused_pass(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, 
         for start in range(0, student_hidden.shape[0], TOKEN_CHUNK):
             rows = slice(start, start + TOKEN_CHUNK)
             hidden = student_hidden[rows].to(dtype)
-            student = _log_probs(hidden, s_weight, s_bias, temperature)
-            teacher = _log_probs(teacher_hidden[rows], t_weight, t_bias, temperature)
-            per_position, grad = divergence_and_gradient(student, teacher, beta, temperature)
+            # the tiles are handed over, not kept here: each is freed as soon as divergence_and_gradient is done with it
+            per_position, grad = divergence_and_gradient(_log_probs(hidden, s_weight, s_bias, temperature),
+                                                         _log_probs(teacher_hidden[rows], t_weight, t_bias,
+                                                                    temperature), beta, temperature)
             parts.append(per_position)
             if row_weight is not None:
-                grad = grad * row_weight[rows].unsqueeze(-1)
+                grad.mul_(row_weight[rows].unsqueeze(-1))
             grad = grad.to(dtype)
             if want_hidden:
                 grad_hidden[rows] = grad @ s_weight
@@ -184,6 +194,7 @@ def _fused_pass(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, 
                 grad_weight[:vocab] += grad.t() @ hidden
             if want_bias:
                 grad_bias[:vocab] += grad.sum(0)
+            del grad  # before the next chunk's tiles
         return _joined(parts, student_hidden), (grad_hidden, grad_weight, grad_bias)
 
 
@@ -192,10 +203,12 @@ def _joined(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    """log_softmax(lm_head(hidden) / T) in fp32; the logits tile is scaled in place (a matmul keeps its inputs for
+    backward, not its output), so two [c, V] tiles exist here, not three."""
     logits = hidden.to(weight.dtype) @ weight.t()
     if bias is not None:
-        logits = logits + bias
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+        logits += bias
+    return torch.log_softmax(logits.float().div_(temperature), dim=-1)
 
 
 def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:

@@ -351,8 +351,12 @@ class AtlasGKDTrainer(GKDTrainer):
         student = self.accelerator.unwrap_model(self.model)
         if self._sampler is None:
             # Each weight is copied straight into generation_dtype (tied weights stay tied): a deepcopy first would
-            # hold a second fp32 student for a moment, which set the run's peak memory.
-            memo = {id(p): torch.nn.Parameter(p.detach().to(self.generation_dtype), requires_grad=False)
+            # hold a second fp32 student for a moment, which set the run's peak memory. A weight that will only be
+            # packed gets no plain copy (packed_linear.pack packs it from the student's).
+            alone = packed_linear.packed_alone(student) if self.packs_generation else set()
+            memo = {id(p): torch.nn.Parameter(torch.empty_like(p, dtype=self.generation_dtype, device="meta")
+                                              if id(p) in alone else p.detach().to(self.generation_dtype),
+                                              requires_grad=False)
                     for p in student.parameters()}
             self._sampler = copy.deepcopy(student, memo).to(self.generation_dtype).eval().requires_grad_(False)
             # SFTTrainer patches the student's forward on the instance (its fused lm_head) with a closure over the
@@ -363,10 +367,11 @@ class AtlasGKDTrainer(GKDTrainer):
         else:
             with torch.no_grad():
                 for target, source in zip(self._sampler.parameters(), student.parameters(), strict=True):
-                    target.untyped_storage().resize_(target.numel() * target.element_size())
-                    target.copy_(source)
+                    if not target.is_meta:
+                        target.untyped_storage().resize_(target.numel() * target.element_size())
+                        target.copy_(source)
         if self.packs_generation:
-            packed_linear.pack(self._sampler, self.args.per_device_train_batch_size)
+            packed_linear.pack(self._sampler, self.args.per_device_train_batch_size, source=student)
         return self._sampler
 
     @property
@@ -383,7 +388,8 @@ class AtlasGKDTrainer(GKDTrainer):
         if self._sampler is not None:
             packed_linear.unpack(self._sampler)
             for weight in self._sampler.parameters():
-                weight.untyped_storage().resize_(0)
+                if not weight.is_meta:
+                    weight.untyped_storage().resize_(0)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         warm = self.in_warmup()
