@@ -91,8 +91,9 @@ def test_kill_9_then_resume_continues_from_the_last_whole_checkpoint(cli, make_t
     shutil.copytree(kept, torn, dirs_exist_ok=True)
     (torn / "trainer_state.json").unlink()
     # With ours, a kill mid-save leaves the copy under .checkpoint-staging/; and a step may have been logged
-    # after the last checkpoint (transformers logs, then saves), its line possibly cut short.
-    (run_dir / ".checkpoint-staging" / f"checkpoint-{kept_step + 1}").mkdir(parents=True)
+    # after the last checkpoint (transformers logs, then saves), its line possibly cut short. (The kill itself may
+    # have come in the middle of that save and left the staged copy already.)
+    (run_dir / ".checkpoint-staging" / f"checkpoint-{kept_step + 1}").mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write(json.dumps({"step": kept_step + 1, "train/loss": 9.9}) + '\n{"step": ')
 
