@@ -9,6 +9,12 @@ speed drifts), in fp32 and under bf16 autocast:
 - ours: `divergence.chunked_divergence`, each 64-position chunk's gradient taken in its forward pass;
 - checkpointed: the same chunks under activation checkpointing, recomputed in backward (ours until commit 86dd449);
 - trl: DistillationTrainer's `_chunked_divergence_loss` (TRL's ChunkedDivergenceFunction; no Triton on a CPU).
+
+`--topk K` times the off-policy loss against a teacher's cached top K (the teacher cache's and the teacher store's,
+`divergence.topk_divergence`) instead, two ways: ours (each chunk's gradient taken in forward) and checkpointed (each
+chunk recomputed in backward, ours until this option came); TRL has no such loss.
+
+    python benchmarks/loss_bench.py --topk 512 [--positions 200]
 """
 
 from __future__ import annotations
@@ -44,14 +50,55 @@ def _checkpointed(hidden_s, hidden_t, student, teacher):
                       for i in range(0, hidden_s.shape[0], step)])
 
 
+def _checkpointed_topk(hidden_s, student, indices, values, tail):
+    """The top-k loss as it was: each chunk checkpointed, the student's tile projected again in backward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from atlas_distill.gkd import divergence
+
+    weight, bias = divergence._head(student, V)
+
+    def chunk(h_s, index, chunk_values, chunk_tail):
+        log_probs = divergence._log_probs(h_s, weight, bias, TEMPERATURE)
+        folded = torch.cat([log_probs.gather(-1, index), divergence._tail(log_probs, index).unsqueeze(-1)], dim=-1)
+        return divergence.generalized_jsd(folded, torch.cat([chunk_values, chunk_tail.unsqueeze(-1)], dim=-1), BETA)
+
+    step, index = divergence.TOKEN_CHUNK, indices.long()
+    return torch.cat([checkpoint(chunk, hidden_s[i:i + step], index[i:i + step], values[i:i + step],
+                                 tail[i:i + step], use_reentrant=False) for i in range(0, hidden_s.shape[0], step)])
+
+
+def _exact_losses(hidden_s, hidden_t, student, teacher) -> dict:
+    """The exact loss three ways: ours, checkpointed, TRL's (in its [batch, completion] layout: BATCH rows when the
+    positions divide evenly, else one)."""
+    import torch
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from atlas_distill.gkd import divergence
+
+    n = hidden_s.shape[0]
+    rows = BATCH if n % BATCH == 0 else 1
+    shape = (rows, n // rows, H)
+    mask = torch.ones(shape[:2], dtype=torch.long)
+    return {
+        "ours": lambda: divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=BETA,
+                                                      temperature=TEMPERATURE).sum() / n,
+        "checkpointed": lambda: _checkpointed(hidden_s, hidden_t, student, teacher).sum() / n,
+        "trl": lambda: _chunked_divergence_loss(hidden_s.view(shape), hidden_t.view(shape), student.lm_head.weight,
+                                                teacher.lm_head.weight, mask, BETA, temperature=TEMPERATURE)[0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--topk", type=int, metavar="K", help="instead: the loss against a cached top-K teacher")
+    parser.add_argument("--positions", type=int, default=BATCH * COMPLETION, help="completion positions in the batch")
     args = parser.parse_args()
 
     import torch
-    from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     from atlas_distill.gkd import divergence
 
@@ -66,19 +113,20 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     student, teacher = Head(generator), Head(generator)
-    n = BATCH * COMPLETION
+    n = args.positions
     hidden_s = torch.randn(n, H, generator=generator, requires_grad=True)
     hidden_t = torch.randn(n, H, generator=generator)
-    mask = torch.ones(BATCH, COMPLETION, dtype=torch.long)
-    losses = {
-        "ours": lambda: divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=BETA,
-                                                      temperature=TEMPERATURE).sum() / n,
-        "checkpointed": lambda: _checkpointed(hidden_s, hidden_t, student, teacher).sum() / n,
-        "trl": lambda: _chunked_divergence_loss(hidden_s.view(BATCH, COMPLETION, H),
-                                                hidden_t.view(BATCH, COMPLETION, H), student.lm_head.weight,
-                                                teacher.lm_head.weight, mask, BETA, temperature=TEMPERATURE)[0],
-    }
-    results = {"cpu": cpu_description(), "positions": n, "vocab": V}
+    if args.topk:
+        cached = divergence.teacher_topk(hidden_t, teacher, vocab=V, k=args.topk, temperature=TEMPERATURE)
+        losses = {
+            "ours": lambda: divergence.topk_divergence(hidden_s, student, vocab=V, beta=BETA, temperature=TEMPERATURE,
+                                                       indices=cached[0], teacher_values=cached[1],
+                                                       teacher_tail=cached[2]).sum() / n,
+            "checkpointed": lambda: _checkpointed_topk(hidden_s, student, *cached).sum() / n,
+        }
+    else:
+        losses = _exact_losses(hidden_s, hidden_t, student, teacher)
+    results = {"cpu": cpu_description(), "positions": n, "vocab": V, "topk": args.topk}
     for precision in ("fp32", "bf16"):
         def run(loss, bf16=precision == "bf16"):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -101,7 +149,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    print(f"CPU: {results['cpu']}; {n} positions x {V:,} tokens, forward + backward, medians of {args.repeats}")
+    against = f", against a cached top {args.topk}" if args.topk else ""
+    print(f"CPU: {results['cpu']}; {n} positions x {V:,} tokens{against}, forward + backward, medians of "
+          f"{args.repeats}")
     print("| precision | way | ms | ours' speed-up | loss |\n| --- | --- | ---: | ---: | ---: |")
     for precision in ("fp32", "bf16"):
         for name, row in results[precision].items():

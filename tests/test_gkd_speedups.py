@@ -200,10 +200,57 @@ def test_topk_cache_forward_kl_error_is_the_tail_term():
     assert torch.allclose(exact - folded, tail.exp() * kl_tails, atol=1e-5)
 
 
-def test_topk_divergence_gradient_flows_to_the_student():
-    folded, _, (hidden_s, *_rest) = folded_and_exact(16, beta=0.5)
-    (grad,) = torch.autograd.grad(folded.sum(), hidden_s)
-    assert grad.abs().sum() > 0
+def reference_folded(hidden_s, student, indices, values, tail, *, vocab, beta, temperature):
+    """The folded divergence through the student's full logits, differentiated by autograd."""
+    log_probs = torch.log_softmax(student.lm_head(hidden_s)[:, :vocab] / temperature, dim=-1)
+    rest = torch.logsumexp(log_probs.scatter(-1, indices.long(), float("-inf")), dim=-1)
+    folded = torch.cat([log_probs.gather(-1, indices.long()), rest.clamp_min(divergence.TAIL_FLOOR).unsqueeze(-1)], -1)
+    return divergence.generalized_jsd(folded, torch.cat([values, tail.unsqueeze(-1)], -1), beta)
+
+
+@pytest.mark.parametrize("k", [16, V])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_topk_divergence_takes_autograds_gradient_in_its_forward_pass(beta, k, monkeypatch):
+    """The folded divergence's gradient is taken in forward, per chunk (as the exact one's): the same values and
+    autograd's gradients on the full logits, with a weight per position, a shared vocabulary, the tail empty (k = V),
+    and a teacher whose stored k + 1 probabilities do not sum to 1 (the teacher store's 8-bit records)."""
+    monkeypatch.setattr(divergence, "TOKEN_CHUNK", 16)
+    student, teacher, hidden_s, hidden_t = heads()
+    shared = V - 13
+    indices, values, tail = divergence.teacher_topk(hidden_t, teacher, vocab=shared, k=min(k, shared), temperature=0.9)
+    values = values + 0.01  # off by a little, as rounded records are
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(5))
+    parameters = [hidden_s, student.lm_head.weight]
+    for loss in (lambda per_position: per_position.sum() * 0.3, lambda per_position: (per_position * weights).sum()):
+        expected_values = reference_folded(hidden_s, student, indices, values, tail, vocab=shared, beta=beta,
+                                           temperature=0.9)
+        expected = torch.autograd.grad(loss(expected_values), parameters)
+        ours_values = divergence.topk_divergence(hidden_s, student, vocab=shared, beta=beta, temperature=0.9,
+                                                 indices=indices, teacher_values=values, teacher_tail=tail)
+        ours = torch.autograd.grad(loss(ours_values), parameters)
+        torch.testing.assert_close(ours_values, expected_values, rtol=1e-6, atol=1e-6)
+        for mine, theirs in zip(ours, expected, strict=True):
+            assert theirs.abs().max() > 1e-4
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        assert not ours[1][shared:].any()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_a_floored_tail_passes_no_gradient_as_clamps_does(beta):
+    """Where the student leaves the tail (all but the teacher's top k) less than e^-10000 of its mass, the folded tail
+    is floored and, as through clamp_min, no gradient flows through it, while the teacher's tail still has mass."""
+    indices = torch.tensor([[3, 7], [1, 2]])
+    logits = torch.zeros(2, V).scatter(-1, indices, 3e4).requires_grad_()  # the rest 30,000 below: floored
+    values, tail = torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.4]])), torch.log(torch.tensor([0.1, 0.1]))
+    log_probs = torch.log_softmax(logits / 0.9, dim=-1)
+    folded = torch.cat([log_probs.gather(-1, indices), torch.logsumexp(log_probs.scatter(-1, indices, float("-inf")),
+                                                                      -1).clamp_min(divergence.TAIL_FLOOR)[:, None]], -1)
+    expected = divergence.generalized_jsd(folded, torch.cat([values, tail[:, None]], -1), beta)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    per_position, grad = divergence._folded_chunk(indices, values, tail, beta, 0.9, slice(0, 2), log_probs.detach())
+    torch.testing.assert_close(per_position, expected.detach())
+    assert expected_grad.abs().max() > 1e-3
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

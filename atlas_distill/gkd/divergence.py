@@ -4,25 +4,28 @@
 `lm_head`, TOKEN_CHUNK positions at a time, and takes the divergence chunk by chunk, so no B x L x V
 logits tensor exists and the prompt positions are never projected. When a gradient is wanted, each chunk's
 gradient (the hidden states' and the head's) is taken in the forward pass while its tiles exist, the head's
-summed into one buffer: nothing is recomputed in backward, which only scales what forward kept. For 128
-positions x 49,152 tokens on a Zen 4 CPU the loss's forward + backward took 303 ms in fp32 against 610 ms for
-the same chunks checkpointed and recomputed in backward (the way before) and 566 ms for TRL's
-ChunkedDivergenceFunction (trl/kernels/chunked_divergence.py, vocabulary tiles, its torch path without Triton),
-and a train_bench step's peak RSS fell by 250-360 MB (benchmarks/loss_bench.py, benchmarks/README.md).
+summed into one buffer: nothing is recomputed in backward, which only scales what forward kept. Each chunk works
+in place on its [TOKEN_CHUNK, V] tiles (at most four at once). For 128 positions x 49,152 tokens on a Zen 4 CPU
+the loss's forward + backward took 272 ms in fp32 against 596 ms for the same chunks checkpointed and
+recomputed in backward (the way before) and 528 ms for TRL's ChunkedDivergenceFunction
+(trl/kernels/chunked_divergence.py, vocabulary tiles, its torch path without Triton); 141 / 219 / 582 ms
+under bf16 autocast (benchmarks/loss_bench.py, benchmarks/README.md).
 
-`teacher_topk` and `topk_divergence` are the off-policy cache: the teacher's distribution at a position
-is kept as its k most likely tokens plus one tail bucket holding the rest of the mass, and the student's
-distribution is folded onto the same k + 1 outcomes. The divergence of the folded pair never exceeds the
-exact one (data processing inequality), equals it when k covers the vocabulary, and for forward KL falls
-short by exactly tail_mass x KL(teacher tail || student tail); tests check all three.
+`teacher_topk` and `topk_divergence` are the off-policy cache (and the teacher store's reader): the teacher's
+distribution at a position is kept as its k most likely tokens plus one tail bucket holding the rest of the
+mass, and the student's distribution is folded onto the same k + 1 outcomes. The divergence of the folded pair
+never exceeds the exact one (data processing inequality), equals it when k covers the vocabulary, and for
+forward KL falls short by exactly tail_mass x KL(teacher tail || student tail); tests check all three. Its
+gradient is taken in forward too (`_folded_chunk`): at 200 positions against a top 512, 353 ms in fp32 and
+190 under bf16 autocast, against 683 / 343 ms for the chunks checkpointed (`loss_bench.py --topk 512`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from . import tied_gradient
 
@@ -89,14 +92,27 @@ def chunked_divergence(student_hidden, teacher_hidden, student, teacher, *, voca
     (`_FusedDivergence`): the student's head gradient is summed into one buffer, no tile is recomputed in
     backward, and backward only scales what forward kept."""
     t_weight, t_bias = _head(teacher, vocab)
+    return _fused(student_hidden, student, vocab, temperature,
+                  functools.partial(_exact_chunk, teacher_hidden, t_weight, t_bias, beta, temperature))
+
+
+def _fused(student_hidden, student, vocab: int, temperature: float, chunk_loss) -> torch.Tensor:
+    """Per-position divergence [N] of `chunk_loss` over the student's head, each chunk's gradient taken in forward
+    (`_FusedDivergence`) where one is wanted."""
     head = student.get_output_embeddings()
     device = student_hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-    args = (student_hidden, teacher_hidden, head.weight, getattr(head, "bias", None), t_weight, t_bias, vocab, beta,
-            temperature, dtype)
+    args = (student_hidden, head.weight, getattr(head, "bias", None), vocab, dtype, temperature, chunk_loss)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or head.weight.requires_grad):
         return _FusedDivergence.apply(*args)
     return _fused_pass(*args, (False, False, False), None)[0]
+
+
+def _exact_chunk(teacher_hidden, t_weight, t_bias, beta: float, temperature: float, rows: slice,
+                 student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's divergence from the teacher's full distribution, and its gradient w.r.t. the student's logits."""
+    return divergence_and_gradient(student, _log_probs(teacher_hidden[rows], t_weight, t_bias, temperature), beta,
+                                   temperature)
 
 
 def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: float,
@@ -130,7 +146,8 @@ def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: 
 
 
 class _FusedDivergence(torch.autograd.Function):
-    """`chunked_divergence` with each chunk's gradient taken in forward, while its [TOKEN_CHUNK, V] tiles exist.
+    """A chunked divergence (`chunked_divergence`'s or `topk_divergence`'s) with each chunk's gradient taken in
+    forward, while its [TOKEN_CHUNK, V] tiles exist.
 
     Checkpointed chunks (the way before) recomputed both models' tiles in backward, and autograd gave each
     chunk's head gradient its own [V, H] tensor before summing them (and another for the vocabulary slice, and
@@ -140,10 +157,9 @@ class _FusedDivergence(torch.autograd.Function):
     chunks with each position's weight."""
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab: int, beta: float,
-                temperature: float, dtype: torch.dtype):
-        ctx.args = (student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab, beta, temperature, dtype)
-        ctx.wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3])
+    def forward(ctx, student_hidden, weight, bias, vocab: int, dtype: torch.dtype, temperature: float, chunk_loss):
+        ctx.args = (student_hidden, weight, bias, vocab, dtype, temperature, chunk_loss)
+        ctx.wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         per_position, ctx.grads = _fused_pass(*ctx.args, ctx.wants, None)
         return per_position
 
@@ -159,14 +175,14 @@ class _FusedDivergence(torch.autograd.Function):
                 if grad is not None:
                     grad.mul_(scale.to(grad.dtype))
         grad_hidden, grad_weight, grad_bias = grads
-        tied_gradient.offer(ctx.args[2], grad_weight)  # a tied input embedding adds its rows into it
-        return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None
+        tied_gradient.offer(ctx.args[1], grad_weight)  # a tied input embedding adds its rows into it
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _fused_pass(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, vocab, beta, temperature, dtype,
-                wants, row_weight):
+def _fused_pass(student_hidden, weight, bias, vocab, dtype, temperature, chunk_loss, wants, row_weight):
     """Per-position divergence [N] and the gradients `wants` asks for (hidden, head weight, head bias), each
-    position's gradient weighted by `row_weight` [N] (None: 1)."""
+    position's gradient weighted by `row_weight` [N] (None: 1). `chunk_loss(rows, student_log_probs)` gives a chunk's
+    per-position divergence and its gradient w.r.t. the student's logits (it may overwrite the log-probs)."""
     want_hidden, want_weight, want_bias = wants
     with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
         s_weight = weight[:vocab].to(dtype)
@@ -178,23 +194,25 @@ def _fused_pass(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, 
         for start in range(0, student_hidden.shape[0], TOKEN_CHUNK):
             rows = slice(start, start + TOKEN_CHUNK)
             hidden = student_hidden[rows].to(dtype)
-            # the tiles are handed over, not kept here: each is freed as soon as divergence_and_gradient is done with it
-            per_position, grad = divergence_and_gradient(_log_probs(hidden, s_weight, s_bias, temperature),
-                                                         _log_probs(teacher_hidden[rows], t_weight, t_bias,
-                                                                    temperature), beta, temperature)
+            # the tile is handed over, not kept here: it is freed as soon as chunk_loss is done with it
+            per_position, grad = chunk_loss(rows, _log_probs(hidden, s_weight, s_bias, temperature))
             parts.append(per_position)
             if row_weight is not None:
                 grad.mul_(row_weight[rows].unsqueeze(-1))
-            grad = grad.to(dtype)
+            low = grad.to(dtype)  # the tile itself in fp32; under autocast its copy in the autocast dtype
             if want_hidden:
-                grad_hidden[rows] = grad @ s_weight
-            if want_weight and grad.dtype == grad_weight.dtype:
-                grad_weight[:vocab].addmm_(grad.t(), hidden)  # in place: no [V, H] temporary
+                grad_hidden[rows] = low @ s_weight
+            if want_weight and low.dtype == grad_weight.dtype:
+                grad_weight[:vocab].addmm_(low.t(), hidden)  # in place: no [V, H] temporary
+            elif want_weight and grad.device.type == "cpu":
+                # an fp32 head under autocast: in place from the fp32 tile (PyTorch has no CPU matmul of bf16 inputs
+                # into an fp32 output), 19 against 58 ms a chunk for the product and sum below, and no bf16 rounding
+                grad_weight[:vocab].addmm_(grad.to(grad_weight.dtype).t(), hidden.to(grad_weight.dtype))
             elif want_weight:
-                grad_weight[:vocab] += grad.t() @ hidden
+                grad_weight[:vocab] += low.t() @ hidden
             if want_bias:
-                grad_bias[:vocab] += grad.sum(0)
-            del grad  # before the next chunk's tiles
+                grad_bias[:vocab] += low.sum(0)
+            del grad, low  # before the next chunk's tiles
         return _joined(parts, student_hidden), (grad_hidden, grad_weight, grad_bias)
 
 
@@ -232,27 +250,43 @@ def teacher_topk(teacher_hidden, teacher, *, vocab: int, k: int, temperature: fl
     return torch.cat(indices), torch.cat(values), torch.cat(tails)
 
 
-def _folded_divergence(hidden, weight, bias, indices, teacher_values, teacher_tail, beta: float,
-                       temperature: float) -> torch.Tensor:
-    log_probs = _log_probs(hidden, weight, bias, temperature)
-    student = torch.cat([log_probs.gather(-1, indices), _tail(log_probs, indices).unsqueeze(-1)], dim=-1)
-    teacher = torch.cat([teacher_values, teacher_tail.unsqueeze(-1)], dim=-1)
-    return generalized_jsd(student, teacher, beta)
-
-
 def topk_divergence(student_hidden, student, *, vocab: int, beta: float, temperature: float, indices,
                     teacher_values, teacher_tail) -> torch.Tensor:
     """Per-position generalized JSD [N] between the student and a cached top-k teacher, over k + 1 outcomes.
 
-    The student is projected TOKEN_CHUNK positions at a time, each chunk recomputed in the backward pass
-    (activation checkpointing), so at most one [TOKEN_CHUNK, V] tile exists at a time.
+    The student is projected TOKEN_CHUNK positions at a time and, as in `chunked_divergence`, each chunk's
+    gradient is taken in the forward pass while its tile exists (`_folded_chunk`): nothing is recomputed in
+    backward (the way before checkpointed each chunk and projected it again there).
     """
-    weight, bias = _head(student, vocab)
-    indices = indices.long()
-    parts = []
-    for start in range(0, student_hidden.shape[0], TOKEN_CHUNK):
-        end = start + TOKEN_CHUNK
-        parts.append(checkpoint(_folded_divergence, student_hidden[start:end], weight, bias, indices[start:end],
-                                teacher_values[start:end], teacher_tail[start:end], beta, temperature,
-                                use_reentrant=False))
-    return _joined(parts, student_hidden)
+    return _fused(student_hidden, student, vocab, temperature,
+                  functools.partial(_folded_chunk, indices.long(), teacher_values, teacher_tail, beta, temperature))
+
+
+def _folded_chunk(indices, teacher_values, teacher_tail, beta: float, temperature: float, rows: slice,
+                  student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's divergence from the teacher's top-k over k + 1 outcomes (its k tokens and the tail), and its
+    gradient w.r.t. the student's logits.
+
+    With a the divergence's partials w.r.t. the folded log-probs (autograd on the [c, k + 1] pair, so exactly the
+    formula's), a top-k token i's log-prob s_i moves with logit j as delta_ij - p_j, and the tail's log-mass
+    log p_tail as [j in the tail] p_j / p_tail - p_j (not at all where it was floored at TAIL_FLOOR, as clamp's
+    gradient). So the gradient at z = logits / T is a_i - p_i r at a top-k token and p_j / p_tail (a_tail - p_tail r)
+    at any other, r being the sum of a over the outcomes the gradient reaches; divided by T for the logits.
+    One [c, V] tile holds it, made in place from the student's log-probs."""
+    index = indices[rows]
+    top = student.gather(-1, index)
+    tail = torch.logsumexp(student.scatter(-1, index, float("-inf")), dim=-1)  # log p_tail, exactly
+    with torch.enable_grad():
+        folded = torch.cat([top, tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)], dim=-1).requires_grad_()
+        teacher = torch.cat([teacher_values[rows], teacher_tail[rows].unsqueeze(-1)], dim=-1)
+        per_position = generalized_jsd(folded, teacher, beta)
+        (partials,) = torch.autograd.grad(per_position.sum(), folded)
+    reached = (tail >= TAIL_FLOOR).to(partials.dtype)  # clamp_min passes the gradient where it did not clamp
+    a_top, a_tail = partials[:, :-1], partials[:, -1] * reached
+    r = a_top.sum(-1) + a_tail
+    # p_j / p_tail = exp(s_j - log p_tail) <= 1 in the tail (0 where it was floored: a_tail is 0 there); the top-k
+    # entries, clamped here first, are overwritten below
+    shift = tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)
+    grad = student.sub_(shift).clamp_max_(0).exp_().mul_((a_tail - tail.exp() * r).unsqueeze(-1))
+    grad.scatter_(-1, index, a_top - top.exp() * r.unsqueeze(-1))
+    return per_position.detach(), grad.div_(temperature)
