@@ -19,7 +19,8 @@ first (the first pays one-off costs: allocator warm-up, the optimizer state).
 --json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
 peak_rss_mb, final_loss, seed, bf16} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
 and losses); progress goes to stderr. Without it, a table with the ratios.
-`--atlas-off` runs ours with all its speedups switched off (a check that the switches work).
+`--atlas-off` runs ours with all its speedups switched off (a check that the switches work); `--ours KEY=VALUE`
+(repeatable) sets one of ours' settings, e.g. `--ours keep_freed_memory=false`.
 """
 
 from __future__ import annotations
@@ -268,8 +269,21 @@ def bf16_for(trainer_name: str, precision: str) -> bool:
     return trainer_name == "atlas" and mixed_precision("auto")[0]
 
 
+def parse_ours(pairs: list[str]) -> dict:
+    """`--ours KEY=VALUE` pairs as GKDConfig keyword arguments (VALUE read as YAML: true, 0, 0.5, text)."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--ours {pair!r}: expected KEY=VALUE, e.g. --ours keep_freed_memory=false")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-           seed: int, precision: str, teacher_setting: str = "auto", data: str = "task") -> dict:
+           seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = ()) -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
     bf16 = bf16_for(trainer_name, "fp32" if atlas_off and precision == "auto" else precision)
     dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
@@ -285,6 +299,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
                      "group_by_length": False, "generation_dtype": "float32", "inverse_cdf_sampling": False,
                      "packed_generation": False, "keep_freed_memory": False} if atlas_off else {})
+        if trainer_name == "atlas":
+            switches.update(parse_ours(list(ours)))
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
@@ -303,10 +319,10 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-              seed: int, precision: str, teacher_setting: str = "auto", data: str = "task") -> dict:
+              seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = ()) -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
                "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting,
-               "--data", data, "--precision", precision]
+               "--data", data, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
     log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps, "
@@ -373,6 +389,8 @@ def main() -> None:
                         help="auto: ours as `atlas-distill train` picks it here (bf16 autocast on an AMX CPU), TRL's "
                         "in fp32; fp32 / bf16 (autocast): every trainer so; bf16 is slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="one of ours' settings (GKDConfig), e.g. keep_freed_memory=false; repeatable")
     parser.add_argument("--data", choices=["task", "conversation"], default="task",
                         help="task: task prompt -> final answer; conversation: the multi-turn episodes, ours learning "
                         "every action (one on-policy target turn per example), TRL's trainers the final answer after "
@@ -388,10 +406,12 @@ def main() -> None:
     args = parser.parse_args()
     lmbdas = [float(x) for x in args.lmbda.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
+    ours = tuple(args.ours)
+    parse_ours(args.ours)  # a malformed pair stops here, before any worker starts
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.precision, args.teacher_dtype, args.data)
+                         seeds[0], args.precision, args.teacher_dtype, args.data, ours)
         print(json.dumps(row), flush=True)
         return
     if args.topk_error:
@@ -405,11 +425,12 @@ def main() -> None:
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.precision,
-                          args.teacher_dtype, args.data) for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
+                          args.teacher_dtype, args.data, ours)
+                for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
         rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision,
-                          args.teacher_dtype, args.data)
+                          args.teacher_dtype, args.data, ours)
                 for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
