@@ -243,8 +243,8 @@ def test_a_floored_tail_passes_no_gradient_as_clamps_does(beta):
     logits = torch.zeros(2, V).scatter(-1, indices, 3e4).requires_grad_()  # the rest 30,000 below: floored
     values, tail = torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.4]])), torch.log(torch.tensor([0.1, 0.1]))
     log_probs = torch.log_softmax(logits / 0.9, dim=-1)
-    folded = torch.cat([log_probs.gather(-1, indices), torch.logsumexp(log_probs.scatter(-1, indices, float("-inf")),
-                                                                      -1).clamp_min(divergence.TAIL_FLOOR)[:, None]], -1)
+    rest = torch.logsumexp(log_probs.scatter(-1, indices, float("-inf")), -1)
+    folded = torch.cat([log_probs.gather(-1, indices), rest.clamp_min(divergence.TAIL_FLOOR)[:, None]], -1)
     expected = divergence.generalized_jsd(folded, torch.cat([values, tail[:, None]], -1), beta)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
     per_position, grad = divergence._folded_chunk(indices, values, tail, beta, 0.9, slice(0, 2), log_probs.detach())
@@ -334,6 +334,7 @@ def test_bf16_sampling_copy_follows_the_student_after_each_step(tmp_path, make_t
     for name, source in trainer.model.named_parameters():
         assert torch.equal(sampled_with[0][name], source.detach().to(torch.bfloat16)), name
     assert all(weight.untyped_storage().size() == 0 for weight in copy.parameters() if not weight.is_meta)
+    assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]
 
 
 def _weight_in_use(model, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -344,7 +345,6 @@ def _weight_in_use(model, name: str, weight: torch.Tensor) -> torch.Tensor:
     layer = model.get_submodule(name.rsplit(".", 1)[0])
     with torch.no_grad():
         return layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).t().contiguous()
-    assert inputs["input_ids"].shape[1] > batch(trainer)["prompts"].shape[1]
 
 
 def cpuinfo_variant(remove: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
