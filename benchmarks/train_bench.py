@@ -271,13 +271,18 @@ def bf16_for(trainer_name: str, precision: str) -> bool:
 
 def parse_ours(pairs: list[str]) -> dict:
     """`--ours KEY=VALUE` pairs as GKDConfig keyword arguments (VALUE read as YAML: true, 0, 0.5, text)."""
+    import dataclasses
+
     import yaml
 
-    settings = {}
+    from atlas_distill.gkd import GKDConfig
+
+    known, settings = {field.name for field in dataclasses.fields(GKDConfig)}, {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--ours {pair!r}: expected KEY=VALUE, e.g. --ours keep_freed_memory=false")
+        if not sep or key not in known:
+            raise SystemExit(f"--ours {pair!r}: expected KEY=VALUE with KEY a GKDConfig setting, e.g. --ours "
+                             "keep_freed_memory=false")
         settings[key] = yaml.safe_load(value)
     return settings
 
@@ -310,6 +315,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
            "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype,
            "data": data, "bf16": bf16}
+    if trainer_name == "atlas" and ours:
+        row["ours"] = parse_ours(list(ours))
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
@@ -407,7 +414,8 @@ def main() -> None:
     lmbdas = [float(x) for x in args.lmbda.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     ours = tuple(args.ours)
-    parse_ours(args.ours)  # a malformed pair stops here, before any worker starts
+    if not args.worker:
+        parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 import weakref
 from pathlib import Path
@@ -112,6 +113,29 @@ def test_a_chunk_of_the_fused_divergence_holds_at_most_four_tiles(beta, monkeypa
     torch.testing.assert_close(torch.autograd.grad(ours.sum(), hidden_s)[0], expected_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_in_place_divergence_and_gradient_are_bit_for_bit_the_written_out_formulas(beta):
+    """divergence_and_gradient overwrites its two tiles step by step; the same operations in the same order as the
+    formulas in its docstring, so the same bits."""
+    generator = torch.Generator().manual_seed(7)
+    s = torch.log_softmax(torch.randn(8, V, generator=generator) * 3, dim=-1)
+    t = torch.log_softmax(torch.randn(8, V, generator=generator) * 3, dim=-1)
+    temperature, p_s, p_t = 0.9, s.exp(), t.exp()
+    if beta == 0:
+        expected = (p_t * (t - s)).sum(-1), (p_s - p_t) / temperature
+    elif beta == 1:
+        kl = (p_s * (s - t)).sum(-1)
+        expected = kl, p_s * (s - t - kl.unsqueeze(-1)) / temperature
+    else:
+        mixture = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))
+        kl_s, kl_t = (p_s * (s - mixture)).sum(-1), (p_t * (t - mixture)).sum(-1)
+        expected = (beta * kl_t + (1 - beta) * kl_s,
+                    p_s * (s - mixture - kl_s.unsqueeze(-1)) * ((1 - beta) / temperature))
+    ours = divergence.divergence_and_gradient(s.clone(), t.clone(), beta, temperature)
+    assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1])
+    assert torch.equal(divergence.generalized_jsd(s, t, beta), ours[0])  # the value without a gradient, too
+
+
 def reference_divergence(hidden_s, hidden_t, student, teacher, *, vocab, beta, temperature):
     """Per-position generalized JSD through both heads' full logits, differentiated by autograd."""
     def log_probs(hidden, head):
@@ -147,7 +171,8 @@ def test_chunked_divergence_gradient_with_a_weight_per_position_a_bias_and_a_sha
     first = torch.autograd.grad(kept, parameters, retain_graph=True)
     again = torch.autograd.grad(kept, parameters)  # a retained graph's second backward: the same gradients
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(first, again, strict=True))
-    with torch.no_grad():  # without a gradient: the same values, no gradient work
+    monkeypatch.setattr(divergence, "divergence_and_gradient", None)  # without a gradient, not called
+    with torch.no_grad():  # the same values
         plain = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=beta,
                                               temperature=0.9)
     assert torch.allclose(plain, reference_divergence(hidden_s, hidden_t, student, teacher, vocab=shared, beta=beta,
@@ -233,6 +258,10 @@ def test_topk_divergence_takes_autograds_gradient_in_its_forward_pass(beta, k, m
             assert theirs.abs().max() > 1e-4
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
         assert not ours[1][shared:].any()
+    with torch.inference_mode():  # evaluation, and train_bench's --topk-error: the values, no gradient work
+        plain = divergence.topk_divergence(hidden_s, student, vocab=shared, beta=beta, temperature=0.9,
+                                           indices=indices, teacher_values=values, teacher_tail=tail)
+    torch.testing.assert_close(plain, expected_values.detach(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5])
@@ -247,7 +276,8 @@ def test_a_floored_tail_passes_no_gradient_as_clamps_does(beta):
     folded = torch.cat([log_probs.gather(-1, indices), rest.clamp_min(divergence.TAIL_FLOOR)[:, None]], -1)
     expected = divergence.generalized_jsd(folded, torch.cat([values, tail[:, None]], -1), beta)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
-    per_position, grad = divergence._folded_chunk(indices, values, tail, beta, 0.9, slice(0, 2), log_probs.detach())
+    per_position, grad = divergence._folded_chunk(indices, values, tail, beta, 0.9, slice(0, 2), log_probs.detach(),
+                                                  True)
     torch.testing.assert_close(per_position, expected.detach())
     assert expected_grad.abs().max() > 1e-3
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
@@ -344,7 +374,8 @@ def _weight_in_use(model, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight.detach().clone()
     layer = model.get_submodule(name.rsplit(".", 1)[0])
     with torch.no_grad():
-        return layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).t().contiguous()
+        bias = layer(torch.zeros(1, layer.in_features, dtype=torch.bfloat16))
+        return (layer(torch.eye(layer.in_features, dtype=torch.bfloat16)) - bias).t().contiguous()
 
 
 def cpuinfo_variant(remove: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
@@ -689,6 +720,7 @@ def test_packed_generation_gives_the_copys_own_logits_and_is_dropped_after_each_
     inputs, seen = batch(trainer), {}
     generate = trainer.generate_on_policy_outputs
     plain = copy.deepcopy(trainer.model).to(torch.bfloat16)  # the student in bf16, on PyTorch's own linear
+    vars(plain).pop("forward", None)  # SFTTrainer's forward patch on the instance would run the fp32 student
 
     def recording(model, *args):
         linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}

@@ -109,10 +109,13 @@ def _fused(student_hidden, student, vocab: int, temperature: float, chunk_loss) 
 
 
 def _exact_chunk(teacher_hidden, t_weight, t_bias, beta: float, temperature: float, rows: slice,
-                 student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's divergence from the teacher's full distribution, and its gradient w.r.t. the student's logits."""
-    return divergence_and_gradient(student, _log_probs(teacher_hidden[rows], t_weight, t_bias, temperature), beta,
-                                   temperature)
+                 student: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's divergence from the teacher's full distribution, and (`gradient`) its gradient w.r.t. the
+    student's logits."""
+    teacher = _log_probs(teacher_hidden[rows], t_weight, t_bias, temperature)
+    if not gradient:
+        return generalized_jsd(student, teacher, beta), None
+    return divergence_and_gradient(student, teacher, beta, temperature)
 
 
 def divergence_and_gradient(student: torch.Tensor, teacher: torch.Tensor, beta: float,
@@ -181,8 +184,9 @@ class _FusedDivergence(torch.autograd.Function):
 
 def _fused_pass(student_hidden, weight, bias, vocab, dtype, temperature, chunk_loss, wants, row_weight):
     """Per-position divergence [N] and the gradients `wants` asks for (hidden, head weight, head bias), each
-    position's gradient weighted by `row_weight` [N] (None: 1). `chunk_loss(rows, student_log_probs)` gives a chunk's
-    per-position divergence and its gradient w.r.t. the student's logits (it may overwrite the log-probs)."""
+    position's gradient weighted by `row_weight` [N] (None: 1). `chunk_loss(rows, student_log_probs, gradient)`
+    gives a chunk's per-position divergence and, when `gradient`, its gradient w.r.t. the student's logits (it may
+    overwrite the log-probs)."""
     want_hidden, want_weight, want_bias = wants
     with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
         s_weight = weight[:vocab].to(dtype)
@@ -195,8 +199,10 @@ def _fused_pass(student_hidden, weight, bias, vocab, dtype, temperature, chunk_l
             rows = slice(start, start + TOKEN_CHUNK)
             hidden = student_hidden[rows].to(dtype)
             # the tile is handed over, not kept here: it is freed as soon as chunk_loss is done with it
-            per_position, grad = chunk_loss(rows, _log_probs(hidden, s_weight, s_bias, temperature))
+            per_position, grad = chunk_loss(rows, _log_probs(hidden, s_weight, s_bias, temperature), any(wants))
             parts.append(per_position)
+            if grad is None:
+                continue
             if row_weight is not None:
                 grad.mul_(row_weight[rows].unsqueeze(-1))
             low = grad.to(dtype)  # the tile itself in fp32; under autocast its copy in the autocast dtype
@@ -211,7 +217,7 @@ def _fused_pass(student_hidden, weight, bias, vocab, dtype, temperature, chunk_l
             elif want_weight:
                 grad_weight[:vocab] += low.t() @ hidden
             if want_bias:
-                grad_bias[:vocab] += low.sum(0)
+                grad_bias[:vocab] += (grad if grad.dtype == grad_bias.dtype else low).sum(0)
             del grad, low  # before the next chunk's tiles
         return _joined(parts, student_hidden), (grad_hidden, grad_weight, grad_bias)
 
@@ -229,10 +235,10 @@ def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.float().div_(temperature), dim=-1)
 
 
-def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor, floored: bool = True) -> torch.Tensor:
     """log of the mass outside `top_indices`, exactly (logsumexp over the rest), floored at TAIL_FLOOR."""
-    rest = log_probs.scatter(-1, top_indices, float("-inf"))
-    return torch.logsumexp(rest, dim=-1).clamp_min(TAIL_FLOOR)
+    tail = torch.logsumexp(log_probs.scatter(-1, top_indices, float("-inf")), dim=-1)
+    return tail.clamp_min(TAIL_FLOOR) if floored else tail
 
 
 @torch.no_grad()
@@ -263,7 +269,7 @@ def topk_divergence(student_hidden, student, *, vocab: int, beta: float, tempera
 
 
 def _folded_chunk(indices, teacher_values, teacher_tail, beta: float, temperature: float, rows: slice,
-                  student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  student: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A chunk's divergence from the teacher's top-k over k + 1 outcomes (its k tokens and the tail), and its
     gradient w.r.t. the student's logits.
 
@@ -272,13 +278,17 @@ def _folded_chunk(indices, teacher_values, teacher_tail, beta: float, temperatur
     log p_tail as [j in the tail] p_j / p_tail - p_j (not at all where it was floored at TAIL_FLOOR, as clamp's
     gradient). So the gradient at z = logits / T is a_i - p_i r at a top-k token and p_j / p_tail (a_tail - p_tail r)
     at any other, r being the sum of a over the outcomes the gradient reaches; divided by T for the logits.
-    One [c, V] tile holds it, made in place from the student's log-probs."""
+    The gradient is made in place in the student's log-probs tile (the tail's logsumexp needs its own for a
+    moment, before)."""
     index = indices[rows]
     top = student.gather(-1, index)
-    tail = torch.logsumexp(student.scatter(-1, index, float("-inf")), dim=-1)  # log p_tail, exactly
-    with torch.enable_grad():
-        folded = torch.cat([top, tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)], dim=-1).requires_grad_()
-        teacher = torch.cat([teacher_values[rows], teacher_tail[rows].unsqueeze(-1)], dim=-1)
+    tail = _tail(student, index, floored=False)  # log p_tail, exactly
+    teacher = torch.cat([teacher_values[rows], teacher_tail[rows].unsqueeze(-1)], dim=-1)
+    folded = torch.cat([top, tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+    if not gradient:
+        return generalized_jsd(folded, teacher, beta), None
+    with torch.enable_grad():  # (an autograd Function's forward runs without)
+        folded.requires_grad_()
         per_position = generalized_jsd(folded, teacher, beta)
         (partials,) = torch.autograd.grad(per_position.sum(), folded)
     reached = (tail >= TAIL_FLOOR).to(partials.dtype)  # clamp_min passes the gradient where it did not clamp

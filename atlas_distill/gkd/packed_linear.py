@@ -46,7 +46,7 @@ def packed_alone(model: torch.nn.Module) -> set[int]:
     uses: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-    return {id(module.weight) for _, module in _linears(model) if uses[id(module.weight)] == 1}
+    return {id(module.weight) for _, module in _linears(model) if uses.get(id(module.weight)) == 1}
 
 
 @torch.no_grad()

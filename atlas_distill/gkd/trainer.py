@@ -197,6 +197,7 @@ class AtlasGKDTrainer(GKDTrainer):
                           "GKDConfig(bf16=False); with `atlas-distill train`, model.dtype=auto or float32.",
                           stacklevel=2)
         self._sampler: torch.nn.Module | None = None
+        self._sampler_packs = False
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
             allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
@@ -353,7 +354,9 @@ class AtlasGKDTrainer(GKDTrainer):
             # Each weight is copied straight into generation_dtype (tied weights stay tied): a deepcopy first would
             # hold a second fp32 student for a moment, which set the run's peak memory. A weight that will only be
             # packed gets no plain copy (packed_linear.pack packs it from the student's).
-            alone = packed_linear.packed_alone(student) if self.packs_generation else set()
+            self._sampler_packs = self.packs_generation
+            alone = packed_linear.packed_alone(student) if self._sampler_packs else set()
+            alone.discard(id(next(student.parameters())))  # model.device / .dtype read the first parameter
             memo = {id(p): torch.nn.Parameter(torch.empty_like(p, dtype=self.generation_dtype, device="meta")
                                               if id(p) in alone else p.detach().to(self.generation_dtype),
                                               requires_grad=False)
@@ -370,7 +373,7 @@ class AtlasGKDTrainer(GKDTrainer):
                     if not target.is_meta:
                         target.untyped_storage().resize_(target.numel() * target.element_size())
                         target.copy_(source)
-        if self.packs_generation:
+        if self._sampler_packs:  # as decided when the copy was made (its packed-only weights hold nothing else)
             packed_linear.pack(self._sampler, self.args.per_device_train_batch_size, source=student)
         return self._sampler
 
