@@ -304,8 +304,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
                      "group_by_length": False, "generation_dtype": "float32", "inverse_cdf_sampling": False,
                      "packed_generation": False, "keep_freed_memory": False} if atlas_off else {})
-        if trainer_name == "atlas":
-            switches.update(parse_ours(list(ours)))
+        overrides = parse_ours(list(ours)) if trainer_name == "atlas" else {}
+        switches.update(overrides)
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
@@ -315,8 +315,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
            "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype,
            "data": data, "bf16": bf16}
-    if trainer_name == "atlas" and ours:
-        row["ours"] = parse_ours(list(ours))
+    if overrides:
+        row["ours"] = overrides
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
@@ -414,14 +414,13 @@ def main() -> None:
     lmbdas = [float(x) for x in args.lmbda.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     ours = tuple(args.ours)
-    if not args.worker:
-        parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
                          seeds[0], args.precision, args.teacher_dtype, args.data, ours)
         print(json.dumps(row), flush=True)
         return
+    parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
     if args.topk_error:
         bits = tuple(int(b) for b in args.topk_bits.split(","))
         if not set(bits) <= {32, 16, 8}:

@@ -228,8 +228,13 @@ def test_topk_cache_forward_kl_error_is_the_tail_term():
 def reference_folded(hidden_s, student, indices, values, tail, *, vocab, beta, temperature):
     """The folded divergence through the student's full logits, differentiated by autograd."""
     log_probs = torch.log_softmax(student.lm_head(hidden_s)[:, :vocab] / temperature, dim=-1)
-    rest = torch.logsumexp(log_probs.scatter(-1, indices.long(), float("-inf")), dim=-1)
-    folded = torch.cat([log_probs.gather(-1, indices.long()), rest.clamp_min(divergence.TAIL_FLOOR).unsqueeze(-1)], -1)
+    return folded_from_log_probs(log_probs, indices.long(), values, tail, beta)
+
+
+def folded_from_log_probs(log_probs, indices, values, tail, beta):
+    """The student's log-probs folded onto the teacher's top k + tail, as written out, and the divergence."""
+    rest = torch.logsumexp(log_probs.scatter(-1, indices, float("-inf")), dim=-1)
+    folded = torch.cat([log_probs.gather(-1, indices), rest.clamp_min(divergence.TAIL_FLOOR).unsqueeze(-1)], -1)
     return divergence.generalized_jsd(folded, torch.cat([values, tail.unsqueeze(-1)], -1), beta)
 
 
@@ -272,9 +277,7 @@ def test_a_floored_tail_passes_no_gradient_as_clamps_does(beta):
     logits = torch.zeros(2, V).scatter(-1, indices, 3e4).requires_grad_()  # the rest 30,000 below: floored
     values, tail = torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.4]])), torch.log(torch.tensor([0.1, 0.1]))
     log_probs = torch.log_softmax(logits / 0.9, dim=-1)
-    rest = torch.logsumexp(log_probs.scatter(-1, indices, float("-inf")), -1)
-    folded = torch.cat([log_probs.gather(-1, indices), rest.clamp_min(divergence.TAIL_FLOOR)[:, None]], -1)
-    expected = divergence.generalized_jsd(folded, torch.cat([values, tail[:, None]], -1), beta)
+    expected = folded_from_log_probs(log_probs, indices, values, tail, beta)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
     per_position, grad = divergence._folded_chunk(indices, values, tail, beta, 0.9, slice(0, 2), log_probs.detach(),
                                                   True)

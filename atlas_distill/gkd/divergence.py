@@ -236,7 +236,8 @@ def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
 
 
 def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor, floored: bool = True) -> torch.Tensor:
-    """log of the mass outside `top_indices`, exactly (logsumexp over the rest), floored at TAIL_FLOOR."""
+    """log of the mass outside `top_indices`, exactly (logsumexp over the rest), floored at TAIL_FLOOR unless
+    `floored` is False."""
     tail = torch.logsumexp(log_probs.scatter(-1, top_indices, float("-inf")), dim=-1)
     return tail.clamp_min(TAIL_FLOOR) if floored else tail
 
@@ -283,8 +284,9 @@ def _folded_chunk(indices, teacher_values, teacher_tail, beta: float, temperatur
     index = indices[rows]
     top = student.gather(-1, index)
     tail = _tail(student, index, floored=False)  # log p_tail, exactly
+    floored = tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)
     teacher = torch.cat([teacher_values[rows], teacher_tail[rows].unsqueeze(-1)], dim=-1)
-    folded = torch.cat([top, tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+    folded = torch.cat([top, floored], dim=-1)
     if not gradient:
         return generalized_jsd(folded, teacher, beta), None
     with torch.enable_grad():  # (an autograd Function's forward runs without)
@@ -296,7 +298,6 @@ def _folded_chunk(indices, teacher_values, teacher_tail, beta: float, temperatur
     r = a_top.sum(-1) + a_tail
     # p_j / p_tail = exp(s_j - log p_tail) <= 1 in the tail (0 where it was floored: a_tail is 0 there); the top-k
     # entries, clamped here first, are overwritten below
-    shift = tail.clamp_min(TAIL_FLOOR).unsqueeze(-1)
-    grad = student.sub_(shift).clamp_max_(0).exp_().mul_((a_tail - tail.exp() * r).unsqueeze(-1))
+    grad = student.sub_(floored).clamp_max_(0).exp_().mul_((a_tail - tail.exp() * r).unsqueeze(-1))
     grad.scatter_(-1, index, a_top - top.exp() * r.unsqueeze(-1))
     return per_position.detach(), grad.div_(temperature)
