@@ -99,6 +99,11 @@ class AtlasSettings:
         default=True, metadata={"help": "Under bf16 autocast on a CPU the student trains with PyTorch's math "
                                         "attention kernel (the flash kernel's bf16 backward took twice as long); "
                                         "false: PyTorch's own choice."})
+    lean_mlp: bool = field(
+        default=True, metadata={"help": "The student's gated MLP (Llama, Qwen2, Qwen3, Mistral) keeps gate and up for "
+                                        "backward and makes silu(gate) * up again there, instead of keeping two more "
+                                        "[tokens, intermediate] tensors: the same gradients, bit for bit "
+                                        "(gkd/lean_mlp.py)."})
 
 
 SETTINGS = {f.name: f for f in dataclasses.fields(AtlasSettings)}

@@ -1,0 +1,131 @@
+"""The `lean_mlp` setting: the student's gated MLP keeps gate and up for backward (gkd/lean_mlp.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gkd_trainer import batch, make_trainer
+
+from atlas_distill.gkd.lean_mlp import lean_mlp
+
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64)
+
+
+def tiny(arch: str, **changes):
+    """A tiny random model of `arch` (transformers' own classes), fp32, seeded."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    return model_class(config_class(**(TINY | changes)))
+
+
+def inputs():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as the trainer's batches
+    return ids, mask
+
+
+def forward_backward(model, autocast: bool):
+    """Logits and every parameter's gradient of one forward (under bf16 autocast when asked) and one backward
+    outside it, as Trainer runs them; and the bytes the forward kept for backward."""
+    ids, mask = inputs()
+    model.zero_grad(set_to_none=True)
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logits.float().pow(2).mean().backward()
+    trained = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), trained, sum(kept.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_the_lean_mlp_gives_the_same_logits_and_gradients_bit_for_bit(arch, autocast):
+    model = tiny(arch)
+    logits, grads, _ = forward_backward(model, autocast)
+    with lean_mlp(model) as changed:
+        lean_logits, lean_grads, _ = forward_backward(model, autocast)
+    assert changed == TINY["num_hidden_layers"]
+    assert torch.equal(lean_logits, logits)
+    assert grads.keys() == lean_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(lean_grads[name], grad), name
+
+
+def test_it_keeps_two_intermediate_tensors_less_per_layer_and_is_undone_after_the_block():
+    model = tiny("llama")
+    *_, full = forward_backward(model, autocast=False)
+    with lean_mlp(model):
+        *_, lean = forward_backward(model, autocast=False)
+    ids, _ = inputs()
+    # silu(gate) and silu(gate) * up, [3 x 12, 32] fp32 each, per layer
+    assert full - lean == 2 * TINY["num_hidden_layers"] * ids.numel() * TINY["intermediate_size"] * 4
+    assert not any("forward" in vars(module) for module in model.modules())
+    *_, after = forward_backward(model, autocast=False)
+    assert after == full
+
+
+def _hooked_down_proj(model):
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *_: None)
+    return model
+
+
+def _lora_on_down_proj(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"]))
+
+
+@pytest.mark.parametrize(("arch", "changes", "wrap", "left"), [
+    ("llama", {"mlp_bias": True}, None, 2),  # a bias on down_proj
+    ("llama", {"hidden_act": "gelu"}, None, 2),  # not SiLU
+    ("llama", {}, _hooked_down_proj, 1),  # a hook on one layer's down_proj
+    ("llama", {}, _lora_on_down_proj, 2),  # LoRA: down_proj is peft's layer
+], ids=["bias", "gelu", "hook", "lora"])
+def test_an_mlp_it_cannot_vouch_for_is_left_as_it_is(arch, changes, wrap, left):
+    model = tiny(arch, **changes)
+    model = wrap(model) if wrap else model
+    logits, grads, _ = forward_backward(model, autocast=False)
+    with lean_mlp(model) as changed:
+        lean_logits, lean_grads, _ = forward_backward(model, autocast=False)
+    assert changed == TINY["num_hidden_layers"] - left
+    assert torch.equal(lean_logits, logits)
+    assert all(torch.equal(lean_grads[name], grad) for name, grad in grads.items())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["gc-off", "gc-on"])
+def test_a_training_step_gives_the_same_gradients_with_and_without_it(tmp_path, make_tiny_model, checkpointing):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    grads, losses = [], []
+    for switch in (True, False):
+        trainer = make_trainer(tmp_path / str(switch), student, teacher, lean_mlp=switch,
+                               args={"lmbda": 0.0, "gradient_checkpointing": checkpointing})
+        mlps = [layer.mlp for layer in trainer.model.model.layers]
+        seen = []
+        hook = mlps[0].gate_proj.register_forward_hook(lambda *_: seen.append("forward" in vars(mlps[0])))
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+        losses.append(trainer.training_step(trainer.model, batch(trainer)))
+        hook.remove()
+        assert seen and all(lean == switch for lean in seen)  # in forward (and the recompute), only when on
+        assert not any("forward" in vars(mlp) for mlp in mlps)
+        grads.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
+    assert torch.equal(losses[0], losses[1])
+    for name, grad in grads[1].items():
+        assert torch.equal(grads[0][name], grad), name
+
