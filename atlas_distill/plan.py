@@ -12,7 +12,8 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
 - gradients and AdamW's two moments of what trains; DDP's gradient buckets;
 - activations the student's forward keeps for backward: per decoder layer and token, what autograd saves in a
   Llama/Qwen2 layer (seven hidden-sized tensors, q and the repeated k, v, four intermediate-sized, the softmax
-  statistics, the padding mask's row), counted from a real forward (tests/test_plan.py checks the count);
+  statistics, the padding mask's row; two hidden- and two intermediate-sized fewer under `lean_activations`),
+  counted from a real forward (tests/test_plan.py checks the count);
   with gradient checkpointing only each layer's input, plus one layer recomputed in backward;
 - the loss: chunked, one TOKEN_CHUNK x vocabulary tile set at a time; full, both models' [B, L, V] logits;
 - generation: the KV cache of a batch of prompts of max_length plus max_new_tokens;
@@ -94,12 +95,16 @@ class ModelShape:
     def kv_cache(self, batch: int, tokens: int, bytes_per: float) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * batch * tokens * bytes_per
 
-    def saved_per_token(self, seq_len: int) -> int:
+    def saved_per_token(self, seq_len: int, *, lean_mlp: bool = False, lean_norms: bool = False) -> int:
         """Elements one decoder layer's forward saves for backward per token (sdpa attention with a padding
         mask, as in training): seven [H] tensors (norm inputs and outputs, projections' inputs, residual), q and
-        the repeated k and v, the softmax statistics, four [I] (gate, up, act, product), the mask's row."""
+        the repeated k and v, the softmax statistics, the norms' two rsqrt, four [I] (gate, up, act, product), the
+        mask's row. `lean_activations` (gkd/lean_activations.py) drops act and product (`lean_mlp`), and the two
+        normalised inputs with their rsqrt (`lean_norms`)."""
         q = self.heads * self.head_dim
-        return 7 * self.hidden + 3 * q + self.heads + 2 + 4 * self.intermediate + seq_len
+        hidden, stats = (5, 0) if lean_norms else (7, 2)
+        inner = 2 if lean_mlp else 4
+        return hidden * self.hidden + 3 * q + self.heads + stats + inner * self.intermediate + seq_len
 
     def lora_parameters(self, rank: int, targets: list[str] | str) -> int:
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
@@ -189,6 +194,7 @@ class Workload:
     lora_rank: int | None = None
     lora_targets: list[str] | str = "all-linear"
     autocast: bool = False  # bf16/fp16 mixed precision over fp32 weights
+    lean_activations: bool = False  # the trainer setting: MLPs and (without checkpointing) norms keep fewer tensors
 
 
 @dataclass
@@ -264,7 +270,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         compute_bytes=compute, teacher_bytes=teacher, teacher_other_bytes=teacher_other,
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
-        lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora)
+        lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora, lean_activations=t.lean_activations)
 
 
 def _cpu_amx() -> bool:
@@ -315,10 +321,20 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
         "gradients": trained * 4 / shard * (2 if strategy == "ddp" else 1),
     }
     # activations of the student's training forward
-    per_layer = w.compute_bytes * b * length * student.saved_per_token(length)
-    rest = 4 * b * length * 3 * student.hidden  # embeddings' output, the final norm
-    checkpointed = student.layers * w.compute_bytes * b * length * student.hidden + per_layer + rest
-    kept = student.layers * per_layer + rest
+    # the trainer leaves the modules as they are under FSDP / DeepSpeed, an MLP whose down_proj LoRA wraps, and the
+    # norms under gradient checkpointing (the layers are recomputed anyway)
+    lean = w.lean_activations and strategy in ("single", "ddp")
+    lora_down = bool(w.lora_rank) and (w.lora_targets == "all-linear" or "down_proj" in w.lora_targets)
+
+    def per_layer(lean_norms: bool) -> float:
+        return w.compute_bytes * b * length * student.saved_per_token(length, lean_mlp=lean and not lora_down,
+                                                                      lean_norms=lean_norms)
+
+    def rest(lean_norms: bool) -> float:  # embeddings' output, the final norm
+        return 4 * b * length * (2 if lean_norms else 3) * student.hidden
+
+    checkpointed = student.layers * w.compute_bytes * b * length * student.hidden + per_layer(False) + rest(False)
+    kept = student.layers * per_layer(lean) + rest(lean)
     if w.autocast:
         kept += student.layers * student.layer_parameters * w.compute_bytes  # the weights cast per forward, kept
     activations, other = (checkpointed, kept) if w.gradient_checkpointing else (kept, checkpointed)

@@ -13,9 +13,15 @@ TINY = {"hidden_size": 96, "intermediate_size": 200, "num_attention_heads": 6, "
         "head_dim": 16, "vocab_size": 500, "tie_word_embeddings": True}
 
 
-def _saved_bytes(arch: str, layers: int, *, batch: int, length: int, checkpointing: bool = False) -> int:
-    """Bytes autograd keeps for backward in a real forward of a random model (weights not counted)."""
+def _saved_bytes(arch: str, layers: int, *, batch: int, length: int, checkpointing: bool = False,
+                 lean: bool = False) -> int:
+    """Bytes autograd keeps for backward in a real forward of a random model (weights not counted); `lean`: under
+    the trainer's `lean_activations` (its norms only without checkpointing, as the trainer)."""
+    from contextlib import nullcontext
+
     import torch
+
+    from atlas_distill.gkd.lean_activations import lean_activations
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     config = (LlamaConfig if arch == "llama" else Qwen2Config)(num_hidden_layers=layers, **TINY)
@@ -35,7 +41,8 @@ def _saved_bytes(arch: str, layers: int, *, batch: int, length: int, checkpointi
     ids = torch.randint(0, TINY["vocab_size"], (batch, length))
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, : length // 4] = 0  # padded, as training batches are
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            (lean_activations(model, norms=not checkpointing) if lean else nullcontext()):
         model.model(input_ids=ids, attention_mask=mask, use_cache=False)
     return sum(saved.values())
 
@@ -50,6 +57,11 @@ def test_activation_count_is_what_a_real_layer_saves_for_backward(arch):
     kept = (_saved_bytes(arch, 2, batch=batch, length=length, checkpointing=True)
             - _saved_bytes(arch, 1, batch=batch, length=length, checkpointing=True))
     assert kept == 4 * batch * length * shape.hidden
+    # under lean_activations (the default): two [H] and two [I] fewer, and the norms' rsqrt
+    lean = (_saved_bytes(arch, 2, batch=batch, length=length, lean=True)
+            - _saved_bytes(arch, 1, batch=batch, length=length, lean=True))
+    assert lean == 4 * batch * length * shape.saved_per_token(length, lean_mlp=True, lean_norms=True)
+    assert lean == per_layer - 4 * batch * length * (2 * shape.hidden + 2 + 2 * shape.intermediate)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

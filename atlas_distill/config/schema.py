@@ -148,7 +148,7 @@ class TrainerConfig(_Strict):
     packed_generation: bool = setting("packed_generation")
     keep_freed_memory: bool = setting("keep_freed_memory")
     math_attention: bool = setting("math_attention")
-    lean_mlp: bool = setting("lean_mlp")
+    lean_activations: bool = setting("lean_activations")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Learning-rate warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

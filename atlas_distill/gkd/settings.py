@@ -99,11 +99,12 @@ class AtlasSettings:
         default=True, metadata={"help": "Under bf16 autocast on a CPU the student trains with PyTorch's math "
                                         "attention kernel (the flash kernel's bf16 backward took twice as long); "
                                         "false: PyTorch's own choice."})
-    lean_mlp: bool = field(
-        default=True, metadata={"help": "The student's gated MLP (Llama, Qwen2, Qwen3, Mistral) keeps gate and up for "
-                                        "backward and makes silu(gate) * up again there, instead of keeping two more "
-                                        "[tokens, intermediate] tensors: the same gradients, bit for bit "
-                                        "(gkd/lean_mlp.py)."})
+    lean_activations: bool = field(
+        default=True, metadata={"help": "The student's gated MLPs (Llama, Qwen2, Qwen3, Mistral) keep gate and up for "
+                                        "backward, not also silu(gate) and the product, and without gradient "
+                                        "checkpointing its RMSNorms keep their input, not also the normalised "
+                                        "input; backward makes those again: the same gradients, bit for bit "
+                                        "(gkd/lean_activations.py)."})
 
 
 SETTINGS = {f.name: f for f in dataclasses.fields(AtlasSettings)}

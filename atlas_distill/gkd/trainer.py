@@ -38,9 +38,9 @@ Each speedup is on by default and has a switch to turn it off:
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
   (gkd/attention.py), whose bf16 backward is twice as fast as the flash kernel's;
-- `lean_mlp`: the student's gated MLP keeps gate and up for backward, not also silu(gate) and their product,
-  which backward makes again (gkd/lean_mlp.py): the same gradients, two [tokens, intermediate] tensors less per
-  layer without gradient checkpointing;
+- `lean_activations`: the student's gated MLPs keep gate and up for backward, not also silu(gate) and their
+  product, and (without gradient checkpointing) its RMSNorms keep their input, not also the normalised input; backward
+  makes those again (gkd/lean_activations.py): the same gradients, bit for bit, with fewer activations kept;
 - `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each
   generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where
   decoding, which reads every weight per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512
@@ -62,7 +62,7 @@ from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
 from . import allocator, attention, divergence, packed_linear, tied_gradient, topk_format
 from .collator import TargetSpanCollator
-from .lean_mlp import lean_mlp
+from .lean_activations import lean_activations
 from .sampling import inverse_cdf_sampling
 from .config import AtlasGKDConfig, GKDConfig
 from .settings import AtlasSettings
@@ -415,7 +415,8 @@ class AtlasGKDTrainer(GKDTrainer):
         student = self.accelerator.unwrap_model(model)
         with attention.for_training(self.args), \
                 (tied_gradient.shared_gradient(student) if self.chunked_loss and not sharded else nullcontext()), \
-                (lean_mlp(student) if self.args.lean_mlp and not sharded else nullcontext()):
+                (lean_activations(student, norms=not self.args.gradient_checkpointing)
+                 if self.args.lean_activations and not sharded else nullcontext()):
             loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
         self._check_finite_loss(loss)
         return loss

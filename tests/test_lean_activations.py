@@ -1,4 +1,5 @@
-"""The `lean_mlp` setting: the student's gated MLP keeps gate and up for backward (gkd/lean_mlp.py)."""
+"""The `lean_activations` setting: the student's gated MLPs and RMSNorms keep fewer tensors for backward
+(gkd/lean_activations.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from test_gkd_trainer import batch, make_trainer
 
-from atlas_distill.gkd.lean_mlp import lean_mlp
+from atlas_distill.gkd.lean_activations import lean_activations
 
 TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64)
@@ -36,13 +37,15 @@ def inputs():
 
 def forward_backward(model, autocast: bool):
     """Logits and every parameter's gradient of one forward (under bf16 autocast when asked) and one backward
-    outside it, as Trainer runs them; and the bytes the forward kept for backward."""
+    outside it, as Trainer runs them; and the bytes the forward kept for backward (besides the weights)."""
     ids, mask = inputs()
     model.zero_grad(set_to_none=True)
     kept: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(tensor):
-        kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if tensor.untyped_storage().data_ptr() not in weights:
+            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
@@ -53,28 +56,40 @@ def forward_backward(model, autocast: bool):
     return logits.detach(), trained, sum(kept.values())
 
 
+def mlps_and_norms(model) -> tuple[int, int]:
+    names = [type(module).__name__ for module in model.modules()]
+    return sum(name.endswith("MLP") for name in names), sum(name.endswith("RMSNorm") for name in names)
+
+
+@pytest.mark.parametrize("norms", [True, False], ids=["norms", "mlps-only"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_the_lean_mlp_gives_the_same_logits_and_gradients_bit_for_bit(arch, autocast):
+def test_lean_activations_give_the_same_logits_and_gradients_bit_for_bit(arch, autocast, norms):
     model = tiny(arch)
     logits, grads, _ = forward_backward(model, autocast)
-    with lean_mlp(model) as changed:
+    with lean_activations(model, norms=norms) as changed:
         lean_logits, lean_grads, _ = forward_backward(model, autocast)
-    assert changed == TINY["num_hidden_layers"]
+    mlps, rms_norms = mlps_and_norms(model)
+    assert mlps == TINY["num_hidden_layers"] and rms_norms >= 2 * mlps + 1  # Qwen3 also normalises q and k
+    assert changed == mlps + (rms_norms if norms else 0)
     assert torch.equal(lean_logits, logits)
     assert grads.keys() == lean_grads.keys()
     for name, grad in grads.items():
         assert torch.equal(lean_grads[name], grad), name
 
 
-def test_it_keeps_two_intermediate_tensors_less_per_layer_and_is_undone_after_the_block():
+def test_they_keep_fewer_tensors_for_backward_and_are_undone_after_the_block():
     model = tiny("llama")
     *_, full = forward_backward(model, autocast=False)
-    with lean_mlp(model):
+    with lean_activations(model, norms=False):
+        *_, lean_mlps = forward_backward(model, autocast=False)
+    with lean_activations(model):
         *_, lean = forward_backward(model, autocast=False)
-    ids, _ = inputs()
-    # silu(gate) and silu(gate) * up, [3 x 12, 32] fp32 each, per layer
-    assert full - lean == 2 * TINY["num_hidden_layers"] * ids.numel() * TINY["intermediate_size"] * 4
+    positions, layers = inputs()[0].numel(), TINY["num_hidden_layers"]
+    # per layer silu(gate) and silu(gate) * up, [3 x 12, 32] fp32 each
+    assert full - lean_mlps == 2 * layers * positions * TINY["intermediate_size"] * 4
+    # per RMSNorm (two a layer and the final one) the normalised input and its rsqrt, [3 x 12, 16 + 1] fp32
+    assert lean_mlps - lean == (2 * layers + 1) * positions * (TINY["hidden_size"] + 1) * 4
     assert not any("forward" in vars(module) for module in model.modules())
     *_, after = forward_backward(model, autocast=False)
     assert after == full
@@ -101,9 +116,9 @@ def test_an_mlp_it_cannot_vouch_for_is_left_as_it_is(arch, changes, wrap, left):
     model = tiny(arch, **changes)
     model = wrap(model) if wrap else model
     logits, grads, _ = forward_backward(model, autocast=False)
-    with lean_mlp(model) as changed:
+    with lean_activations(model) as changed:
         lean_logits, lean_grads, _ = forward_backward(model, autocast=False)
-    assert changed == TINY["num_hidden_layers"] - left
+    assert changed == TINY["num_hidden_layers"] - left + mlps_and_norms(model)[1]  # the norms all changed
     assert torch.equal(lean_logits, logits)
     assert all(torch.equal(lean_grads[name], grad) for name, grad in grads.items())
 
@@ -113,17 +128,20 @@ def test_a_training_step_gives_the_same_gradients_with_and_without_it(tmp_path, 
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     grads, losses = [], []
     for switch in (True, False):
-        trainer = make_trainer(tmp_path / str(switch), student, teacher, lean_mlp=switch,
+        trainer = make_trainer(tmp_path / str(switch), student, teacher, lean_activations=switch,
                                args={"lmbda": 0.0, "gradient_checkpointing": checkpointing})
-        mlps = [layer.mlp for layer in trainer.model.model.layers]
+        layer = trainer.model.model.layers[0]
         seen = []
-        hook = mlps[0].gate_proj.register_forward_hook(lambda *_: seen.append("forward" in vars(mlps[0])))
+        hook = layer.mlp.gate_proj.register_forward_hook(lambda *_: seen.append(
+            ("forward" in vars(layer.mlp), "forward" in vars(layer.input_layernorm))))
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
         losses.append(trainer.training_step(trainer.model, batch(trainer)))
         hook.remove()
-        assert seen and all(lean == switch for lean in seen)  # in forward (and the recompute), only when on
-        assert not any("forward" in vars(mlp) for mlp in mlps)
+        # in forward (and the recompute), only when on; the norms only without gradient checkpointing
+        assert seen and set(seen) == {(switch, switch and not checkpointing)}
+        assert not any("forward" in vars(module) for module in trainer.model.modules()
+                       if type(module).__name__.endswith(("MLP", "RMSNorm")))
         grads.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
     assert torch.equal(losses[0], losses[1])
     for name, grad in grads[1].items():
