@@ -321,13 +321,15 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
         "gradients": trained * 4 / shard * (2 if strategy == "ddp" else 1),
     }
     # activations of the student's training forward
-    # the trainer leaves the modules as they are under FSDP / DeepSpeed, an MLP whose down_proj LoRA wraps, and the
-    # norms under gradient checkpointing (the layers are recomputed anyway)
+    # the trainer leaves the modules as they are under FSDP / DeepSpeed, an MLP with a projection LoRA wraps (a
+    # target pattern naming one counts), and the norms under gradient checkpointing (the layers are recomputed anyway)
     lean = w.lean_activations and strategy in ("single", "ddp")
-    lora_down = bool(w.lora_rank) and (w.lora_targets == "all-linear" or "down_proj" in w.lora_targets)
+    targets = w.lora_targets if isinstance(w.lora_targets, str) else set(w.lora_targets)
+    lora_mlp = bool(w.lora_rank) and (targets == "all-linear"
+                                      or any(name in targets for name in ("gate_proj", "up_proj", "down_proj")))
 
     def per_layer(lean_norms: bool) -> float:
-        return w.compute_bytes * b * length * student.saved_per_token(length, lean_mlp=lean and not lora_down,
+        return w.compute_bytes * b * length * student.saved_per_token(length, lean_mlp=lean and not lora_mlp,
                                                                       lean_norms=lean_norms)
 
     def rest(lean_norms: bool) -> float:  # embeddings' output, the final norm

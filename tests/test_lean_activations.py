@@ -100,18 +100,35 @@ def _hooked_down_proj(model):
     return model
 
 
-def _lora_on_down_proj(model):
-    from peft import LoraConfig, get_peft_model
+def _hooked_act_fn(model):
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda *_: None)
+    return model
 
-    return get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"]))
+
+def _backward_hook_on_down_proj(model):
+    model.model.layers[0].mlp.down_proj.register_full_backward_hook(lambda *_: None)
+    return model
+
+
+def _lora(*targets):
+    def wrap(model):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=2, target_modules=list(targets)))
+
+    return wrap
 
 
 @pytest.mark.parametrize(("arch", "changes", "wrap", "left"), [
     ("llama", {"mlp_bias": True}, None, 2),  # a bias on down_proj
     ("llama", {"hidden_act": "gelu"}, None, 2),  # not SiLU
     ("llama", {}, _hooked_down_proj, 1),  # a hook on one layer's down_proj
-    ("llama", {}, _lora_on_down_proj, 2),  # LoRA: down_proj is peft's layer
-], ids=["bias", "gelu", "hook", "lora"])
+    ("llama", {}, _hooked_act_fn, 1),  # on its act_fn
+    ("llama", {}, _backward_hook_on_down_proj, 1),  # a backward hook on its down_proj
+    ("llama", {}, _lora("down_proj"), 2),  # LoRA: down_proj is peft's layer
+    ("llama", {}, _lora("up_proj"), 2),  # up_proj is
+    ("llama", {}, _lora("q_proj", "v_proj"), 0),  # LoRA elsewhere: the MLPs' frozen weights get no gradient
+], ids=["bias", "gelu", "hook", "act-hook", "backward-hook", "lora-down", "lora-up", "lora-attention"])
 def test_an_mlp_it_cannot_vouch_for_is_left_as_it_is(arch, changes, wrap, left):
     model = tiny(arch, **changes)
     model = wrap(model) if wrap else model
@@ -121,6 +138,18 @@ def test_an_mlp_it_cannot_vouch_for_is_left_as_it_is(arch, changes, wrap, left):
     assert changed == TINY["num_hidden_layers"] - left + mlps_and_norms(model)[1]  # the norms all changed
     assert torch.equal(lean_logits, logits)
     assert all(torch.equal(lean_grads[name], grad) for name, grad in grads.items())
+
+
+def test_nothing_is_changed_while_a_global_module_hook_is_set():
+    model = tiny("llama")
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        with lean_activations(model) as changed:
+            assert changed == 0 and not any("forward" in vars(module) for module in model.modules())
+    finally:
+        handle.remove()
+    with lean_activations(model) as changed:
+        assert changed == sum(mlps_and_norms(model))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["gc-off", "gc-on"])

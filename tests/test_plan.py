@@ -64,6 +64,32 @@ def test_activation_count_is_what_a_real_layer_saves_for_backward(arch):
     assert lean == per_layer - 4 * batch * length * (2 * shape.hidden + 2 + 2 * shape.intermediate)
 
 
+
+def test_the_plan_counts_lean_activations_only_where_the_trainer_applies_them():
+    import dataclasses
+
+    teacher = model_shape("14b", "Qwen/Qwen2.5-{size}-Instruct")
+    student = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    work = workload_for(_profile("model.gradient_checkpointing=false"), "cuda")
+
+    def activations(strategy="single", **changes):
+        changed = dataclasses.replace(work, **changes)
+        return estimate(teacher, student, changed, strategy, 1 if strategy == "single" else 8).components["activations"]
+
+    full, lean = activations(lean_activations=False), activations()
+    per_token = work.compute_bytes * work.batch * work.seq_len
+    # per layer two [H], the norms' two rsqrt and two [I] fewer; the final norm's normalised input (fp32)
+    assert full - lean == student.layers * per_token * (2 * student.hidden + 2 + 2 * student.intermediate) \
+        + 4 * work.batch * work.seq_len * student.hidden
+    for sharded in ("fsdp", "zero3"):  # the trainer leaves the modules as they are
+        assert activations(sharded) == activations(sharded, lean_activations=False)
+    # LoRA on attention only keeps the lean MLPs; on any MLP projection (or all-linear), only the norms are lean
+    lora = {"lora_rank": 8}
+    attention_only = activations(**lora, lora_targets=["q_proj", "v_proj"])
+    on_mlp = [activations(**lora, lora_targets=targets) for targets in (["gate_proj"], "all-linear", ".*up_proj")]
+    assert on_mlp[0] == on_mlp[1] == on_mlp[2] > attention_only
+    assert on_mlp[0] - attention_only == student.layers * per_token * 2 * student.intermediate
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_parameter_and_lora_counts_match_the_real_models(arch):
     import torch

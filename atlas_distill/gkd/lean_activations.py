@@ -15,9 +15,12 @@ from the norms). It matters without gradient checkpointing, where every layer's 
 with it, one layer's at a time.
 
 Only modules known to compute exactly that are changed: transformers' Llama, Qwen2, Qwen3 and Mistral MLPs and
-RMSNorms (SmolLM2, Qwen2.5); an MLP only with SiLU, plain nn.Linear projections and no down_proj bias; neither
-with hooks on it (or on down_proj). A LoRA or quantized layer, or DeepSpeed's or accelerate's hooks, leave the
-module as it is.
+RMSNorms (SmolLM2, Qwen2.5); an MLP only with SiLU, plain nn.Linear projections and no down_proj bias; none with
+hooks (forward or backward) or a forward of its own on it, nor, for an MLP, on down_proj or act_fn, which it no
+longer calls; nothing at all while global module hooks are set. An MLP with a LoRA or quantized projection is
+left as it is (its norms are still checkpointed), and so is every module under DeepSpeed's or accelerate's hooks.
+Under autocast, down_proj's weight is cast again in backward (the forward's cast lives in autocast's cache until
+the forward and loss are done, as before, and is not kept for backward).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ class _GatedDown(torch.autograd.Function):
                 grad_weight = grad_weight.to(weight.dtype)
             grad_product = grad.mm(weight.to(ctx.compute_dtype)).view(product.shape).to(product.dtype)
             del product
-            grad_up = grad_product * act
-            grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate)
+            grad_up = grad_product * act if ctx.needs_input_grad[1] else None
+            grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up, grad_weight
 
 
@@ -73,13 +76,22 @@ def _recomputed_norm(self, hidden_states):
 
 
 def _hooked(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Hooks of any kind on `module`, or a forward of its own (accelerate's hooks set one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in vars(module))
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
+                or module._global_backward_pre_hooks)
 
 
 def _known(module: torch.nn.Module, kind: str) -> bool:
     cls = type(module)
     return (cls.__module__.startswith("transformers.models.") and cls.__name__ in {f + kind for f in _FAMILIES}
-            and "forward" not in vars(module) and not _hooked(module))
+            and not _hooked(module))
 
 
 def _lean_mlp_fits(module: torch.nn.Module) -> bool:
@@ -89,14 +101,18 @@ def _lean_mlp_fits(module: torch.nn.Module) -> bool:
         return False
     layers = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
+    # down_proj and act_fn are not called as modules any more, so nothing may hang on them
     return (all(type(layer) is torch.nn.Linear for layer in layers) and layers[2].bias is None
-            and not _hooked(layers[2]) and type(act) in (torch.nn.SiLU, SiLUActivation) and "forward" not in vars(act))
+            and not _hooked(layers[2]) and type(act) in (torch.nn.SiLU, SiLUActivation) and not _hooked(act))
 
 
 @contextmanager
 def lean_activations(model: torch.nn.Module, *, norms: bool = True):
     """Within the block, `model`'s eligible MLPs, and RMSNorms when `norms`, keep fewer tensors for backward (see
     the module's doc); yields how many modules were changed."""
+    if _global_hooks():  # they would miss the calls the lean forwards no longer make
+        yield 0
+        return
     changed = [(module, _lean_mlp) for module in model.modules() if _lean_mlp_fits(module)]
     if norms:
         changed += [(module, _recomputed_norm) for module in model.modules() if _known(module, "RMSNorm")]
