@@ -746,3 +746,64 @@ def test_packed_generation_gives_the_copys_own_logits_and_is_dropped_after_each_
         packed_linear.pack(trainer._sampler, 2)
     off = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", packed_generation=False)
     assert off.packs_generation is False
+
+
+def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp_path, make_tiny_model, monkeypatch):
+    """Without a sampling copy the fp32 student's own linear layers decode on packed fp32 weights: every decoding
+    step's product goes through the packed op, the prompt's forward through the plain weight (bit for bit), the
+    samples are the plain student's, and afterwards each layer has its own forward again, a layer that already had
+    one (a hook's, a patch's) having kept it throughout."""
+    import functools
+    import platform
+
+    from atlas_distill.gkd import packed_linear
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"lmbda": 1.0})
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert trainer.packs_student_generation is x86 and packed_linear.available(torch.float32) is x86
+    if not x86:  # measured on x86 only: elsewhere the student decodes on its own forward
+        return
+    model = trainer.model
+    linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    patched = linears.pop("model.layers.0.mlp.down_proj")
+    own_forward = patched.forward = functools.partial(torch.nn.Linear.forward, patched)
+    packed_calls, seen = [], {}
+    packed_product = packed_linear._packed_linear
+    monkeypatch.setattr(packed_linear, "_packed_linear",
+                        lambda *args: packed_calls.append(args[-1].shape) or packed_product(*args))
+    generate = trainer.generate_on_policy_outputs
+
+    def recording(sampler, inputs, config):
+        seen["packed"] = {name for name, m in linears.items() if "forward" in vars(m)}
+        seen["patched"] = vars(patched).get("forward") is own_forward
+        layer = linears["model.layers.0.self_attn.q_proj"]
+        few, many = torch.randn(2, 1, layer.in_features), torch.randn(2, 7, layer.in_features)
+        with torch.no_grad():
+            seen["few"] = (layer(few), torch.nn.functional.linear(few, layer.weight))
+            seen["many"] = (layer(many), torch.nn.functional.linear(many, layer.weight))
+        packed_calls.clear()
+        return generate(sampler, inputs, config)
+
+    trainer.generate_on_policy_outputs = recording
+    inputs = batch(trainer)
+    torch.manual_seed(7)
+    trainer._generate_into(trainer.model, dict(inputs))
+    assert seen["packed"] == set(linears) and seen["patched"]
+    torch.testing.assert_close(*seen["few"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(*seen["many"])  # the prompt's rows: the plain weight
+    # every layer in each of the 3 decoding steps after the prompt's, and the prompt's head (its last position only)
+    assert len(packed_calls) == 3 * len(linears) + 1
+    assert all(shape[:-1].numel() <= 2 for shape in packed_calls)  # one row per sequence
+    assert not any("forward" in vars(m) for m in linears.values()) and vars(patched)["forward"] is own_forward
+
+    packed_ids, plain_ids = dict(inputs), dict(inputs)
+    torch.manual_seed(7)
+    trainer.generate_on_policy_outputs = generate
+    trainer._generate_into(trainer.model, packed_ids)
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", packed_generation=False,
+                       args={"lmbda": 1.0})
+    assert off.packs_student_generation is False
+    torch.manual_seed(7)
+    off._generate_into(off.model, plain_ids)
+    assert torch.equal(packed_ids["input_ids"], plain_ids["input_ids"])  # the same samples
