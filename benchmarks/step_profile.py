@@ -1,7 +1,7 @@
 """Where a GKD step's time goes: AtlasGKDTrainer against TRL's DistillationTrainer, phase by phase (issue 15).
 
     python benchmarks/step_profile.py [--steps 6] [--gc on|off] [--trainers trl-distillation,atlas] [--precision auto]
-                                      [--json]
+                                      [--ours KEY=VALUE] [--json]
 
 The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
 runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
@@ -11,7 +11,9 @@ means over the steps after the first. It also times one matmul of the step's mai
 [hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
 (2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
 positions) is set. `--precision` as train_bench.py's (auto: ours bf16 autocast on an AMX CPU, TRL's fp32); the
-matmul is timed in bf16 when any trainer ran under autocast.
+matmul is timed in bf16 when any trainer ran under autocast. The arithmetic counted is DT's step's for both: with
+`prefill_once` ours runs generation's prompt forward as part of its training forward, so it does less than that.
+`--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from _common import cpu_description, log, peak_rss_mb, reset_peak_rss
-from train_bench import BATCH, SETTINGS, _config, _datasets, _models, bf16_for, build_trainer, teacher_dtype_for
+from train_bench import (BATCH, SETTINGS, _config, _datasets, _models, bf16_for, build_trainer, parse_ours,
+                         teacher_dtype_for)
 
 PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
 
@@ -81,11 +84,11 @@ def _teacher_or_student(*args, **kwargs) -> str:
     return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
 
 
-def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) -> dict:
+def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ours: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from atlas_distill.gkd import divergence
+    from atlas_distill.gkd import divergence, prompt_pass
 
     tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
     train, _held_out = _datasets(tokenizer)
@@ -110,7 +113,8 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) ->
 
     with tempfile.TemporaryDirectory() as tmp:
         common = {"model": student, "teacher_model": teacher, "train_dataset": train, "processing_class": tokenizer,
-                  "callbacks": [StepClock()], "args": _config(tmp, steps, gc, 1.0, SETTINGS["seed"], bf16)}
+                  "callbacks": [StepClock()],
+                  "args": _config(tmp, steps, gc, 1.0, SETTINGS["seed"], bf16, **(ours if name == "atlas" else {}))}
         trainer = build_trainer(name, common, tmp, steps, gc, SETTINGS["seed"], bf16)
         if name == "trl-distillation":
             import trl.trainer.distillation_trainer as module
@@ -121,6 +125,9 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str) ->
         else:
             clock.wrap(trainer, "_generate_into", "generation")
             clock.wrap(divergence, "completion_hidden", _teacher_or_student)
+            # prefill_once: the student's forward in two parts, the prompt's before generation
+            clock.wrap(prompt_pass, "run", "student_forward")
+            clock.wrap(prompt_pass, "completion_hidden", "student_forward")
             clock.wrap(divergence, "chunked_divergence", "divergence")
         clock.wrap(trainer.accelerator, "backward", "backward")
         trainer.train()
@@ -178,9 +185,9 @@ def step_gflop(tokens: int, completion: int) -> float:
     return flops / 1e9
 
 
-def run_child(name: str, steps: int, gc: bool, precision: str, teacher_setting: str) -> dict:
+def run_child(name: str, steps: int, gc: bool, precision: str, teacher_setting: str, ours: list[str]) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off",
-               "--teacher-dtype", teacher_setting, "--precision", precision]
+               "--teacher-dtype", teacher_setting, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
     log(f"profiling {name}, gradient checkpointing {'on' if gc else 'off'}, {steps} steps")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -198,16 +205,19 @@ def main() -> None:
                         "fp32 / bf16: both trainers so")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: ours as `atlas-distill train` loads it (bf16 on a CPU with native bf16), TRL's fp32")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="one of ours' settings (GKDConfig), e.g. prefill_once=false; repeatable")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    ours = parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", bf16_for(args.worker, args.precision),
-                         args.teacher_dtype)
+                         args.teacher_dtype, ours)
         print(json.dumps(row), flush=True)
         return
-    rows = [run_child(name, args.steps, args.gc == "on", args.precision, args.teacher_dtype)
+    rows = [run_child(name, args.steps, args.gc == "on", args.precision, args.teacher_dtype, args.ours)
             for name in args.trainers.split(",")]
     tokens = rows[0]["tokens"]
     limit = matmul_limit(tokens, any(row["bf16"] for row in rows))

@@ -303,7 +303,8 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     with tempfile.TemporaryDirectory() as tmp:
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
                      "group_by_length": False, "generation_dtype": "float32", "inverse_cdf_sampling": False,
-                     "packed_generation": False, "keep_freed_memory": False} if atlas_off else {})
+                     "packed_generation": False, "prefill_once": False, "keep_freed_memory": False}
+                    if atlas_off else {})
         overrides = parse_ours(list(ours)) if trainer_name == "atlas" else {}
         switches.update(overrides)
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)

@@ -807,3 +807,58 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     torch.manual_seed(7)
     off._generate_into(off.model, plain_ids)
     assert torch.equal(packed_ids["input_ids"], plain_ids["input_ids"])  # the same samples
+
+
+def _backbone_lengths(trainer) -> list[tuple[int, bool]]:
+    """(sequence length, grad enabled) of every forward of the student's decoder stack, recorded from now on."""
+    calls: list[tuple[int, bool]] = []
+    trainer.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[1], torch.is_grad_enabled())),
+        with_kwargs=True)
+    return calls
+
+
+def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": False}
+    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args)
+    assert on.prefills_once and not off.prefills_once
+    steps = {}
+    for name, trainer in (("on", on), ("off", off)):
+        inputs, calls = batch(trainer), _backbone_lengths(trainer)
+        prompt = inputs["prompts"].shape[1]
+        trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+        trainer.model.eval()  # as after an evaluation: the step's own forward must still train
+        torch.manual_seed(11)
+        loss = trainer.training_step(trainer.model, inputs)
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        steps[name] = (loss.detach(), grads, inputs, calls, prompt)
+        assert trainer._prompt_pass is None and trainer.model.training
+    loss, grads, inputs, calls, prompt = steps["on"]
+    length = inputs["input_ids"].shape[1]
+    assert length == prompt + 5
+    # the prompt once, with gradient; generate runs the last prompt token and 4 more, then the completion's forward
+    assert calls == [(prompt, True)] + [(1, False)] * 5 + [(length - 1 - prompt, True)]
+    assert steps["off"][3] == [(prompt, False)] + [(1, False)] * 4 + [(length, True)]
+    assert torch.equal(inputs["input_ids"], steps["off"][2]["input_ids"])  # the samples generate draws itself
+    torch.testing.assert_close(loss, steps["off"][0], rtol=1e-5, atol=1e-6)
+    for ours, full in zip(grads, steps["off"][1], strict=True):
+        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+
+
+def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    plain = {"gradient_checkpointing": False}
+    assert make_trainer(tmp_path, student, teacher, args=plain).prefills_once
+    assert not make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True}).prefills_once
+    assert not make_trainer(tmp_path, student, teacher, kv_cache_generation=False, args=plain).prefills_once
+    assert not make_trainer(tmp_path, student, teacher, chunked_loss=False, args=plain).prefills_once
+    # a bf16 sampling copy decodes from the prompt's cache cast to its dtype
+    copy = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", args={"lmbda": 1.0, **plain})
+    assert copy.prefills_once
+    inputs = batch(copy)
+    copy.current_gradient_accumulation_steps = 1
+    copy.training_step(copy.model, inputs)
+    assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())

@@ -66,6 +66,8 @@ class _GatedDown(torch.autograd.Function):
 
 
 def _lean_mlp(self, x):
+    if not torch.is_grad_enabled():  # nothing kept for backward: the module's own forward (its down_proj's own call)
+        return type(self).forward(self, x)
     return _GatedDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 

@@ -36,6 +36,9 @@ Each speedup is on by default and has a switch to turn it off:
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
   where there is no copy (an fp32 student on a CPU without native bf16), the student's own linear layers decode on
   packed fp32 weights: 1.71 s instead of 2.56 on an AVX2 CPU;
+- `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
+  prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
+  on over the completion only (gkd/prompt_pass.py);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
@@ -62,7 +65,7 @@ import torch
 
 from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
-from . import allocator, attention, divergence, packed_linear, tied_gradient, topk_format
+from . import allocator, attention, divergence, packed_linear, prompt_pass, tied_gradient, topk_format
 from .collator import TargetSpanCollator
 from .lean_activations import lean_activations
 from .sampling import inverse_cdf_sampling
@@ -114,6 +117,16 @@ class _SyncedGeneration:
 
     def generate(self, **kwargs):
         return self.model.generate(synced_gpus=True, **kwargs)
+
+
+class _FromCache:
+    """A model whose generate() starts from a filled KV cache (the prompt's pass, gkd/prompt_pass.py)."""
+
+    def __init__(self, model, cache) -> None:
+        self.model, self.cache = model, cache
+
+    def generate(self, **kwargs):
+        return self.model.generate(cache=self.cache, **kwargs)
 
 
 def _with_lengths(dataset, tokenizer):
@@ -204,6 +217,8 @@ class AtlasGKDTrainer(GKDTrainer):
                           stacklevel=2)
         self._sampler: torch.nn.Module | None = None
         self._sampler_packs = False
+        self._prompt_pass: prompt_pass.PromptPass | None = None
+        self._plain_cache = prompt_pass.fits(self.accelerator.unwrap_model(self.model))
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
             allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
@@ -248,7 +263,9 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def _chunked_loss(self, student, inputs, num_items_in_batch=None):
         mask = inputs["labels"][:, 1:] != -100
-        student_hidden = divergence.completion_hidden(student, inputs, mask)
+        prompt, self._prompt_pass = self._prompt_pass, None  # the prompt's pass serves one forward
+        student_hidden = (prompt_pass.completion_hidden(student, prompt, inputs, mask) if prompt is not None
+                          else divergence.completion_hidden(student, inputs, mask))
         vocab, beta, temperature = self.shared_vocab, self.step_beta, self.temperature
         store = self.teacher_store if self._batch_from_dataset else None
         cache = self.teacher_cache if self._batch_from_dataset else None
@@ -316,18 +333,24 @@ class AtlasGKDTrainer(GKDTrainer):
                                          ) as view, self.accelerator.autocast():
             yield view
 
-    def _generate_into(self, generator, inputs) -> None:
+    def _generate_into(self, generator, inputs, prompt: prompt_pass.PromptPass | None = None) -> None:
+        """Samples completions of inputs' prompts from `generator` and makes them the batch; from the prompt's
+        pass (`prefill_once`) when one is given."""
         # on a CPU, each token's draw without multinomial's vocabulary-wide RNG fill
         with inverse_cdf_sampling() if self.args.inverse_cdf_sampling else nullcontext():
             if generator is self.model and self.generation_dtype is not None:
                 try:
-                    ids, mask, labels = self.generate_on_policy_outputs(self._sampling_copy(), inputs,
-                                                                        self.generation_config)
+                    sampler = self._sampling_copy()
+                    if prompt is not None:
+                        sampler = _FromCache(sampler, prompt_pass.sampling_cache(prompt, self.generation_dtype))
+                    ids, mask, labels = self.generate_on_policy_outputs(sampler, inputs, self.generation_config)
                 finally:
                     self._release_sampling_copy()
             else:
                 with self.generation_view(generator) as unwrapped:
                     sampler = _SyncedGeneration(unwrapped) if self.synced_generation else unwrapped
+                    if prompt is not None:
+                        sampler = _FromCache(sampler, prompt_pass.sampling_cache(prompt))
                     packed = (packed_linear.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size)
                               if generator is self.model and self.packs_student_generation else [])
                     try:
@@ -406,6 +429,17 @@ class AtlasGKDTrainer(GKDTrainer):
                 and not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
                 and not self.is_deepspeed_enabled and packed_linear.available(torch.float32))
 
+    @property
+    def prefills_once(self) -> bool:
+        """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
+        on, the chunked loss, the KV cache in generation, no gradient checkpointing, one process with the whole
+        student (no PEFT wrapper, no FSDP/DeepSpeed), a plain KV cache."""
+        student = self.accelerator.unwrap_model(self.model)
+        return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
+                and not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
+                and not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
+                and not self.is_deepspeed_enabled and self._plain_cache)
+
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed
         from the student for each generation anyway, and kept through the loss, backward and optimizer step it
@@ -421,8 +455,11 @@ class AtlasGKDTrainer(GKDTrainer):
         self.step_beta = self.args.offpolicy_warmup_beta if warm else self.beta
         lmbda = 0.0 if warm else self.lmbda
         self._batch_from_dataset = False
-        if self.policy_rng.random() < lmbda:
-            self._generate_into(model, inputs)
+        on_policy = self.policy_rng.random() < lmbda
+        prefill = on_policy and self.prefills_once  # generation happens inside the step's contexts, below
+        if on_policy:
+            if not prefill:
+                self._generate_into(model, inputs)
         elif self.seq_kd:
             self._generate_into(self.teacher_model, inputs)
         else:
@@ -435,7 +472,18 @@ class AtlasGKDTrainer(GKDTrainer):
                 (tied_gradient.shared_gradient(student) if self.chunked_loss and not sharded else nullcontext()), \
                 (lean_activations(student, norms=not self.args.gradient_checkpointing)
                  if self.args.lean_activations and not sharded else nullcontext()):
-            loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+            if prefill:
+                model.train()  # the prompt's pass is the training forward's first part
+                with self.accelerator.autocast():
+                    self._prompt_pass = prompt_pass.run(student, inputs["prompts"], inputs["prompt_attention_mask"])
+                try:
+                    with attention.for_inference(self.args):
+                        self._generate_into(model, inputs, self._prompt_pass)
+                    loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+                finally:
+                    self._prompt_pass = None
+            else:
+                loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
         self._check_finite_loss(loss)
         return loss
 
