@@ -251,8 +251,11 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     on_policy = t.lmbda > 0 or t.seq_kd
     gpu = device == "cuda"
     compute = {"auto": 2 if gpu or _cpu_amx() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
-    teacher = {"auto": 2 if gpu or _cpu_bf16() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[init.dtype]
-    teacher_other = teacher
+    # auto on a CPU without native bf16: bf16 weights computed in fp32 (models/upcast.py), so its activations and
+    # KV cache are fp32 (counted for its other weights too: the embedding's 2 bytes over, on the safe side)
+    upcast = init.dtype == "auto" and not gpu and not _cpu_bf16() and not (init.load_in_8bit or init.load_in_4bit)
+    teacher = {"auto": 2, "float32": 4, "bfloat16": 2, "float16": 2}[init.dtype]
+    teacher_other = 4 if upcast else teacher
     if init.load_in_8bit or init.load_in_4bit:
         teacher, teacher_other = (1.0 if init.load_in_8bit else 0.5625), 2  # nf4: 4 bits + an fp32 absmax per 64
     lora = m.lora.enabled

@@ -114,8 +114,8 @@ class TrainingRecipe:
             teacher = UnloadedTeacher(teacher_path, trust_remote_code=trust)
             emit("line", f"Teacher not loaded: every step is off-policy and reads the teacher store {store.path}")
         else:
-            teacher = models.load_model(teacher_path, dtype=models.teacher_dtype(init.dtype), trust_remote_code=trust,
-                                        load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
+            teacher = models.load_teacher(teacher_path, init.dtype, trust_remote_code=trust,
+                                          load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
         student = models.load_model(student_path, trust_remote_code=trust, for_training=True,
                                     dtype=models.training_dtype(profile.model.dtype, lora=profile.model.lora.enabled))
         models.shared_vocab_size(self.tokenizer, teacher_tokenizer, student, teacher)

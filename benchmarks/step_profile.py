@@ -89,6 +89,7 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
     from transformers import TrainerCallback
 
     from atlas_distill.gkd import divergence, prompt_pass
+    from atlas_distill.models import upcast
 
     tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
     train, _held_out = _datasets(tokenizer)
@@ -138,7 +139,7 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
             "s_per_step": round(sum(phases.values()), 3), "phases": phases, "peak_rss_mb": round(overall, 1),
             "phase_peak_rss_mb": {phase: round(mb) for phase, mb in clock.peaks.items()},
             "tokens": _step_tokens(train, tokenizer), "dtype": str(torch.bfloat16 if bf16 else torch.float32),
-            "teacher_dtype": str(teacher.dtype)}
+            "teacher_dtype": "bfloat16-in-float32" if upcast.compute_dtype(teacher) else str(teacher.dtype)}
 
 
 def _step_tokens(train, tokenizer) -> int:
@@ -204,7 +205,8 @@ def main() -> None:
                         help="auto: ours bf16 autocast where `atlas-distill train` picks it (an AMX CPU), TRL's fp32; "
                         "fp32 / bf16: both trainers so")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: ours as `atlas-distill train` loads it (bf16 on a CPU with native bf16), TRL's fp32")
+                        help="auto: ours as `atlas-distill train` loads it (bf16, computed in fp32 on a CPU without "
+                        "native bf16), TRL's fp32")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="one of ours' settings (GKDConfig), e.g. prefill_once=false; repeatable")
     parser.add_argument("--json", action="store_true")

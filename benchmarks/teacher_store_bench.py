@@ -70,7 +70,7 @@ def teacher_epoch() -> float:
     tokenizer = models.load_tokenizer(models.materialize(models.resolve_model_spec(config.model.model_name_or_path)))
     prepared = prepare_for_profile(config, traces=str(DEMO_TRACES), tokenizer=tokenizer)
     rows = sorted(prepared.train + prepared.eval, key=lambda row: row["length"])
-    teacher = models.load_model(teacher_path, dtype=models.teacher_dtype("auto")).eval()
+    teacher = models.load_teacher(teacher_path).eval()
     collator = TargetSpanCollator(tokenizer, config.trainer.max_length)
     seconds = 0.0
     for start in range(0, len(rows), 4):

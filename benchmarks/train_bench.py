@@ -19,6 +19,8 @@ first (the first pays one-off costs: allocator warm-up, the optimizer state).
 --json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
 peak_rss_mb, final_loss, seed, bf16} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
 and losses); progress goes to stderr. Without it, a table with the ratios.
+`--alternate SETTING` switches one of ours' boolean settings on and off step by step in ours' runs and reports
+both medians (from one run, so the machine's drift between runs does not enter the comparison).
 `--atlas-off` runs ours with all its speedups switched off (a check that the switches work); `--ours KEY=VALUE`
 (repeatable) sets one of ours' settings, e.g. `--ours keep_freed_memory=false`.
 """
@@ -63,10 +65,13 @@ def _models(teacher_dtype: str = "float32", student_layers: int | None = 15):
 
 
 def _teacher(dtype: str):
-    """The builtin SmolLM2-135M-Instruct, frozen, in `dtype`."""
-    from atlas_distill.models import load_model
+    """The builtin SmolLM2-135M-Instruct, frozen, in `dtype`; auto: as `atlas-distill train` loads it
+    (models.load_teacher)."""
+    from atlas_distill.models import load_model, load_teacher
     from atlas_distill.models.builtin import builtin_model_dir
 
+    if dtype == "auto":
+        return load_teacher(str(builtin_model_dir()))
     return load_model(str(builtin_model_dir()), dtype=dtype)
 
 
@@ -207,14 +212,12 @@ def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, s
 
 
 def teacher_dtype_for(trainer_name: str, setting: str) -> str:
-    """The teacher's dtype in a run: `setting` when named; auto: ours as `atlas-distill train` loads it
-    (models.teacher_dtype: bf16 on a CPU with native bf16, else fp32), TRL's trainers fp32 (the model they are
-    given; neither casts it)."""
-    from atlas_distill.models import teacher_dtype
-
+    """The teacher's dtype in a run: `setting` when named; auto: ours as `atlas-distill train` loads it ("auto",
+    models.load_teacher: bf16 on a CPU with native bf16, else bf16 weights computed in fp32), TRL's trainers fp32
+    (the model they are given; neither casts it)."""
     if setting != "auto":
         return setting
-    return teacher_dtype("auto") if trainer_name == "atlas" else "float32"
+    return "auto" if trainer_name == "atlas" else "float32"
 
 
 def build_trainer(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool,
@@ -251,8 +254,8 @@ def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: 
             stamps.append(time.perf_counter())
             log(f"  [{label}] step {state.global_step}/{steps} {stamps[-1] - stamps[-2]:.2f} s")
 
-    trainer = build_trainer(trainer_name, {**common, "callbacks": [Clock()]}, output_dir, steps, gc, seed, bf16,
-                            **shape)
+    trainer = build_trainer(trainer_name, {**common, "callbacks": [Clock(), *common.get("callbacks", [])]}, output_dir,
+                            steps, gc, seed, bf16, **shape)
     trainer.train()
     times = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = times[1:] or times
@@ -287,9 +290,36 @@ def parse_ours(pairs: list[str]) -> dict:
     return settings
 
 
+# ours' boolean settings read at every step, which --alternate can switch between steps
+ALTERNATING = ("prefill_once", "packed_generation", "inverse_cdf_sampling", "lean_activations", "math_attention")
+
+
+def _alternation(setting: str):
+    """A callback switching ours' `setting` on for even steps and off for odd ones, and the step times it saw:
+    {True: [...], False: [...]}, the first step of each left out (one-off costs)."""
+    from transformers import TrainerCallback
+
+    seen: dict[bool, list[float]] = {True: [], False: []}
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.on = state.global_step % 2 == 0
+            setattr(args, setting, self.on)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > 2:
+                seen[self.on].append(time.perf_counter() - self.started)
+
+    return Alternate(), seen
+
+
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-           seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = ()) -> dict:
+           seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = (),
+           alternate: str | None = None) -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
+    from atlas_distill.models import teacher_loaded_as
+
     bf16 = bf16_for(trainer_name, "fp32" if atlas_off and precision == "auto" else precision)
     dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
     tokenizer, teacher, student = _models(dtype)
@@ -310,14 +340,24 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
         args = _config(tmp, steps, gc, lmbda, seed, bf16, **switches)
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
+        alternation, seen = _alternation(alternate) if alternate and trainer_name == "atlas" else (None, None)
+        if alternation is not None:
+            common["callbacks"] = [alternation]
         s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16,
                                                  label=f"{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}")
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed, "teacher_dtype": dtype,
+           "final_loss": round(losses[-1], 5) if losses else None, "seed": seed,
+           "teacher_dtype": teacher_loaded_as() if dtype == "auto" else dtype,
            "data": data, "bf16": bf16}
     if overrides:
         row["ours"] = overrides
+    if seen is not None:
+        row["alternate"] = {"setting": alternate}
+        for on, times in seen.items():
+            label = "on" if on else "off"
+            row["alternate"][f"{label}_s_per_step"] = round(statistics.median(times), 3) if times else None
+            row["alternate"][f"{label}_steps"] = [round(t, 3) for t in times]
     if learning:
         row["heldout_loss_before"] = round(before, 5)
         row["heldout_loss_after"] = round(heldout_loss(student, judge, tokenizer, heldout_rows,
@@ -327,12 +367,14 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
-              seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = ()) -> dict:
+              seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = (),
+              alternate: str | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
                "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting,
                "--data", data, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
+    command += ["--alternate", alternate] if alternate else []
     log(f"running {trainer_name}, gradient checkpointing {'on' if gc else 'off'}, lmbda {lmbda}, {steps} steps, "
         f"seed {seed}")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -404,11 +446,15 @@ def main() -> None:
                         "every action (one on-policy target turn per example), TRL's trainers the final answer after "
                         "the whole recorded conversation")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16 on a CPU "
-                        "with native bf16, else fp32), TRL's trainers fp32")
+                        help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16, computed in "
+                        "fp32 on a CPU without native bf16), TRL's trainers fp32")
     parser.add_argument("--trainers", default="trl,trl-distillation,atlas",
                         help="comma-separated, of trl (legacy GKDTrainer), trl-distillation (DistillationTrainer, "
                         "lmbda 1 only), atlas")
+    parser.add_argument("--alternate", choices=ALTERNATING, metavar="SETTING",
+                        help="ours' runs switch this boolean setting on and off step by step (even steps on) and "
+                        "report both medians: the two figures come from one run, minutes apart on a machine whose "
+                        f"speed drifts; one of {', '.join(ALTERNATING)}")
     parser.add_argument("--worker", choices=["trl", "trl-distillation", "atlas"], help=argparse.SUPPRESS)
     parser.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -418,7 +464,7 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.precision, args.teacher_dtype, args.data, ours)
+                         seeds[0], args.precision, args.teacher_dtype, args.data, ours, args.alternate)
         print(json.dumps(row), flush=True)
         return
     parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
@@ -438,13 +484,19 @@ def main() -> None:
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
         rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision,
-                          args.teacher_dtype, args.data, ours)
+                          args.teacher_dtype, args.data, ours, args.alternate)
                 for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))
         return
     if not args.learning:
         print(_ratio_table(rows))
+        for row in rows:
+            if "alternate" in row:
+                alt = row["alternate"]
+                print(f"ours, gc {'on' if row['gradient_checkpointing'] else 'off'}, {alt['setting']} switched step by "
+                      f"step: on {alt['on_s_per_step']} s/step {alt['on_steps']}, off {alt['off_s_per_step']} s/step "
+                      f"{alt['off_steps']} (medians)")
         return
     for row in rows:
         print(f"{row['trainer']} seed {row['seed']}: held-out loss {row['heldout_loss_before']} -> "

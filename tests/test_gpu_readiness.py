@@ -183,10 +183,10 @@ def test_explicit_bf16_sampling_makes_no_copy_of_a_bf16_student(tmp_path, make_t
 
 
 @pytest.mark.parametrize("native, amx", [(True, True), (True, False), (False, False)])
-def test_train_loads_the_frozen_teacher_in_bf16_where_the_cpu_has_native_bf16(monkeypatch, make_tiny_model,
+def test_train_holds_the_teacher_in_bf16_computing_in_fp32_without_native_bf16(monkeypatch, make_tiny_model,
                                                                              tmp_path, native, amx):
     from atlas_distill.config import load_profile
-    from atlas_distill.models import loading
+    from atlas_distill.models import loading, upcast
     from atlas_distill.training import TrainingRecipe
 
     monkeypatch.setattr(loading, "cpu_bf16", lambda: native)
@@ -198,7 +198,9 @@ def test_train_loads_the_frozen_teacher_in_bf16_where_the_cpu_has_native_bf16(mo
     recipe = TrainingRecipe(profile, profile_name="default")
     recipe.setup(db_url=None, traces=None, skip_invalid=False, resume=False)
     trainer = recipe.trainer
-    assert trainer.teacher_model.dtype == (torch.bfloat16 if native else torch.float32)
+    # bf16 weights either way; without native bf16 computed in fp32 (models/upcast.py)
+    assert trainer.teacher_model.dtype == torch.bfloat16
+    assert upcast.compute_dtype(trainer.teacher_model) == (None if native else torch.float32)
     # fp32 masters, under bf16 autocast only on a CPU with AMX (model.dtype auto)
     assert trainer.model.dtype == torch.float32 and trainer.args.bf16 is amx
     assert trainer.generation_dtype == (torch.bfloat16 if native else None)

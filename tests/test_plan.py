@@ -261,5 +261,7 @@ def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, amx, 
     monkeypatch.setattr(plan, "_cpu_bf16", lambda: native)
     work = workload_for(_profile(), "cpu")
     assert work.autocast is amx and work.compute_bytes == (2 if amx else 4)  # model.dtype auto
-    assert work.teacher_bytes == (2 if native else 4) and work.sampling_copy is native
+    # the teacher's weights in bf16 either way: computed in bf16 with native bf16, else in fp32 (models/upcast.py)
+    assert work.teacher_bytes == 2 and work.teacher_other_bytes == (2 if native else 4)
+    assert work.sampling_copy is native
     assert workload_for(_profile("model.dtype=float32"), "cpu").autocast is False

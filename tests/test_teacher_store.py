@@ -206,7 +206,7 @@ def test_a_build_out_of_memory_or_in_several_processes_is_refused_with_the_fix(t
     def no_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9000000000 bytes.")
 
-    monkeypatch.setattr(models, "load_model", no_memory)
+    monkeypatch.setattr(models, "load_teacher", no_memory)
     with pytest.raises(TrainingError, match="Out of memory while running the teacher.*smaller --batch-size"):
         build_for_profile(profile, tmp_path / "store", traces=str(traces), batch_size=4)
     assert not (tmp_path / "store/manifest.json").exists()

@@ -32,6 +32,7 @@ from . import tied_gradient
 # Positions projected at once: a [TOKEN_CHUNK, V] fp32 tile is 12.6 MB at V = 49,152, and a chunk's gradient
 # holds a few of them at a time. Smaller than a batch's completion (4 x 32 positions in train_bench.py).
 TOKEN_CHUNK = 64
+VOCAB_TILE = 8192  # rows of a bf16 head cast to fp32 at once for an fp32 product (`_upcast_product`): 19 MB
 TAIL_FLOOR = -1e4  # log-probability standing for "no mass": exp() is 0 in fp32 and 0 * TAIL_FLOOR is 0, not NaN
 
 # Config attributes that rescale logits after lm_head; a model using one takes the full-logits path.
@@ -229,10 +230,24 @@ def _joined(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def _log_probs(hidden, weight, bias, temperature: float) -> torch.Tensor:
     """log_softmax(lm_head(hidden) / T) in fp32; the logits tile is scaled in place (a matmul keeps its inputs for
     backward, not its output), so two [c, V] tiles exist here, not three."""
-    logits = hidden.to(weight.dtype) @ weight.t()
+    if hidden.dtype == torch.float32 and weight.dtype != torch.float32:
+        logits = _upcast_product(hidden, weight)
+    else:
+        logits = hidden.to(weight.dtype) @ weight.t()
     if bias is not None:
         logits += bias
     return torch.log_softmax(logits.float().div_(temperature), dim=-1)
+
+
+def _upcast_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.t() in fp32 for a lower-precision weight (a teacher whose bf16 weights compute in fp32,
+    models/upcast.py), VOCAB_TILE rows of the weight cast at a time: the whole [V, H] head cast at once was a
+    113 MB fp32 copy (the builtin's) at the loss, where a step's memory peaks without gradient checkpointing."""
+    logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+    for start in range(0, weight.shape[0], VOCAB_TILE):
+        rows = slice(start, start + VOCAB_TILE)
+        logits[:, rows] = hidden @ weight[rows].float().t()
+    return logits
 
 
 def _tail(log_probs: torch.Tensor, top_indices: torch.Tensor, floored: bool = True) -> torch.Tensor:

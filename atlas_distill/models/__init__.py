@@ -28,12 +28,15 @@ from .loading import (
     load_device,
     load_model,
     load_pretrained,
+    load_teacher,
     load_tokenizer,
     resolve_dtype,
     weight_rows,
     sharded_launch,
     shared_vocab_size,
     teacher_dtype,
+    teacher_loaded_as,
+    teacher_upcast,
     training_dtype,
     use_cache_if_hub_unreachable,
 )
@@ -41,6 +44,7 @@ from .spec import DEFAULT_FAMILY, ModelSpec, model_parameters, resolve_model_spe
 
 __all__ = ["BUILTIN_NAME", "DEFAULT_FAMILY", "ModelSpec", "apply_lora", "autocast_bf16", "builtin_model_dir",
            "builtin_tokenizer_dir", "cache_dir", "contiguous_head_input", "count_parameters", "cpu_amx", "cpu_bf16",
-           "cuda_bf16", "load_device", "load_model", "load_pretrained", "load_tokenizer", "materialize",
-           "model_parameters", "resolve_dtype", "resolve_model_spec", "sharded_launch", "shared_vocab_size",
-           "teacher_dtype", "tokenizer_family", "training_dtype", "use_cache_if_hub_unreachable", "weight_rows"]
+           "cuda_bf16", "load_device", "load_model", "load_pretrained", "load_teacher", "load_tokenizer",
+           "materialize", "model_parameters", "resolve_dtype", "resolve_model_spec", "sharded_launch",
+           "shared_vocab_size", "teacher_dtype", "teacher_loaded_as", "teacher_upcast", "tokenizer_family",
+           "training_dtype", "use_cache_if_hub_unreachable", "weight_rows"]

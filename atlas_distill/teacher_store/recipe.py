@@ -54,15 +54,14 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
     prepared = prepare_for_profile(profile, db_url=db_url, traces=traces, tokenizer=tokenizer,
                                    skip_invalid=skip_invalid)
     init = profile.teacher_model_init_kwargs
-    dtype = models.teacher_dtype(init.dtype)
-    loaded_as = "8-bit" if init.load_in_8bit else "4-bit" if init.load_in_4bit else dtype
+    loaded_as = models.teacher_loaded_as(init.dtype, load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
     key = run_key(profile, teacher_name=teacher_spec.name, teacher_path=teacher_path, tokenizer=tokenizer,
                   k=min(k, len(tokenizer)), teacher_dtype=loaded_as)
 
     def load_teacher():
         emit("stage", "Running the teacher over every target position")
-        return models.load_model(teacher_path, dtype=dtype, trust_remote_code=trust, load_in_8bit=init.load_in_8bit,
-                                 load_in_4bit=init.load_in_4bit)
+        return models.load_teacher(teacher_path, init.dtype, trust_remote_code=trust, load_in_8bit=init.load_in_8bit,
+                                   load_in_4bit=init.load_in_4bit)
 
     try:
         return build_teacher_store(out, key, prepared.train + prepared.eval, tokenizer, load_teacher,
