@@ -5,8 +5,9 @@ fp32 there; but its weights need not be held in fp32 for that. `compute_in_float
 weight in bf16 and casts it to fp32 for its own product only (one layer's weight at a time), the embedding's rows
 after their lookup, and everything else (norms, biases) in fp32: the hidden states are fp32 throughout, and the
 model computes exactly what an fp32 model with bf16-rounded weights would. For the builtin SmolLM2-135M that is
-269 MB of weights instead of 538 MB, for a cast of each weight at each forward (DESIGN: a teacher runs forward
-only, so it has no fp32 master weights to keep).
+269 MB of weights instead of 538 MB, for a cast of each weight at each forward (a teacher only runs forward
+passes, so it has no fp32 master weights to keep). On a 2-core AVX2 CPU its forward over a GKD batch took 1.27 s
+against 1.29 s in fp32, and the loss casts the bf16 head in tiles (gkd/divergence.py `_upcast_product`).
 
 Only models made of what this knows are changed (`fits`): nn.Linear, nn.Embedding, and modules whose own
 parameters are at most 1-D (norms); a model with anything else (GPT-2's Conv1D, a quantized layer) is left alone.
