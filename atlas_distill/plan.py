@@ -252,8 +252,9 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     gpu = device == "cuda"
     compute = {"auto": 2 if gpu or _cpu_amx() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
     # auto on a CPU without native bf16: bf16 weights computed in fp32 (models/upcast.py), so its activations and
-    # KV cache are fp32 (counted for its other weights too: the embedding's 2 bytes over, on the safe side)
-    upcast = init.dtype == "auto" and not gpu and not _cpu_bf16() and not (init.load_in_8bit or init.load_in_4bit)
+    # KV cache are fp32 (counted for its other weights too: the embedding's 2 bytes over, on the safe side); a
+    # quantized teacher's figures replace these below
+    upcast = init.dtype == "auto" and not gpu and not _cpu_bf16()
     teacher = {"auto": 2, "float32": 4, "bfloat16": 2, "float16": 2}[init.dtype]
     teacher_other = 4 if upcast else teacher
     if init.load_in_8bit or init.load_in_4bit:

@@ -319,6 +319,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
            alternate: str | None = None) -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
     from atlas_distill.models import teacher_loaded_as
+    from atlas_distill.models.builtin import builtin_model_dir
 
     bf16 = bf16_for(trainer_name, "fp32" if atlas_off and precision == "auto" else precision)
     dtype = teacher_dtype_for(trainer_name, "float32" if atlas_off and teacher_setting == "auto" else teacher_setting)
@@ -348,7 +349,7 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
            "final_loss": round(losses[-1], 5) if losses else None, "seed": seed,
-           "teacher_dtype": teacher_loaded_as() if dtype == "auto" else dtype,
+           "teacher_dtype": teacher_loaded_as(str(builtin_model_dir())) if dtype == "auto" else dtype,
            "data": data, "bf16": bf16}
     if overrides:
         row["ours"] = overrides

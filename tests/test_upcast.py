@@ -23,7 +23,7 @@ def _rounded_fp32(path):
 def test_bf16_weights_compute_exactly_what_fp32_does_with_those_weights(make_tiny_model, monkeypatch, arch):
     path = make_tiny_model(arch, seed=3)
     monkeypatch.setattr(loading, "cpu_bf16", lambda: False)
-    assert loading.teacher_upcast("auto") and loading.teacher_loaded_as("auto") == "bfloat16-in-float32"
+    assert loading.teacher_upcast("auto") and loading.teacher_loaded_as(str(path)) == "bfloat16-in-float32"
     teacher = loading.load_teacher(str(path))
     assert upcast.compute_dtype(teacher) == torch.float32 and not teacher.training
     linears = [m for m in teacher.modules() if type(m) is torch.nn.Linear]
@@ -57,11 +57,12 @@ def test_auto_keeps_fp32_where_asked_or_where_bf16_computes_natively(make_tiny_m
     monkeypatch.setattr(loading, "cpu_bf16", lambda: False)
     explicit = loading.load_teacher(path, "float32")
     assert explicit.dtype == torch.float32 and upcast.compute_dtype(explicit) is None
-    assert loading.teacher_loaded_as("float32") == "float32" and loading.teacher_loaded_as(load_in_8bit=True) == "8-bit"
+    assert loading.teacher_loaded_as(path, "float32") == "float32"
+    assert loading.teacher_loaded_as(path, load_in_8bit=True) == "8-bit"
     monkeypatch.setattr(loading, "cpu_bf16", lambda: True)  # bf16 computes natively: plainly bf16
     native = loading.load_teacher(path)
     assert native.dtype == torch.bfloat16 and upcast.compute_dtype(native) is None
-    assert loading.teacher_loaded_as() == "bfloat16"
+    assert loading.teacher_loaded_as(path) == "bfloat16"
 
 
 def test_a_model_with_layers_it_does_not_know_is_loaded_in_fp32(tmp_path, monkeypatch):
@@ -71,6 +72,7 @@ def test_a_model_with_layers_it_does_not_know_is_loaded_in_fp32(tmp_path, monkey
     assert not upcast.fits(model)  # GPT-2's Conv1D holds a 2-D weight of its own
     model.save_pretrained(tmp_path / "gpt2")
     monkeypatch.setattr(loading, "cpu_bf16", lambda: False)
+    assert loading.teacher_loaded_as(str(tmp_path / "gpt2")) == "float32"  # what a teacher store's key records
     teacher = loading.load_teacher(str(tmp_path / "gpt2"))
     assert teacher.dtype == torch.float32 and upcast.compute_dtype(teacher) is None
     with torch.no_grad():

@@ -369,9 +369,7 @@ class AtlasGKDTrainer(GKDTrainer):
         when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding).
         """
         student = self.accelerator.unwrap_model(self.model)
-        plain = (not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
-                 and not self.is_deepspeed_enabled and student.dtype == torch.float32)
-        if setting == "float32" or not plain:
+        if setting == "float32" or not (self.whole_student and student.dtype == torch.float32):
             return None
         if setting == "bfloat16":
             return torch.bfloat16
@@ -412,6 +410,13 @@ class AtlasGKDTrainer(GKDTrainer):
         return self._sampler
 
     @property
+    def whole_student(self) -> bool:
+        """Whether this process holds the whole student as plain modules: no PEFT wrapper, no FSDP or DeepSpeed
+        sharding (whose weights are views of flat buffers, or adapters over a frozen base)."""
+        student = self.accelerator.unwrap_model(self.model)
+        return not hasattr(student, "get_base_model") and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+
+    @property
     def packs_generation(self) -> bool:
         """Whether the bf16 sampling copy runs its linear layers on oneDNN's packed weights (gkd/packed_linear.py):
         `packed_generation` on, a CPU whose oneDNN has bf16."""
@@ -421,24 +426,21 @@ class AtlasGKDTrainer(GKDTrainer):
     @property
     def packs_student_generation(self) -> bool:
         """Whether the fp32 student samples on-policy with its linear layers on oneDNN's packed fp32 weights while
-        decoding (gkd/packed_linear.py `pack_for_decoding`): `packed_generation` on, no sampling copy, a plain fp32
-        student (no PEFT wrapper, no FSDP/DeepSpeed), no mixed precision, an x86 CPU."""
+        decoding (gkd/packed_linear.py `pack_for_decoding`): `packed_generation` on, no sampling copy, a whole fp32
+        student (`whole_student`), no mixed precision, an x86 CPU."""
         student = self.accelerator.unwrap_model(self.model)
         return (self.args.packed_generation and self.generation_dtype is None and self.args.device.type == "cpu"
                 and not (self.args.bf16 or self.args.fp16) and student.dtype == torch.float32
-                and not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
-                and not self.is_deepspeed_enabled and packed_linear.available(torch.float32))
+                and self.whole_student and packed_linear.available(torch.float32))
 
     @property
     def prefills_once(self) -> bool:
         """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
         on, the chunked loss, the KV cache in generation, no gradient checkpointing, one process with the whole
-        student (no PEFT wrapper, no FSDP/DeepSpeed), a plain KV cache."""
-        student = self.accelerator.unwrap_model(self.model)
+        student (`whole_student`), a plain KV cache."""
         return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
                 and not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
-                and not hasattr(student, "get_base_model") and not self.is_fsdp_enabled
-                and not self.is_deepspeed_enabled and self._plain_cache)
+                and self.whole_student and self._plain_cache)
 
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed

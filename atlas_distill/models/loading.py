@@ -174,27 +174,41 @@ def teacher_upcast(dtype: str = "auto") -> bool:
     return dtype == "auto" and not torch.cuda.is_available() and not cpu_bf16()
 
 
-def teacher_loaded_as(dtype: str = "auto", *, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
-    """How `load_teacher` holds the teacher, for a teacher store's key: 8-bit, 4-bit, `bfloat16-in-float32` (bf16
-    weights computed in fp32), or `teacher_dtype(dtype)`."""
+def _upcast_fits(path_or_id: str, trust_remote_code: bool) -> bool:
+    """Whether models/upcast.py knows every layer of the model at `path_or_id`: its architecture built on the meta
+    device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .upcast import fits
+
+    config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return fits(skeleton)
+
+
+def teacher_loaded_as(path_or_id: str, dtype: str = "auto", *, trust_remote_code: bool = False,
+                      load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
+    """How `load_teacher` holds the teacher at `path_or_id`, for a teacher store's key: 8-bit, 4-bit,
+    `bfloat16-in-float32` (bf16 weights computed in fp32), or `teacher_dtype(dtype)`."""
     if load_in_8bit or load_in_4bit:
         return "8-bit" if load_in_8bit else "4-bit"
-    return "bfloat16-in-float32" if teacher_upcast(dtype) else teacher_dtype(dtype)
+    if teacher_upcast(dtype) and _upcast_fits(path_or_id, trust_remote_code):
+        return "bfloat16-in-float32"
+    return teacher_dtype(dtype)
 
 
 def load_teacher(path_or_id: str, dtype: str = "auto", *, trust_remote_code: bool = False,
                  load_in_8bit: bool = False, load_in_4bit: bool = False):
     """The frozen teacher as `teacher_model_init_kwargs` asks (`load_model` in `teacher_dtype(dtype)`); where that
     is fp32 by `auto` (`teacher_upcast`), its weights are held in bf16 and computed with in fp32, unless the model
-    has layers models/upcast.py does not know (then fp32, as before)."""
-    from .upcast import compute_in_float32, fits
+    has layers models/upcast.py does not know (then fp32, as before): as `teacher_loaded_as` says."""
+    from .upcast import compute_in_float32
 
-    quantized = load_in_8bit or load_in_4bit
-    if teacher_upcast(dtype) and not quantized:
-        model = load_model(path_or_id, dtype="bfloat16", trust_remote_code=trust_remote_code)
-        if fits(model):
-            return compute_in_float32(model)
-        del model
+    if teacher_loaded_as(path_or_id, dtype, trust_remote_code=trust_remote_code, load_in_8bit=load_in_8bit,
+                         load_in_4bit=load_in_4bit) == "bfloat16-in-float32":
+        return compute_in_float32(load_model(path_or_id, dtype="bfloat16", trust_remote_code=trust_remote_code))
     return load_model(path_or_id, dtype=teacher_dtype(dtype), trust_remote_code=trust_remote_code,
                       load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
 

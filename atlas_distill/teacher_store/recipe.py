@@ -54,7 +54,8 @@ def build_for_profile(profile: Profile, out: str | Path, *, db_url: str | None =
     prepared = prepare_for_profile(profile, db_url=db_url, traces=traces, tokenizer=tokenizer,
                                    skip_invalid=skip_invalid)
     init = profile.teacher_model_init_kwargs
-    loaded_as = models.teacher_loaded_as(init.dtype, load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
+    loaded_as = models.teacher_loaded_as(teacher_path, init.dtype, trust_remote_code=trust,
+                                         load_in_8bit=init.load_in_8bit, load_in_4bit=init.load_in_4bit)
     key = run_key(profile, teacher_name=teacher_spec.name, teacher_path=teacher_path, tokenizer=tokenizer,
                   k=min(k, len(tokenizer)), teacher_dtype=loaded_as)
 
