@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -818,14 +819,22 @@ def _backbone_lengths(trainer) -> list[tuple[int, bool]]:
     return calls
 
 
-def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model,
+                                                                                          checkpointing):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": False}
+    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": checkpointing}
     on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
     off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args)
+    recomputed = []
+    for model in (on.model, off.model) if checkpointing else ():
+        model.activation_checkpointing_enable()  # as Trainer.train does: PyTorch's non-reentrant checkpoint
+        for layer in model.model.layers:  # inside the checkpointed forward (the layer's own hooks are outside)
+            layer.self_attn.register_forward_pre_hook(lambda *_: recomputed.append(torch.is_grad_enabled()))
     assert on.prefills_once and not off.prefills_once
     steps = {}
     for name, trainer in (("on", on), ("off", off)):
+        recomputed.clear()
         inputs, calls = batch(trainer), _backbone_lengths(trainer)
         prompt = inputs["prompts"].shape[1]
         trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
@@ -835,6 +844,11 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
         grads = [p.grad.clone() for p in trainer.model.parameters()]
         steps[name] = (loss.detach(), grads, inputs, calls, prompt)
         assert trainer._prompt_pass is None and trainer.model.training
+        if checkpointing:  # the layers were checkpointed (run again in backward), and are left as they were
+            layers = trainer.model.model.layers
+            assert all(m.gradient_checkpointing and "_can_checkpoint_with_cache" not in vars(m) for m in layers)
+            forwards = 2 if name == "on" else 1  # the prompt's and the completion's, or the whole sequence's
+            assert sum(recomputed) == 2 * forwards * len(layers)
     loss, grads, inputs, calls, prompt = steps["on"]
     length = inputs["input_ids"].shape[1]
     assert length == prompt + 5
@@ -851,7 +865,14 @@ def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     plain = {"gradient_checkpointing": False}
     assert make_trainer(tmp_path, student, teacher, args=plain).prefills_once
-    assert not make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True}).prefills_once
+    # under gradient checkpointing as transformers sets it up (reentrant or not: its forwards run non-reentrant),
+    # not where the checkpoint is another function (activations offloaded) or has a recompute context of its own
+    checkpointed = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True})
+    for kwargs, fits in (({"activation_checkpointing_kwargs": {"use_reentrant": True}}, True),
+                         ({"offload": True}, False),
+                         ({"activation_checkpointing_kwargs": {"context_fn": contextlib.nullcontext}}, False)):
+        checkpointed.model.activation_checkpointing_enable(**kwargs)
+        assert checkpointed.prefills_once is fits, kwargs
     assert not make_trainer(tmp_path, student, teacher, kv_cache_generation=False, args=plain).prefills_once
     assert not make_trainer(tmp_path, student, teacher, chunked_loss=False, args=plain).prefills_once
     # a bf16 sampling copy decodes from the prompt's cache cast to its dtype

@@ -9,18 +9,26 @@ The loss and its gradient are the full forward's within rounding (the attention 
 calls), and the prompt's position ids are generation's own (counted over the attention mask, as `generate` counts
 them), so the samples are those `generate` would have drawn from its own prefill, up to the same rounding.
 
-Without gradient checkpointing only: transformers switches the KV cache off under it (a checkpointed layer
-recomputed in backward would write to the cache again). On a 2-core AVX2 CPU the prefill was about 0.5 s of a
-4.7 s train_bench step (benchmarks/README.md).
+Under gradient checkpointing transformers switches the KV cache off, because a checkpointed layer recomputed in
+backward would write to the cache again. Here its two forwards keep the cache: each checkpointed layer runs under
+PyTorch's non-reentrant checkpoint (the default transformers enables), with a recompute context that makes the
+cache's `update` return what the first call returned (the cache's positions before that call, then the recomputed
+keys and values) and store nothing (`_ReplayingCache`). Backward then runs through the forward's own graph, as
+non-reentrant checkpointing always does, with the same saved tensors. On a 2-core AVX2 CPU the prefill was about
+0.5 s of a 4.7 s train_bench step (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import divergence
 
@@ -43,11 +51,85 @@ def decoding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def fits(model) -> bool:
     """Whether `model`'s KV cache is plain (every layer a DynamicLayer: no sliding window, no state-space layer),
     which `sampling_cache` copies and crops by hand."""
-    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config.get_text_config())
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _checkpointed_layers(model) -> list[GradientCheckpointingLayer]:
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def checkpoint_fits(model) -> bool:
+    """Whether `model`'s gradient checkpointing, if on, can keep the prompt's cache (`_checkpointed`): every
+    checkpointed module is one of transformers' checkpointing layers, each checkpointed by PyTorch's `checkpoint`
+    itself (as transformers sets it up, without a `context_fn` of its own; not the offloading variant)."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False) or module is model:
+            continue
+        if not isinstance(module, GradientCheckpointingLayer):
+            if any(isinstance(m, GradientCheckpointingLayer) for m in module.modules()):
+                continue  # the decoder stack holding the layers (its flag is the layers' too)
+            return False
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if not (isinstance(func, functools.partial) and func.func is checkpoint and "context_fn" not in func.keywords):
+            return False
+    return True
+
+
+class _ReplayingCache(DynamicCache):
+    """A DynamicCache whose `update`, while `replay_from` is set (a checkpointed layer recomputed in backward), returns
+    what that layer's first call returned (the cache's first `replay_from` positions, then the recomputed keys and
+    values) and stores nothing."""
+
+    replay_from: int | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.replay_from is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer, before = self.layers[layer_idx], self.replay_from
+        return (torch.cat([layer.keys[..., :before, :], key_states], dim=-2),
+                torch.cat([layer.values[..., :before, :], value_states], dim=-2))
+
+
+@contextmanager
+def _replaying(cache: _ReplayingCache, before: int, device: torch.device):
+    """A checkpointed layer's recompute: the cache replays the call that started at `before` positions, and the
+    attention gets the grouped keys as in the forward (the recomputed tensors must match the saved ones)."""
+    cache.replay_from = before
+    try:
+        with _grouped_keys(device):
+            yield
+    finally:
+        cache.replay_from = None
+
+
+@contextmanager
+def _checkpointed(model, cache: _ReplayingCache, device: torch.device):
+    """Under gradient checkpointing, `model`'s checkpointed layers keep `cache` through this forward: each runs under
+    non-reentrant `checkpoint` (the user's other checkpoint arguments kept) whose recompute replays the cache."""
+    layers = _checkpointed_layers(model)
+    if not layers:
+        yield
+        return
+    before = cache.get_seq_length()
+    saved = [(layer, layer._gradient_checkpointing_func, vars(layer).get("_can_checkpoint_with_cache"))
+             for layer in layers]
+    for layer, func, _ in saved:
+        keywords = {**func.keywords, "use_reentrant": False,
+                    "context_fn": lambda: (nullcontext(), _replaying(cache, before, device))}
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, **keywords)
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer, func, own in saved:
+            layer._gradient_checkpointing_func = func
+            if own is None:
+                del layer._can_checkpoint_with_cache
+            else:
+                layer._can_checkpoint_with_cache = own
 
 
 @contextmanager
@@ -72,15 +154,20 @@ def _grouped_keys(device: torch.device):
             os.environ[name] = before
 
 
+def _use_cache(backbone) -> bool:
+    """use_cache for a forward that fills or reads `cache`: under gradient checkpointing transformers takes it as
+    False anyway, with a warning (the layers write to the cache they are given all the same)."""
+    return not getattr(backbone, "gradient_checkpointing", False)
+
+
 def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
     """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast)."""
-    from transformers import DynamicCache
-
     positions = decoding_positions(prompt_mask)
-    cache = DynamicCache(config=student.config.get_text_config())
-    with _grouped_keys(prompts.device):
-        out = divergence.backbone(student)(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions,
-                                           cache=cache, use_cache=True)
+    cache = _ReplayingCache(config=student.config.get_text_config())
+    backbone = divergence.backbone(student)
+    with _grouped_keys(prompts.device), _checkpointed(student, cache, prompts.device):
+        out = backbone(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, cache=cache,
+                       use_cache=_use_cache(backbone))
     return PromptPass(cache, out.last_hidden_state[:, -1], positions)
 
 
@@ -88,8 +175,6 @@ def sampling_cache(prompt: PromptPass, dtype: torch.dtype | None = None):
     """A detached copy of the prompt's cache without its last position, in `dtype` (None: as it is): `generate`,
     given the whole prompt and this cache, runs only the last prompt token itself, and its logits give the first
     sample. The copy shares the cache's storage (decoding only concatenates onto it, never writes in place)."""
-    from transformers import DynamicCache
-
     return DynamicCache([tuple(t[..., :-1, :].detach().to(dtype or t.dtype) for t in (layer.keys, layer.values))
                          for layer in prompt.cache.layers])
 
@@ -105,8 +190,9 @@ def completion_hidden(student, prompt: PromptPass, inputs, mask: torch.Tensor) -
     new = ids.shape[1] - 1 - length  # completion positions before the last one
     if new > 0:
         positions = prompt.positions[:, -1:] + 1 + torch.arange(new, device=ids.device)
-        with _grouped_keys(ids.device):
-            out = divergence.backbone(student)(input_ids=ids[:, length:-1], attention_mask=attention[:, :-1],
-                                               position_ids=positions, cache=prompt.cache, use_cache=True)
+        backbone = divergence.backbone(student)
+        with _grouped_keys(ids.device), _checkpointed(student, prompt.cache, ids.device):
+            out = backbone(input_ids=ids[:, length:-1], attention_mask=attention[:, :-1], position_ids=positions,
+                           cache=prompt.cache, use_cache=_use_cache(backbone))
         hidden = torch.cat([hidden, out.last_hidden_state], dim=1)
     return hidden[mask[:, length - 1:]]

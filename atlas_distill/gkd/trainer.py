@@ -36,9 +36,9 @@ Each speedup is on by default and has a switch to turn it off:
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
   where there is no copy (an fp32 student on a CPU without native bf16), the student's own linear layers decode on
   packed fp32 weights: 1.71 s instead of 2.56 on an AVX2 CPU;
-- `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
-  prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
-  on over the completion only (gkd/prompt_pass.py);
+- `prefill_once`: an on-policy step runs the prompt through the student once: the prompt's training forward (with
+  gradient) fills the KV cache generation starts from, and the training forward goes on over the completion only
+  (gkd/prompt_pass.py; under gradient checkpointing the recompute reads the cache back instead of writing it);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
@@ -436,11 +436,12 @@ class AtlasGKDTrainer(GKDTrainer):
     @property
     def prefills_once(self) -> bool:
         """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
-        on, the chunked loss, the KV cache in generation, no gradient checkpointing, one process with the whole
-        student (`whole_student`), a plain KV cache."""
+        on, the chunked loss, the KV cache in generation, one process with the whole student (`whole_student`), a
+        plain KV cache, and gradient checkpointing, if on, as transformers sets it up (`prompt_pass.checkpoint_fits`:
+        PyTorch's checkpoint on each decoder layer)."""
         return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
-                and not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
-                and self.whole_student and self._plain_cache)
+                and self.accelerator.num_processes == 1 and self.whole_student and self._plain_cache
+                and prompt_pass.checkpoint_fits(self.accelerator.unwrap_model(self.model)))
 
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed
