@@ -824,8 +824,10 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
                                                                                           checkpointing):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": checkpointing}
-    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
-    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args)
+    # under checkpointing, not with fp32 decoding on packed weights (prefills_once's doc); the plain student here
+    plain = {"packed_generation": False} if checkpointing else {}
+    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args, **plain)
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args, **plain)
     recomputed = []
     for model in (on.model, off.model) if checkpointing else ():
         model.activation_checkpointing_enable()  # as Trainer.train does: PyTorch's non-reentrant checkpoint
@@ -867,19 +869,27 @@ def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model
     assert make_trainer(tmp_path, student, teacher, args=plain).prefills_once
     # under gradient checkpointing as transformers sets it up (reentrant or not: its forwards run non-reentrant),
     # not where the checkpoint is another function (activations offloaded) or has a recompute context of its own
-    checkpointed = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True})
+    checkpointed = make_trainer(tmp_path, student, teacher, generation_dtype="float32", packed_generation=False,
+                                args={"gradient_checkpointing": True})
     for kwargs, fits in (({"activation_checkpointing_kwargs": {"use_reentrant": True}}, True),
                          ({"offload": True}, False),
                          ({"activation_checkpointing_kwargs": {"context_fn": contextlib.nullcontext}}, False)):
         checkpointed.model.activation_checkpointing_enable(**kwargs)
         assert checkpointed.prefills_once is fits, kwargs
+    # nor where the fp32 student decodes on packed weights (an x86 CPU): generation then holds a copy of every weight
+    packing = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"gradient_checkpointing": True})
+    assert packing.prefills_once is not packing.packs_student_generation
     assert not make_trainer(tmp_path, student, teacher, kv_cache_generation=False, args=plain).prefills_once
     assert not make_trainer(tmp_path, student, teacher, chunked_loss=False, args=plain).prefills_once
-    # a bf16 sampling copy decodes from the prompt's cache cast to its dtype
-    copy = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", args={"lmbda": 1.0, **plain})
-    assert copy.prefills_once
-    inputs = batch(copy)
-    copy.current_gradient_accumulation_steps = 1
-    copy.training_step(copy.model, inputs)
-    assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())
+    # a bf16 sampling copy decodes from the prompt's cache cast to its dtype, with checkpointing or without
+    for checkpointing in (False, True):
+        copy = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16",
+                            args={"lmbda": 1.0, "gradient_checkpointing": checkpointing})
+        if checkpointing:
+            copy.model.activation_checkpointing_enable()
+        assert copy.prefills_once
+        inputs = batch(copy)
+        copy.current_gradient_accumulation_steps = 1
+        copy.training_step(copy.model, inputs)
+        assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())

@@ -98,7 +98,8 @@ class AtlasSettings:
                                         "generation starts from is the training forward's (it keeps its graph), and "
                                         "the training forward goes on from its cache over the completion only (the "
                                         "same loss within rounding; under gradient checkpointing, its recompute "
-                                        "reads the cache back)."})
+                                        "reads the cache back, except where the fp32 student decodes on packed "
+                                        "weights, as on an AVX2 CPU, where it would raise the peak memory)."})
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
                                         "next step instead of returning them to the kernel, which faulted their "

@@ -38,7 +38,8 @@ Each speedup is on by default and has a switch to turn it off:
   packed fp32 weights: 1.71 s instead of 2.56 on an AVX2 CPU;
 - `prefill_once`: an on-policy step runs the prompt through the student once: the prompt's training forward (with
   gradient) fills the KV cache generation starts from, and the training forward goes on over the completion only
-  (gkd/prompt_pass.py; under gradient checkpointing the recompute reads the cache back instead of writing it);
+  (gkd/prompt_pass.py; under gradient checkpointing the recompute reads the cache back instead of writing it, except
+  where the fp32 student decodes on packed weights: `prefills_once`);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
@@ -438,9 +439,16 @@ class AtlasGKDTrainer(GKDTrainer):
         """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
         on, the chunked loss, the KV cache in generation, one process with the whole student (`whole_student`), a
         plain KV cache, and gradient checkpointing, if on, as transformers sets it up (`prompt_pass.checkpoint_fits`:
-        PyTorch's checkpoint on each decoder layer)."""
+        PyTorch's checkpoint on each decoder layer) and with a student that does not decode on packed fp32 weights.
+
+        That last case (`packs_student_generation`: an x86 CPU without native bf16) is left out because there
+        generation holds a packed copy of every weight, as large as the gradients at the end of backward, and the
+        prompt's graph kept through it made generation the step's peak: on a 2-core AVX2 CPU 2,318 against 2,275 MB
+        for 0.18 s of a 5.7 s step. A run that checkpoints to save memory keeps the memory."""
+        checkpointing = self.args.gradient_checkpointing
         return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
                 and self.accelerator.num_processes == 1 and self.whole_student and self._plain_cache
+                and not (checkpointing and self.packs_student_generation)
                 and prompt_pass.checkpoint_fits(self.accelerator.unwrap_model(self.model)))
 
     def _release_sampling_copy(self) -> None:
