@@ -14,8 +14,12 @@ backward would write to the cache again. Here its two forwards keep the cache: e
 PyTorch's non-reentrant checkpoint (the default transformers enables), with a recompute context that makes the
 cache's `update` return what the first call returned (the cache's positions before that call, then the recomputed
 keys and values) and store nothing (`_ReplayingCache`). Backward then runs through the forward's own graph, as
-non-reentrant checkpointing always does, with the same saved tensors. On a 2-core AVX2 CPU the prefill was about
-0.5 s of a 4.7 s train_bench step (benchmarks/README.md).
+non-reentrant checkpointing always does, with the same saved tensors.
+
+On a 2-core AVX2 CPU the prefill was about 0.5 s of a 4.7 s train_bench step without checkpointing, and the prompt
+once saved 0.18 s of a 5.7 s step with it; the trainer leaves it off under checkpointing where the student decodes on
+packed fp32 weights, which would make generation the step's peak (`AtlasGKDTrainer.prefills_once`,
+benchmarks/README.md).
 """
 
 from __future__ import annotations
