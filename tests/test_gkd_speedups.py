@@ -877,7 +877,8 @@ def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model
         checkpointed.model.activation_checkpointing_enable(**kwargs)
         assert checkpointed.prefills_once is fits, kwargs
     # nor where the fp32 student decodes on packed weights (an x86 CPU): generation then holds a copy of every weight
-    packing = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"gradient_checkpointing": True})
+    packing = make_trainer(tmp_path, student, teacher, generation_dtype="float32",
+                           args={"gradient_checkpointing": True})
     assert packing.prefills_once is not packing.packs_student_generation
     assert not make_trainer(tmp_path, student, teacher, kv_cache_generation=False, args=plain).prefills_once
     assert not make_trainer(tmp_path, student, teacher, chunked_loss=False, args=plain).prefills_once
