@@ -849,6 +849,8 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
         if checkpointing:  # the layers were checkpointed (run again in backward), and are left as they were
             layers = trainer.model.model.layers
             assert all(m.gradient_checkpointing and "_can_checkpoint_with_cache" not in vars(m) for m in layers)
+            assert not any("context_fn" in m._gradient_checkpointing_func.keywords for m in layers)
+            assert trainer.prefills_once is (name == "on")  # the plain checkpoint function back: the next step too
             forwards = 2 if name == "on" else 1  # the prompt's and the completion's, or the whole sequence's
             assert sum(recomputed) == 2 * forwards * len(layers)
     loss, grads, inputs, calls, prompt = steps["on"]
@@ -861,6 +863,36 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
     torch.testing.assert_close(loss, steps["off"][0], rtol=1e-5, atol=1e-6)
     for ours, full in zip(grads, steps["off"][1], strict=True):
         torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+
+
+def test_prefill_once_steps_aside_where_the_stack_keeps_no_cache(tmp_path, make_tiny_model, tiny_tokenizer_dir):
+    """GPT-2's stack withholds the cache from its blocks under gradient checkpointing: that step generates and trains
+    as without prefill_once, and so do the next ones."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=2, n_head=2,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    trainer = make_trainer(tmp_path, tmp_path / "gpt2", make_tiny_model(seed=2), generation_dtype="float32",
+                           packed_generation=False, args={"lmbda": 1.0, "gradient_checkpointing": True})
+    trainer.model.activation_checkpointing_enable()
+    assert trainer.prefills_once
+    calls = []
+    trainer.model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(((args[0] if args else kwargs["input_ids"]).shape[1],
+                                                    torch.is_grad_enabled())),
+        with_kwargs=True)
+    inputs = batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(trainer.model, inputs)
+    prompt, length = inputs["prompts"].shape[1], inputs["input_ids"].shape[1]
+    assert length == prompt + 4 and torch.isfinite(loss) and not trainer.prefills_once
+    # the refused prompt's pass, then generate's own prefill and decoding, then the full training forward
+    assert calls == [(prompt, True), (prompt, False)] + [(1, False)] * 3 + [(length, True)]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainer.model.parameters())
 
 
 def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model):

@@ -77,3 +77,18 @@ def test_a_model_with_layers_it_does_not_know_is_loaded_in_fp32(tmp_path, monkey
     assert teacher.dtype == torch.float32 and upcast.compute_dtype(teacher) is None
     with torch.no_grad():
         assert teacher(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.float32
+
+
+def test_a_checkpoint_quantized_on_disk_is_labelled_as_loaded_not_upcast(make_tiny_model, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    path = tmp_path / "quantized"
+    shutil.copytree(make_tiny_model(seed=3), path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: False)
+    # its layers are quantized ones, which models/upcast.py does not know: the store's key says what load_teacher does
+    assert loading.teacher_loaded_as(str(path)) == "float32"
+    assert loading.teacher_loaded_as(str(make_tiny_model(seed=3))) == "bfloat16-in-float32"

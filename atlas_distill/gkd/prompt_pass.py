@@ -97,16 +97,22 @@ class _ReplayingCache(DynamicCache):
                 torch.cat([layer.values[..., :before, :], value_states], dim=-2))
 
 
-@contextmanager
-def _replaying(cache: _ReplayingCache, before: int, device: torch.device):
+class _Replaying:
     """A checkpointed layer's recompute: the cache replays the call that started at `before` positions, and the
-    attention gets the grouped keys as in the forward (the recomputed tensors must match the saved ones)."""
-    cache.replay_from = before
-    try:
-        with _grouped_keys(device):
-            yield
-    finally:
-        cache.replay_from = None
+    attention gets the grouped keys as in the forward (the recomputed tensors must match the saved ones). Reusable:
+    a graph kept for a second backward is recomputed again."""
+
+    def __init__(self, cache: _ReplayingCache, before: int, device: torch.device) -> None:
+        self.cache, self.before, self.device = cache, before, device
+
+    def __enter__(self) -> None:
+        self.keys = _grouped_keys(self.device)
+        self.keys.__enter__()
+        self.cache.replay_from = self.before
+
+    def __exit__(self, *exc) -> None:
+        self.cache.replay_from = None
+        self.keys.__exit__(*exc)
 
 
 @contextmanager
@@ -122,7 +128,7 @@ def _checkpointed(model, cache: _ReplayingCache, device: torch.device):
              for layer in layers]
     for layer, func, _ in saved:
         keywords = {**func.keywords, "use_reentrant": False,
-                    "context_fn": lambda: (nullcontext(), _replaying(cache, before, device))}
+                    "context_fn": lambda: (nullcontext(), _Replaying(cache, before, device))}
         layer._gradient_checkpointing_func = functools.partial(checkpoint, **keywords)
         layer._can_checkpoint_with_cache = True
     try:
@@ -160,18 +166,22 @@ def _grouped_keys(device: torch.device):
 
 def _use_cache(backbone) -> bool:
     """use_cache for a forward that fills or reads `cache`: under gradient checkpointing transformers takes it as
-    False anyway, with a warning (the layers write to the cache they are given all the same)."""
+    False anyway, with a warning (Llama-like stacks still hand their layers the cache; `run` checks that they did)."""
     return not getattr(backbone, "gradient_checkpointing", False)
 
 
-def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
-    """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast)."""
+def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass | None:
+    """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast); None
+    where the decoder stack kept nothing in the cache (GPT-2's withholds it from its blocks under gradient
+    checkpointing), and the caller generates as usual."""
     positions = decoding_positions(prompt_mask)
     cache = _ReplayingCache(config=student.config.get_text_config())
     backbone = divergence.backbone(student)
     with _grouped_keys(prompts.device), _checkpointed(student, cache, prompts.device):
         out = backbone(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, cache=cache,
                        use_cache=_use_cache(backbone))
+    if not all(layer.is_initialized and layer.keys.shape[-2] == prompts.shape[1] for layer in cache.layers):
+        return None
     return PromptPass(cache, out.last_hidden_state[:, -1], positions)
 
 

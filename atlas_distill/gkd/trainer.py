@@ -219,6 +219,7 @@ class AtlasGKDTrainer(GKDTrainer):
         self._sampler: torch.nn.Module | None = None
         self._sampler_packs = False
         self._prompt_pass: prompt_pass.PromptPass | None = None
+        self._prompt_pass_refused = False  # the student's stack kept no cache for it (prompt_pass.run)
         self._plain_cache = prompt_pass.fits(self.accelerator.unwrap_model(self.model))
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
@@ -439,7 +440,8 @@ class AtlasGKDTrainer(GKDTrainer):
         """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
         on, the chunked loss, the KV cache in generation, one process with the whole student (`whole_student`), a
         plain KV cache, and gradient checkpointing, if on, as transformers sets it up (`prompt_pass.checkpoint_fits`:
-        PyTorch's checkpoint on each decoder layer) and with a student that does not decode on packed fp32 weights.
+        PyTorch's checkpoint on each decoder layer) and with a student that does not decode on packed fp32 weights;
+        not after a step whose decoder stack kept no cache (`prompt_pass.run`: GPT-2's under checkpointing).
 
         That last case (`packs_student_generation`: an x86 CPU without native bf16) is left out because there
         generation holds a packed copy of every weight, as large as the gradients at the end of backward, and the
@@ -448,7 +450,7 @@ class AtlasGKDTrainer(GKDTrainer):
         checkpointing = self.args.gradient_checkpointing
         return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
                 and self.accelerator.num_processes == 1 and self.whole_student and self._plain_cache
-                and not (checkpointing and self.packs_student_generation)
+                and not (checkpointing and self.packs_student_generation) and not self._prompt_pass_refused
                 and prompt_pass.checkpoint_fits(self.accelerator.unwrap_model(self.model)))
 
     def _release_sampling_copy(self) -> None:
@@ -487,6 +489,8 @@ class AtlasGKDTrainer(GKDTrainer):
                 model.train()  # the prompt's pass is the training forward's first part
                 with self.accelerator.autocast():
                     self._prompt_pass = prompt_pass.run(student, inputs["prompts"], inputs["prompt_attention_mask"])
+                # None: the stack kept no cache; this step generates and trains as without prefill_once, as do the next
+                self._prompt_pass_refused = self._prompt_pass is None
                 try:
                     with attention.for_inference(self.args):
                         self._generate_into(model, inputs, self._prompt_pass)

@@ -176,15 +176,22 @@ def teacher_upcast(dtype: str = "auto") -> bool:
 
 def _upcast_fits(path_or_id: str, trust_remote_code: bool) -> bool:
     """Whether models/upcast.py knows every layer of the model at `path_or_id`: its architecture built on the meta
-    device (no weights read)."""
+    device (no weights read), as from_pretrained builds it there. False for a checkpoint quantized on disk, and where
+    the skeleton cannot be built (load_teacher then loads fp32, as it did for any model before the upcast)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import meta_device_safe_creation_ops
 
     from .upcast import fits
 
-    config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    config = load_pretrained(AutoConfig, str(path_or_id), trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        return False
+    try:
+        with torch.device("meta"), meta_device_safe_creation_ops():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an architecture this check cannot build is simply not upcast
+        return False
     return fits(skeleton)
 
 
@@ -203,12 +210,16 @@ def load_teacher(path_or_id: str, dtype: str = "auto", *, trust_remote_code: boo
                  load_in_8bit: bool = False, load_in_4bit: bool = False):
     """The frozen teacher as `teacher_model_init_kwargs` asks (`load_model` in `teacher_dtype(dtype)`); where that
     is fp32 by `auto` (`teacher_upcast`), its weights are held in bf16 and computed with in fp32, unless the model
-    has layers models/upcast.py does not know (then fp32, as before): as `teacher_loaded_as` says."""
-    from .upcast import compute_in_float32
+    has layers models/upcast.py does not know (then fp32, as before): as `teacher_loaded_as` says. The loaded
+    model is checked again, in case it holds layers its skeleton did not."""
+    from .upcast import compute_in_float32, fits
 
     if teacher_loaded_as(path_or_id, dtype, trust_remote_code=trust_remote_code, load_in_8bit=load_in_8bit,
                          load_in_4bit=load_in_4bit) == "bfloat16-in-float32":
-        return compute_in_float32(load_model(path_or_id, dtype="bfloat16", trust_remote_code=trust_remote_code))
+        model = load_model(path_or_id, dtype="bfloat16", trust_remote_code=trust_remote_code)
+        if fits(model):
+            return compute_in_float32(model)
+        del model
     return load_model(path_or_id, dtype=teacher_dtype(dtype), trust_remote_code=trust_remote_code,
                       load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
 
