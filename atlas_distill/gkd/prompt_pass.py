@@ -124,11 +124,14 @@ def _checkpointed(model, cache: _ReplayingCache, device: torch.device):
         yield
         return
     before = cache.get_seq_length()
+
+    def replaying():
+        return nullcontext(), _Replaying(cache, before, device)
+
     saved = [(layer, layer._gradient_checkpointing_func, vars(layer).get("_can_checkpoint_with_cache"))
              for layer in layers]
     for layer, func, _ in saved:
-        keywords = {**func.keywords, "use_reentrant": False,
-                    "context_fn": lambda: (nullcontext(), _Replaying(cache, before, device))}
+        keywords = {**func.keywords, "use_reentrant": False, "context_fn": replaying}  # the user's others kept
         layer._gradient_checkpointing_func = functools.partial(checkpoint, **keywords)
         layer._can_checkpoint_with_cache = True
     try:
@@ -164,10 +167,15 @@ def _grouped_keys(device: torch.device):
             os.environ[name] = before
 
 
-def _use_cache(backbone) -> bool:
-    """use_cache for a forward that fills or reads `cache`: under gradient checkpointing transformers takes it as
-    False anyway, with a warning (Llama-like stacks still hand their layers the cache; `run` checks that they did)."""
-    return not getattr(backbone, "gradient_checkpointing", False)
+def _forward(student, cache: _ReplayingCache, input_ids: torch.Tensor, **inputs):
+    """The student's decoder stack over `input_ids`, filling or reading `cache`: the grouped keys on a CPU, and
+    under gradient checkpointing each layer's recompute replaying the cache (`_checkpointed`). use_cache is False
+    there, as transformers would make it anyway with a warning (Llama-like stacks still hand their layers the
+    cache; `run` checks that they did)."""
+    backbone = divergence.backbone(student)
+    with _grouped_keys(input_ids.device), _checkpointed(student, cache, input_ids.device):
+        return backbone(input_ids=input_ids, **inputs, cache=cache,
+                        use_cache=not getattr(backbone, "gradient_checkpointing", False))
 
 
 def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass | None:
@@ -176,10 +184,7 @@ def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass
     checkpointing), and the caller generates as usual."""
     positions = decoding_positions(prompt_mask)
     cache = _ReplayingCache(config=student.config.get_text_config())
-    backbone = divergence.backbone(student)
-    with _grouped_keys(prompts.device), _checkpointed(student, cache, prompts.device):
-        out = backbone(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, cache=cache,
-                       use_cache=_use_cache(backbone))
+    out = _forward(student, cache, prompts, attention_mask=prompt_mask, position_ids=positions)
     if not all(layer.is_initialized and layer.keys.shape[-2] == prompts.shape[1] for layer in cache.layers):
         return None
     return PromptPass(cache, out.last_hidden_state[:, -1], positions)
@@ -204,9 +209,7 @@ def completion_hidden(student, prompt: PromptPass, inputs, mask: torch.Tensor) -
     new = ids.shape[1] - 1 - length  # completion positions before the last one
     if new > 0:
         positions = prompt.positions[:, -1:] + 1 + torch.arange(new, device=ids.device)
-        backbone = divergence.backbone(student)
-        with _grouped_keys(ids.device), _checkpointed(student, prompt.cache, ids.device):
-            out = backbone(input_ids=ids[:, length:-1], attention_mask=attention[:, :-1], position_ids=positions,
-                           cache=prompt.cache, use_cache=_use_cache(backbone))
+        out = _forward(student, prompt.cache, ids[:, length:-1], attention_mask=attention[:, :-1],
+                       position_ids=positions)
         hidden = torch.cat([hidden, out.last_hidden_state], dim=1)
     return hidden[mask[:, length - 1:]]
