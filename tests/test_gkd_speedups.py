@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -819,24 +818,14 @@ def _backbone_lengths(trainer) -> list[tuple[int, bool]]:
     return calls
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model,
-                                                                                          checkpointing):
+def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": checkpointing}
-    # under checkpointing, not with fp32 decoding on packed weights (prefills_once's doc); the plain student here
-    plain = {"packed_generation": False} if checkpointing else {}
-    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args, **plain)
-    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args, **plain)
-    recomputed = []
-    for model in (on.model, off.model) if checkpointing else ():
-        model.activation_checkpointing_enable()  # as Trainer.train does: PyTorch's non-reentrant checkpoint
-        for layer in model.model.layers:  # inside the checkpointed forward (the layer's own hooks are outside)
-            layer.self_attn.register_forward_pre_hook(lambda *_: recomputed.append(torch.is_grad_enabled()))
+    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": False}
+    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args)
     assert on.prefills_once and not off.prefills_once
     steps = {}
     for name, trainer in (("on", on), ("off", off)):
-        recomputed.clear()
         inputs, calls = batch(trainer), _backbone_lengths(trainer)
         prompt = inputs["prompts"].shape[1]
         trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
@@ -846,13 +835,6 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
         grads = [p.grad.clone() for p in trainer.model.parameters()]
         steps[name] = (loss.detach(), grads, inputs, calls, prompt)
         assert trainer._prompt_pass is None and trainer.model.training
-        if checkpointing:  # the layers were checkpointed (run again in backward), and are left as they were
-            layers = trainer.model.model.layers
-            assert all(m.gradient_checkpointing and "_can_checkpoint_with_cache" not in vars(m) for m in layers)
-            assert not any("context_fn" in m._gradient_checkpointing_func.keywords for m in layers)
-            assert trainer.prefills_once is (name == "on")  # the plain checkpoint function back: the next step too
-            forwards = 2 if name == "on" else 1  # the prompt's and the completion's, or the whole sequence's
-            assert sum(recomputed) == 2 * forwards * len(layers)
     loss, grads, inputs, calls, prompt = steps["on"]
     length = inputs["input_ids"].shape[1]
     assert length == prompt + 5
@@ -865,64 +847,18 @@ def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_
         torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
 
 
-def test_prefill_once_steps_aside_where_the_stack_keeps_no_cache(tmp_path, make_tiny_model, tiny_tokenizer_dir):
-    """GPT-2's stack withholds the cache from its blocks under gradient checkpointing: that step generates and trains
-    as without prefill_once, and so do the next ones."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=2, n_head=2,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
-    trainer = make_trainer(tmp_path, tmp_path / "gpt2", make_tiny_model(seed=2), generation_dtype="float32",
-                           packed_generation=False, args={"lmbda": 1.0, "gradient_checkpointing": True})
-    trainer.model.activation_checkpointing_enable()
-    assert trainer.prefills_once
-    calls = []
-    trainer.model.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(((args[0] if args else kwargs["input_ids"]).shape[1],
-                                                    torch.is_grad_enabled())),
-        with_kwargs=True)
-    inputs = batch(trainer)
-    trainer.current_gradient_accumulation_steps = 1
-    loss = trainer.training_step(trainer.model, inputs)
-    prompt, length = inputs["prompts"].shape[1], inputs["input_ids"].shape[1]
-    assert length == prompt + 4 and torch.isfinite(loss) and not trainer.prefills_once
-    # the refused prompt's pass, then generate's own prefill and decoding, then the full training forward
-    assert calls == [(prompt, True), (prompt, False)] + [(1, False)] * 3 + [(length, True)]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainer.model.parameters())
-
-
 def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     plain = {"gradient_checkpointing": False}
     assert make_trainer(tmp_path, student, teacher, args=plain).prefills_once
-    # under gradient checkpointing as transformers sets it up (reentrant or not: its forwards run non-reentrant),
-    # not where the checkpoint is another function (activations offloaded) or has a recompute context of its own
-    checkpointed = make_trainer(tmp_path, student, teacher, generation_dtype="float32", packed_generation=False,
-                                args={"gradient_checkpointing": True})
-    for kwargs, fits in (({"activation_checkpointing_kwargs": {"use_reentrant": True}}, True),
-                         ({"offload": True}, False),
-                         ({"activation_checkpointing_kwargs": {"context_fn": contextlib.nullcontext}}, False)):
-        checkpointed.model.activation_checkpointing_enable(**kwargs)
-        assert checkpointed.prefills_once is fits, kwargs
-    # nor where the fp32 student decodes on packed weights (an x86 CPU): generation then holds a copy of every weight
-    packing = make_trainer(tmp_path, student, teacher, generation_dtype="float32",
-                           args={"gradient_checkpointing": True})
-    assert packing.prefills_once is not packing.packs_student_generation
+    assert not make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True}).prefills_once
     assert not make_trainer(tmp_path, student, teacher, kv_cache_generation=False, args=plain).prefills_once
     assert not make_trainer(tmp_path, student, teacher, chunked_loss=False, args=plain).prefills_once
-    # a bf16 sampling copy decodes from the prompt's cache cast to its dtype, with checkpointing or without
-    for checkpointing in (False, True):
-        copy = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16",
-                            args={"lmbda": 1.0, "gradient_checkpointing": checkpointing})
-        if checkpointing:
-            copy.model.activation_checkpointing_enable()
-        assert copy.prefills_once
-        inputs = batch(copy)
-        copy.current_gradient_accumulation_steps = 1
-        copy.training_step(copy.model, inputs)
-        assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())
+    # a bf16 sampling copy decodes from the prompt's cache cast to its dtype
+    copy = make_trainer(tmp_path, student, teacher, generation_dtype="bfloat16", args={"lmbda": 1.0, **plain})
+    assert copy.prefills_once
+    inputs = batch(copy)
+    copy.current_gradient_accumulation_steps = 1
+    copy.training_step(copy.model, inputs)
+    assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())

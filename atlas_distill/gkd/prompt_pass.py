@@ -9,30 +9,21 @@ The loss and its gradient are the full forward's within rounding (the attention 
 calls), and the prompt's position ids are generation's own (counted over the attention mask, as `generate` counts
 them), so the samples are those `generate` would have drawn from its own prefill, up to the same rounding.
 
-Under gradient checkpointing transformers switches the KV cache off, because a checkpointed layer recomputed in
-backward would write to the cache again. Here its two forwards keep the cache: each checkpointed layer runs under
-PyTorch's non-reentrant checkpoint (the default transformers enables), with a recompute context that makes the
-cache's `update` return what the first call returned (the cache's positions before that call, then the recomputed
-keys and values) and store nothing (`_ReplayingCache`). Backward then runs through the forward's own graph, as
-non-reentrant checkpointing always does, with the same saved tensors.
-
-On a 2-core AVX2 CPU the prefill was about 0.5 s of a 4.7 s train_bench step without checkpointing, and the prompt
-once saved 0.18 s of a 5.7 s step with it; the trainer leaves it off under checkpointing where the student decodes on
-packed fp32 weights, which would make generation the step's peak (`AtlasGKDTrainer.prefills_once`,
-benchmarks/README.md).
+On a 2-core AVX2 CPU the prefill was about 0.5 s of a 4.7 s train_bench step (benchmarks/README.md). Without
+gradient checkpointing only: transformers switches the KV cache off under it, because a checkpointed layer
+recomputed in backward would write to the cache again. A recompute that read the cache back was built and measured
+(commits 9150eeb-c7bf4fc): it saved 0.06 s of a 4.3 s step on a Zen 4 CPU and 0.18 of 5.7 on AVX2, and raised the
+peak by 34-43 MB on both, since autograd runs the prompt's backward after all of the completion's, with every
+gradient already made.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import divergence
 
@@ -55,94 +46,11 @@ def decoding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def fits(model) -> bool:
     """Whether `model`'s KV cache is plain (every layer a DynamicLayer: no sliding window, no state-space layer),
     which `sampling_cache` copies and crops by hand."""
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config.get_text_config())
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _checkpointed_layers(model) -> list[GradientCheckpointingLayer]:
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-
-
-def checkpoint_fits(model) -> bool:
-    """Whether `model`'s gradient checkpointing, if on, can keep the prompt's cache (`_checkpointed`): every
-    checkpointed module is one of transformers' checkpointing layers, each checkpointed by PyTorch's `checkpoint`
-    itself (as transformers sets it up, without a `context_fn` of its own; not the offloading variant)."""
-    for module in model.modules():
-        if not getattr(module, "gradient_checkpointing", False) or module is model:
-            continue
-        if not isinstance(module, GradientCheckpointingLayer):
-            if any(isinstance(m, GradientCheckpointingLayer) for m in module.modules()):
-                continue  # the decoder stack holding the layers (its flag is the layers' too)
-            return False
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if not (isinstance(func, functools.partial) and func.func is checkpoint and "context_fn" not in func.keywords):
-            return False
-    return True
-
-
-class _ReplayingCache(DynamicCache):
-    """A DynamicCache whose `update`, while `replay_from` is set (a checkpointed layer recomputed in backward), returns
-    what that layer's first call returned (the cache's first `replay_from` positions, then the recomputed keys and
-    values) and stores nothing."""
-
-    replay_from: int | None = None
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.replay_from is None:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer, before = self.layers[layer_idx], self.replay_from
-        return (torch.cat([layer.keys[..., :before, :], key_states], dim=-2),
-                torch.cat([layer.values[..., :before, :], value_states], dim=-2))
-
-
-class _Replaying:
-    """A checkpointed layer's recompute: the cache replays the call that started at `before` positions, and the
-    attention gets the grouped keys as in the forward (the recomputed tensors must match the saved ones). Reusable:
-    a graph kept for a second backward is recomputed again."""
-
-    def __init__(self, cache: _ReplayingCache, before: int, device: torch.device) -> None:
-        self.cache, self.before, self.device = cache, before, device
-
-    def __enter__(self) -> None:
-        self.keys = _grouped_keys(self.device)
-        self.keys.__enter__()
-        self.cache.replay_from = self.before
-
-    def __exit__(self, *exc) -> None:
-        self.cache.replay_from = None
-        self.keys.__exit__(*exc)
-
-
-@contextmanager
-def _checkpointed(model, cache: _ReplayingCache, device: torch.device):
-    """Under gradient checkpointing, `model`'s checkpointed layers keep `cache` through this forward: each runs under
-    non-reentrant `checkpoint` (the user's other checkpoint arguments kept) whose recompute replays the cache."""
-    layers = _checkpointed_layers(model)
-    if not layers:
-        yield
-        return
-    before = cache.get_seq_length()
-
-    def replaying():
-        return nullcontext(), _Replaying(cache, before, device)
-
-    saved = [(layer, layer._gradient_checkpointing_func, vars(layer).get("_can_checkpoint_with_cache"))
-             for layer in layers]
-    for layer, func, _ in saved:
-        keywords = {**func.keywords, "use_reentrant": False, "context_fn": replaying}  # the user's others kept
-        layer._gradient_checkpointing_func = functools.partial(checkpoint, **keywords)
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer, func, own in saved:
-            layer._gradient_checkpointing_func = func
-            if own is None:
-                del layer._can_checkpoint_with_cache
-            else:
-                layer._can_checkpoint_with_cache = own
 
 
 @contextmanager
@@ -167,26 +75,19 @@ def _grouped_keys(device: torch.device):
             os.environ[name] = before
 
 
-def _forward(student, cache: _ReplayingCache, input_ids: torch.Tensor, **inputs):
-    """The student's decoder stack over `input_ids`, filling or reading `cache`: the grouped keys on a CPU, and
-    under gradient checkpointing each layer's recompute replaying the cache (`_checkpointed`). use_cache is False
-    there, as transformers would make it anyway with a warning (Llama-like stacks still hand their layers the
-    cache; `run` checks that they did)."""
-    backbone = divergence.backbone(student)
-    with _grouped_keys(input_ids.device), _checkpointed(student, cache, input_ids.device):
-        return backbone(input_ids=input_ids, **inputs, cache=cache,
-                        use_cache=not getattr(backbone, "gradient_checkpointing", False))
+def _forward(student, cache, input_ids: torch.Tensor, **inputs):
+    """The student's decoder stack over `input_ids`, filling or reading `cache`, with the grouped keys on a CPU."""
+    with _grouped_keys(input_ids.device):
+        return divergence.backbone(student)(input_ids=input_ids, **inputs, cache=cache, use_cache=True)
 
 
-def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass | None:
-    """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast); None
-    where the decoder stack kept nothing in the cache (GPT-2's withholds it from its blocks under gradient
-    checkpointing), and the caller generates as usual."""
+def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
+    """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast)."""
+    from transformers import DynamicCache
+
     positions = decoding_positions(prompt_mask)
-    cache = _ReplayingCache(config=student.config.get_text_config())
+    cache = DynamicCache(config=student.config.get_text_config())
     out = _forward(student, cache, prompts, attention_mask=prompt_mask, position_ids=positions)
-    if not all(layer.is_initialized and layer.keys.shape[-2] == prompts.shape[1] for layer in cache.layers):
-        return None
     return PromptPass(cache, out.last_hidden_state[:, -1], positions)
 
 
@@ -194,6 +95,8 @@ def sampling_cache(prompt: PromptPass, dtype: torch.dtype | None = None):
     """A detached copy of the prompt's cache without its last position, in `dtype` (None: as it is): `generate`,
     given the whole prompt and this cache, runs only the last prompt token itself, and its logits give the first
     sample. The copy shares the cache's storage (decoding only concatenates onto it, never writes in place)."""
+    from transformers import DynamicCache
+
     return DynamicCache([tuple(t[..., :-1, :].detach().to(dtype or t.dtype) for t in (layer.keys, layer.values))
                          for layer in prompt.cache.layers])
 

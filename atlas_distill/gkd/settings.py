@@ -94,12 +94,10 @@ class AtlasSettings:
                                         "without native bf16), the student's own layers decode on packed fp32 "
                                         "weights (logits within 1e-5; generation about 33 % faster on AVX2)."})
     prefill_once: bool = field(
-        default=True, metadata={"help": "On-policy steps run each prompt through the student once: the forward that "
-                                        "generation starts from is the training forward's (it keeps its graph), and "
-                                        "the training forward goes on from its cache over the completion only (the "
-                                        "same loss within rounding; under gradient checkpointing, its recompute "
-                                        "reads the cache back, except where the fp32 student decodes on packed "
-                                        "weights, as on an AVX2 CPU, where it would raise the peak memory)."})
+        default=True, metadata={"help": "On-policy steps without gradient checkpointing run each prompt through the "
+                                        "student once: the forward that generation starts from is the training "
+                                        "forward's (it keeps its graph), and the training forward goes on from its "
+                                        "cache over the completion only (the same loss within rounding)."})
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
                                         "next step instead of returning them to the kernel, which faulted their "

@@ -36,10 +36,9 @@ Each speedup is on by default and has a switch to turn it off:
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
   where there is no copy (an fp32 student on a CPU without native bf16), the student's own linear layers decode on
   packed fp32 weights: 1.71 s instead of 2.56 on an AVX2 CPU;
-- `prefill_once`: an on-policy step runs the prompt through the student once: the prompt's training forward (with
-  gradient) fills the KV cache generation starts from, and the training forward goes on over the completion only
-  (gkd/prompt_pass.py; under gradient checkpointing the recompute reads the cache back instead of writing it, except
-  where the fp32 student decodes on packed weights: `prefills_once`);
+- `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
+  prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
+  on over the completion only (gkd/prompt_pass.py);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
@@ -219,7 +218,6 @@ class AtlasGKDTrainer(GKDTrainer):
         self._sampler: torch.nn.Module | None = None
         self._sampler_packs = False
         self._prompt_pass: prompt_pass.PromptPass | None = None
-        self._prompt_pass_refused = False  # the student's stack kept no cache for it (prompt_pass.run)
         self._plain_cache = prompt_pass.fits(self.accelerator.unwrap_model(self.model))
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
@@ -438,20 +436,14 @@ class AtlasGKDTrainer(GKDTrainer):
     @property
     def prefills_once(self) -> bool:
         """Whether on-policy steps run the prompt through the student once (gkd/prompt_pass.py): `prefill_once`
-        on, the chunked loss, the KV cache in generation, one process with the whole student (`whole_student`), a
-        plain KV cache, and gradient checkpointing, if on, as transformers sets it up (`prompt_pass.checkpoint_fits`:
-        PyTorch's checkpoint on each decoder layer) and with a student that does not decode on packed fp32 weights;
-        not after a step whose decoder stack kept no cache (`prompt_pass.run`: GPT-2's under checkpointing).
-
-        That last case (`packs_student_generation`: an x86 CPU without native bf16) is left out because there
-        generation holds a packed copy of every weight, as large as the gradients at the end of backward, and the
-        prompt's graph kept through it made generation the step's peak: on a 2-core AVX2 CPU 2,318 against 2,275 MB
-        for 0.18 s of a 5.7 s step. A run that checkpoints to save memory keeps the memory."""
-        checkpointing = self.args.gradient_checkpointing
+        on, the chunked loss, the KV cache in generation, no gradient checkpointing, one process with the whole
+        student (`whole_student`), a plain KV cache. Not under checkpointing: transformers switches the KV cache off
+        there, and keeping it (each layer's recompute reading the cache back) cost 34-43 MB at the step's peak on
+        the 2-core CPUs measured, for 0.06 s of a 4.3 s step with native bf16 and 0.18 of 5.7 on AVX2
+        (benchmarks/README.md)."""
         return (self.args.prefill_once and self.chunked_loss and self.args.kv_cache_generation
-                and self.accelerator.num_processes == 1 and self.whole_student and self._plain_cache
-                and not (checkpointing and self.packs_student_generation) and not self._prompt_pass_refused
-                and prompt_pass.checkpoint_fits(self.accelerator.unwrap_model(self.model)))
+                and not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
+                and self.whole_student and self._plain_cache)
 
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed
@@ -489,8 +481,6 @@ class AtlasGKDTrainer(GKDTrainer):
                 model.train()  # the prompt's pass is the training forward's first part
                 with self.accelerator.autocast():
                     self._prompt_pass = prompt_pass.run(student, inputs["prompts"], inputs["prompt_attention_mask"])
-                # None: the stack kept no cache; this step generates and trains as without prefill_once, as do the next
-                self._prompt_pass_refused = self._prompt_pass is None
                 try:
                     with attention.for_inference(self.args):
                         self._generate_into(model, inputs, self._prompt_pass)
