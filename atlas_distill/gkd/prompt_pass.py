@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from . import divergence
 
@@ -46,7 +47,6 @@ def decoding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def fits(model) -> bool:
     """Whether `model`'s KV cache is plain (every layer a DynamicLayer: no sliding window, no state-space layer),
     which `sampling_cache` copies and crops by hand."""
-    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config.get_text_config())
@@ -83,8 +83,6 @@ def _forward(student, cache, input_ids: torch.Tensor, **inputs):
 
 def run(student, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPass:
     """The prompt's forward through the student's decoder, with gradient (the caller's grad mode and autocast)."""
-    from transformers import DynamicCache
-
     positions = decoding_positions(prompt_mask)
     cache = DynamicCache(config=student.config.get_text_config())
     out = _forward(student, cache, prompts, attention_mask=prompt_mask, position_ids=positions)
@@ -95,8 +93,6 @@ def sampling_cache(prompt: PromptPass, dtype: torch.dtype | None = None):
     """A detached copy of the prompt's cache without its last position, in `dtype` (None: as it is): `generate`,
     given the whole prompt and this cache, runs only the last prompt token itself, and its logits give the first
     sample. The copy shares the cache's storage (decoding only concatenates onto it, never writes in place)."""
-    from transformers import DynamicCache
-
     return DynamicCache([tuple(t[..., :-1, :].detach().to(dtype or t.dtype) for t in (layer.keys, layer.values))
                          for layer in prompt.cache.layers])
 
