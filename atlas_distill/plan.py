@@ -195,6 +195,7 @@ class Workload:
     lora_targets: list[str] | str = "all-linear"
     autocast: bool = False  # bf16/fp16 mixed precision over fp32 weights
     lean_activations: bool = False  # the trainer setting: MLPs and (without checkpointing) norms keep fewer tensors
+    replay_generation: bool = False  # the trainer's: generation records each layer's output for the training forward
 
 
 @dataclass
@@ -274,7 +275,9 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         compute_bytes=compute, teacher_bytes=teacher, teacher_other_bytes=teacher_other,
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
-        lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora, lean_activations=t.lean_activations)
+        lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora, lean_activations=t.lean_activations,
+        replay_generation=(t.replay_generation and on_policy and m.gradient_checkpointing and not copy and not lora
+                           and t.chunked_loss and t.kv_cache_generation))
 
 
 def _cpu_amx() -> bool:
@@ -360,6 +363,8 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     gen_bytes = 2 if w.sampling_copy else w.compute_bytes
     tokens = w.prompt_len + w.max_new_tokens
     generation = (student.kv_cache(b, tokens, gen_bytes) + prefill(student, b, gen_bytes)) if w.on_policy else 0
+    if w.replay_generation:  # each layer's output recorded while generating, the training forward's checkpoints
+        generation += student.layers * w.compute_bytes * b * tokens * student.hidden
     # under ZeRO-3, generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
     gathered_student = student_weights * (1 - 1 / devices) if strategy == "zero3" else 0
     evaluation = max(teacher.kv_cache(w.eval_batch, tokens, w.teacher_other_bytes)

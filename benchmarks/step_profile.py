@@ -11,8 +11,10 @@ means over the steps after the first. It also times one matmul of the step's mai
 [hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
 (2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
 positions) is set. `--precision` as train_bench.py's (auto: ours bf16 autocast on an AMX CPU, TRL's fp32); the
-matmul is timed in bf16 when any trainer ran under autocast. The arithmetic counted is DT's step's for both: with
-`prefill_once` ours runs generation's prompt forward as part of its training forward, so it does less than that.
+matmul is timed in bf16 when any trainer ran under autocast. The arithmetic counted is DT's step's without
+checkpointing for both (checkpointing adds a recompute, not counted): with `prefill_once` ours runs generation's prompt
+forward as part of its training forward, and with `replay_generation` its checkpointed training forward runs no
+layer, so it does less than that.
 `--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py.
 """
 
@@ -88,7 +90,7 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
     import torch
     from transformers import TrainerCallback
 
-    from atlas_distill.gkd import divergence, prompt_pass
+    from atlas_distill.gkd import divergence, prompt_pass, replay
     from atlas_distill.models import upcast
 
     tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
@@ -129,6 +131,8 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
             # prefill_once: the student's forward in two parts, the prompt's before generation
             clock.wrap(prompt_pass, "run", "student_forward")
             clock.wrap(prompt_pass, "completion_hidden", "student_forward")
+            # replay_generation: the training forward's layers replayed from generation's recording
+            clock.wrap(replay, "completion_hidden", "student_forward")
             clock.wrap(divergence, "chunked_divergence", "divergence")
         clock.wrap(trainer.accelerator, "backward", "backward")
         trainer.train()

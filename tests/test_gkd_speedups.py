@@ -862,3 +862,76 @@ def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model
     copy.training_step(copy.model, inputs)
     assert inputs["input_ids"].shape[1] == inputs["prompts"].shape[1] + 4
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in copy.model.parameters())
+
+
+def _attention_calls(trainer) -> list[tuple[int, bool]]:
+    """(positions, grad enabled) of every call of the student's first attention block from now on: generation's,
+    the training forward's and the backward's recompute (which runs the layer's forward, not its hooks)."""
+    calls: list[tuple[int, bool]] = []
+    trainer.model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["hidden_states"].shape[1], torch.is_grad_enabled())),
+        with_kwargs=True)
+    return calls
+
+
+def test_replay_generation_runs_no_layer_in_the_training_forward_and_gives_the_checkpointed_loss_and_gradients(
+        tmp_path, make_tiny_model):
+    student, teacher = make_tiny_model(seed=1, layers=3), make_tiny_model(seed=2)
+    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": True}
+    on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
+    off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", replay_generation=False, args=args)
+    assert on.replays_generation and not off.replays_generation
+    steps = {}
+    for name, trainer in (("on", on), ("off", off)):
+        inputs, calls = batch(trainer), _attention_calls(trainer)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)  # as train() does
+        torch.manual_seed(11)
+        loss = trainer.training_step(trainer.model, inputs)
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        steps[name] = (loss.detach(), grads, inputs, calls)
+        assert trainer._recording is None
+    loss, grads, inputs, calls = steps["on"]
+    prompt, length = inputs["prompts"].shape[1], inputs["input_ids"].shape[1]
+    assert length == prompt + 5
+    generation = [(prompt, False)] + [(1, False)] * 4
+    # replayed: the layer runs while generating and once in backward, over all but the last position
+    assert calls == generation + [(length - 1, True)]
+    assert steps["off"][3] == generation + [(length, True)] * 2  # checkpointed: forward, then backward's recompute
+    assert torch.equal(inputs["input_ids"], steps["off"][2]["input_ids"])
+    torch.testing.assert_close(loss, steps["off"][0], rtol=1e-5, atol=1e-6)
+    for ours, full in zip(grads, steps["off"][1], strict=True):
+        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+
+
+def test_replay_generation_only_where_generation_computes_the_training_forward(tmp_path, make_tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from atlas_distill.gkd import replay
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    gc = {"gradient_checkpointing": True}
+    assert make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=gc).replays_generation
+    assert not make_trainer(tmp_path, student, teacher, generation_dtype="float32",
+                            args={"gradient_checkpointing": False}).replays_generation
+    for setting in ({"kv_cache_generation": False}, {"chunked_loss": False}, {"replay_generation": False},
+                    {"generation_dtype": "bfloat16"}):  # a bf16 sampling copy computes other outputs
+        trainer = make_trainer(tmp_path, student, teacher, **{"generation_dtype": "float32", **setting}, args=gc)
+        assert not trainer.replays_generation, setting
+    # dropout: backward's recompute would not compute what generation did
+    dropping = AutoModelForCausalLM.from_pretrained(student, attention_dropout=0.1)
+    assert replay.fits(AutoModelForCausalLM.from_pretrained(student)) and not replay.fits(dropping)
+
+
+def test_a_recording_that_does_not_cover_the_training_sequence_is_not_replayed():
+    from atlas_distill.gkd.replay import Recording
+
+    taken = Recording([torch.nn.Identity(), torch.nn.Identity()], width=4)
+    for index in (0, 1):
+        taken.record(index, torch.ones(2, 3, 5))
+    assert taken.covers(3) and not taken.covers(4)
+    taken.record(0, torch.ones(2, 2, 5))  # more positions than the generation can have made
+    assert taken.broken and not taken.covers(3)
+    tupled = Recording([torch.nn.Identity()], width=4)
+    tupled.record(0, (torch.ones(2, 3, 5),))  # a layer that returns a tuple
+    assert not tupled.covers(3)

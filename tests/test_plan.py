@@ -265,3 +265,24 @@ def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, amx, 
     assert work.teacher_bytes == 2 and work.teacher_other_bytes == (2 if native else 4)
     assert work.sampling_copy is native
     assert workload_for(_profile("model.dtype=float32"), "cpu").autocast is False
+
+
+def test_the_plan_counts_generations_recording_where_the_trainer_replays_it(monkeypatch):
+    import dataclasses
+
+    from atlas_distill import plan
+
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: False)  # no sampling copy: the student samples itself
+    work = workload_for(_profile("model.gradient_checkpointing=true"), "cpu")
+    assert work.replay_generation and not work.sampling_copy
+    for changes in ("model.gradient_checkpointing=false", "trainer.replay_generation=false", "trainer.lmbda=0",
+                    "trainer.generation_dtype=bfloat16"):
+        assert not workload_for(_profile("model.gradient_checkpointing=true", changes), "cpu").replay_generation
+    shape = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    phases = {on: estimate(shape, shape, dataclasses.replace(work, replay_generation=on), "single", 1).phases
+              for on in (True, False)}
+    tokens = work.prompt_len + work.max_new_tokens
+    recorded = shape.layers * work.compute_bytes * work.batch * tokens * shape.hidden
+    assert phases[True]["generation"] - phases[False]["generation"] == recorded
+    assert phases[True]["training step"] == phases[False]["training step"]

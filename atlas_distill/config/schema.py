@@ -147,6 +147,7 @@ class TrainerConfig(_Strict):
     inverse_cdf_sampling: bool = setting("inverse_cdf_sampling")
     packed_generation: bool = setting("packed_generation")
     prefill_once: bool = setting("prefill_once")
+    replay_generation: bool = setting("replay_generation")
     keep_freed_memory: bool = setting("keep_freed_memory")
     math_attention: bool = setting("math_attention")
     lean_activations: bool = setting("lean_activations")

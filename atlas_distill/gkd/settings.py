@@ -98,6 +98,11 @@ class AtlasSettings:
                                         "student once: the forward that generation starts from is the training "
                                         "forward's (it keeps its graph), and the training forward goes on from its "
                                         "cache over the completion only (the same loss within rounding)."})
+    replay_generation: bool = field(
+        default=True, metadata={"help": "On-policy steps under gradient checkpointing, where the student samples "
+                                        "itself, take each decoder layer's output recorded while it generated "
+                                        "instead of running the layer in the training forward; backward recomputes "
+                                        "it as checkpointing does (the same loss within rounding)."})
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
                                         "next step instead of returning them to the kernel, which faulted their "

@@ -39,6 +39,9 @@ Each speedup is on by default and has a switch to turn it off:
 - `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
   prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
   on over the completion only (gkd/prompt_pass.py);
+- `replay_generation`: with gradient checkpointing, where the student samples itself, each decoder layer's output is
+  recorded while it generates, and the training forward returns those instead of running the layers; backward
+  recomputes each layer from its input, as checkpointing does (gkd/replay.py);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `math_attention`: under bf16 autocast on a CPU the student trains with the math attention kernel
@@ -65,7 +68,7 @@ import torch
 
 from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
-from . import allocator, attention, divergence, packed_linear, prompt_pass, tied_gradient, topk_format
+from . import allocator, attention, divergence, packed_linear, prompt_pass, replay, tied_gradient, topk_format
 from .collator import TargetSpanCollator
 from .lean_activations import lean_activations
 from .sampling import inverse_cdf_sampling
@@ -219,6 +222,8 @@ class AtlasGKDTrainer(GKDTrainer):
         self._sampler_packs = False
         self._prompt_pass: prompt_pass.PromptPass | None = None
         self._plain_cache = prompt_pass.fits(self.accelerator.unwrap_model(self.model))
+        self._replayable = replay.fits(self.accelerator.unwrap_model(self.model))
+        self._recording: replay.Recording | None = None
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
             allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
@@ -264,8 +269,13 @@ class AtlasGKDTrainer(GKDTrainer):
     def _chunked_loss(self, student, inputs, num_items_in_batch=None):
         mask = inputs["labels"][:, 1:] != -100
         prompt, self._prompt_pass = self._prompt_pass, None  # the prompt's pass serves one forward
-        student_hidden = (prompt_pass.completion_hidden(student, prompt, inputs, mask) if prompt is not None
-                          else divergence.completion_hidden(student, inputs, mask))
+        taken, self._recording = self._recording, None  # so does generation's recording
+        if prompt is not None:
+            student_hidden = prompt_pass.completion_hidden(student, prompt, inputs, mask)
+        elif taken is not None:
+            student_hidden = replay.completion_hidden(student, taken, inputs, inputs["prompt_attention_mask"], mask)
+        else:
+            student_hidden = divergence.completion_hidden(student, inputs, mask)
         vocab, beta, temperature = self.shared_vocab, self.step_beta, self.temperature
         store = self.teacher_store if self._batch_from_dataset else None
         cache = self.teacher_cache if self._batch_from_dataset else None
@@ -353,10 +363,16 @@ class AtlasGKDTrainer(GKDTrainer):
                         sampler = _FromCache(sampler, prompt_pass.sampling_cache(prompt))
                     packed = (packed_linear.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size)
                               if generator is self.model and self.packs_student_generation else [])
+                    replays = generator is self.model and prompt is None and self.replays_generation
                     try:
-                        ids, mask, labels = self.generate_on_policy_outputs(sampler, inputs, self.generation_config)
+                        with (replay.recording(unwrapped, inputs["prompts"].shape[1],
+                                               self.generation_config.max_new_tokens)
+                              if replays else nullcontext()) as taken:
+                            ids, mask, labels = self.generate_on_policy_outputs(sampler, inputs,
+                                                                                self.generation_config)
                     finally:
                         packed_linear.restore(packed)
+                    self._recording = taken if replays and taken.covers(ids.shape[1] - 1) else None
         inputs["input_ids"], inputs["attention_mask"], inputs["labels"] = ids, mask, labels
 
     def _sampling_dtype(self, setting: str) -> torch.dtype | None:
@@ -445,6 +461,16 @@ class AtlasGKDTrainer(GKDTrainer):
                 and not self.args.gradient_checkpointing and self.accelerator.num_processes == 1
                 and self.whole_student and self._plain_cache)
 
+    @property
+    def replays_generation(self) -> bool:
+        """Whether on-policy steps take the training forward's layer outputs from generation (gkd/replay.py):
+        `replay_generation` on, gradient checkpointing, the chunked loss, the KV cache in generation, the student
+        sampling itself (no sampling copy), one process with the whole student, no dropout in it."""
+        return (self.args.replay_generation and self.args.gradient_checkpointing and self.chunked_loss
+                and self.args.kv_cache_generation and self.generation_dtype is None
+                and self.generation_config.max_new_tokens is not None and self.accelerator.num_processes == 1
+                and self.whole_student and self._replayable)
+
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed
         from the student for each generation anyway, and kept through the loss, backward and optimizer step it
@@ -488,7 +514,10 @@ class AtlasGKDTrainer(GKDTrainer):
                 finally:
                     self._prompt_pass = None
             else:
-                loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+                try:
+                    loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+                finally:
+                    self._recording = None
         self._check_finite_loss(loss)
         return loss
 
