@@ -14,7 +14,8 @@ gradient checkpointing only: transformers switches the KV cache off under it, be
 recomputed in backward would write to the cache again. A recompute that read the cache back was built and measured
 (commits 9150eeb-c7bf4fc): it saved 0.06 s of a 4.3 s step on a Zen 4 CPU and 0.18 of 5.7 on AVX2, and raised the
 peak by 34-43 MB on both, since autograd runs the prompt's backward after all of the completion's, with every
-gradient already made.
+gradient already made. Under checkpointing, gkd/replay.py (`replay_generation`) instead takes the whole training
+forward from what generation computed.
 """
 
 from __future__ import annotations

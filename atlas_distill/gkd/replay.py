@@ -80,17 +80,18 @@ class Recording:
         if self.broken:
             return
         if not isinstance(output, torch.Tensor) or output.dim() != 3:
-            self.broken = True  # a layer that returns a tuple, or generation without a KV cache: not replayed
+            self.broken = True  # a layer that returns a tuple: not replayed
             return
-        start, count = self.filled[index], output.shape[1]
-        with torch.inference_mode(False):  # kept for backward, which an inference tensor cannot be
-            if self.outputs[index] is None:
-                self.outputs[index] = output.new_empty(output.shape[0], self.width, output.shape[2])
-            if start + count > self.width or self.outputs[index].shape[::2] != output.shape[::2]:
-                self.broken = True
-                return
-            self.outputs[index][:, start:start + count] = output
-        self.filled[index] = start + count
+        buffer, start = self.outputs[index], self.filled[index]
+        if buffer is None:
+            with torch.inference_mode(False):  # kept for backward, which an inference tensor cannot be
+                buffer = self.outputs[index] = output.new_empty(output.shape[0], self.width, output.shape[2])
+        end = start + output.shape[1]
+        if end > self.width or buffer.shape[::2] != output.shape[::2]:  # e.g. generation without a KV cache
+            self.broken = True
+            return
+        buffer[:, start:end] = output
+        self.filled[index] = end
 
     def covers(self, length: int) -> bool:
         """Whether every layer's output was recorded at exactly the first `length` positions."""
