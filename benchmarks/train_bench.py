@@ -429,7 +429,8 @@ def main() -> None:
     parser.add_argument("--lmbda", default="0,0.5,1", help="comma-separated lmbda values")
     parser.add_argument("--json", action="store_true", help="one JSON list of rows on stdout")
     parser.add_argument("--learning", type=int, metavar="STEPS",
-                        help="instead: STEPS steps of each trainer (gc off, the first lmbda), held-out loss before/after")
+                        help="instead: STEPS steps of each trainer at the first lmbda (checkpointed with --gc on, "
+                             "else not), held-out loss before/after")
     parser.add_argument("--topk-error", metavar="K,K,...",
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
     parser.add_argument("--topk-bits", default="32", metavar="B,B,...",
