@@ -818,33 +818,44 @@ def _backbone_lengths(trainer) -> list[tuple[int, bool]]:
     return calls
 
 
+def _one_step_each(trainers: dict, record_calls, *, checkpointing: bool = False) -> dict:
+    """One training step of each trainer on the same batch and seed: name -> (loss, gradients, inputs, calls)."""
+    steps = {}
+    for name, trainer in trainers.items():
+        inputs, calls = batch(trainer), record_calls(trainer)
+        trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+        if checkpointing:  # as Trainer.train switches it on
+            trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+        trainer.model.eval()  # as after an evaluation: the step's own forward must still train
+        torch.manual_seed(11)
+        loss = trainer.training_step(trainer.model, inputs)
+        steps[name] = (loss.detach(), [p.grad.clone() for p in trainer.model.parameters()], inputs, calls)
+        assert trainer.model.training
+    return steps
+
+
+def _assert_same_samples_loss_and_gradients(ours: tuple, full: tuple) -> None:
+    assert torch.equal(ours[2]["input_ids"], full[2]["input_ids"])  # the samples generate draws itself
+    torch.testing.assert_close(ours[0], full[0], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(ours[1], full[1], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_prefill_once_runs_the_prompt_once_and_gives_the_full_forwards_loss_and_gradients(tmp_path, make_tiny_model):
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
     args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": False}
     on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
     off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", prefill_once=False, args=args)
     assert on.prefills_once and not off.prefills_once
-    steps = {}
-    for name, trainer in (("on", on), ("off", off)):
-        inputs, calls = batch(trainer), _backbone_lengths(trainer)
-        prompt = inputs["prompts"].shape[1]
-        trainer.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
-        trainer.model.eval()  # as after an evaluation: the step's own forward must still train
-        torch.manual_seed(11)
-        loss = trainer.training_step(trainer.model, inputs)
-        grads = [p.grad.clone() for p in trainer.model.parameters()]
-        steps[name] = (loss.detach(), grads, inputs, calls, prompt)
-        assert trainer._prompt_pass is None and trainer.model.training
-    loss, grads, inputs, calls, prompt = steps["on"]
-    length = inputs["input_ids"].shape[1]
+    steps = _one_step_each({"on": on, "off": off}, _backbone_lengths)
+    assert on._prompt_pass is None and off._prompt_pass is None
+    inputs, calls = steps["on"][2], steps["on"][3]
+    prompt, length = inputs["prompts"].shape[1], inputs["input_ids"].shape[1]
     assert length == prompt + 5
     # the prompt once, with gradient; generate runs the last prompt token and 4 more, then the completion's forward
     assert calls == [(prompt, True)] + [(1, False)] * 5 + [(length - 1 - prompt, True)]
     assert steps["off"][3] == [(prompt, False)] + [(1, False)] * 4 + [(length, True)]
-    assert torch.equal(inputs["input_ids"], steps["off"][2]["input_ids"])  # the samples generate draws itself
-    torch.testing.assert_close(loss, steps["off"][0], rtol=1e-5, atol=1e-6)
-    for ours, full in zip(grads, steps["off"][1], strict=True):
-        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+    _assert_same_samples_loss_and_gradients(steps["on"], steps["off"])
 
 
 def test_prefill_once_only_where_the_cache_can_be_kept(tmp_path, make_tiny_model):
@@ -881,27 +892,16 @@ def test_replay_generation_runs_no_layer_in_the_training_forward_and_gives_the_c
     on = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args=args)
     off = make_trainer(tmp_path, student, teacher, generation_dtype="float32", replay_generation=False, args=args)
     assert on.replays_generation and not off.replays_generation
-    steps = {}
-    for name, trainer in (("on", on), ("off", off)):
-        inputs, calls = batch(trainer), _attention_calls(trainer)
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)  # as train() does
-        torch.manual_seed(11)
-        loss = trainer.training_step(trainer.model, inputs)
-        grads = [p.grad.clone() for p in trainer.model.parameters()]
-        steps[name] = (loss.detach(), grads, inputs, calls)
-        assert trainer._recording is None
-    loss, grads, inputs, calls = steps["on"]
+    steps = _one_step_each({"on": on, "off": off}, _attention_calls, checkpointing=True)
+    assert on._recording is None
+    inputs, calls = steps["on"][2], steps["on"][3]
     prompt, length = inputs["prompts"].shape[1], inputs["input_ids"].shape[1]
     assert length == prompt + 5
     generation = [(prompt, False)] + [(1, False)] * 4
     # replayed: the layer runs while generating and once in backward, over all but the last position
     assert calls == generation + [(length - 1, True)]
     assert steps["off"][3] == generation + [(length, True)] * 2  # checkpointed: forward, then backward's recompute
-    assert torch.equal(inputs["input_ids"], steps["off"][2]["input_ids"])
-    torch.testing.assert_close(loss, steps["off"][0], rtol=1e-5, atol=1e-6)
-    for ours, full in zip(grads, steps["off"][1], strict=True):
-        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+    _assert_same_samples_loss_and_gradients(steps["on"], steps["off"])
 
 
 def test_replay_generation_only_where_generation_computes_the_training_forward(tmp_path, make_tiny_model):
