@@ -935,3 +935,21 @@ def test_a_recording_that_does_not_cover_the_training_sequence_is_not_replayed()
     tupled = Recording([torch.nn.Identity()], width=4)
     tupled.record(0, (torch.ones(2, 3, 5),))  # a layer that returns a tuple
     assert not tupled.covers(3)
+
+
+def test_a_layer_called_otherwise_than_recorded_runs_its_own_checkpoint():
+    from atlas_distill.gkd.replay import _replay
+
+    calls = []
+    original = lambda run, *args: calls.append(len(args)) or run(*args)  # noqa: E731
+    recorded = torch.zeros(2, 3, 4)
+    hidden = torch.ones(2, 3, 4, requires_grad=True)
+    assert torch.equal(_replay(original, recorded, lambda: torch.ones(1)), torch.ones(1))  # hidden states by keyword
+    assert torch.equal(_replay(original, recorded, lambda x: x * 2, torch.ones(2, 5, 4)), torch.full((2, 5, 4), 2.0))
+    needs_grad = torch.ones(1, requires_grad=True)
+    _replay(original, recorded, lambda x, y: x + y, hidden, needs_grad)  # another input that needs a gradient
+    assert calls == [0, 1, 2]
+    replayed = _replay(original, recorded, lambda x: x * 5, hidden)
+    assert calls == [0, 1, 2] and torch.equal(replayed, recorded)  # the recording, not the layer
+    replayed.sum().backward()  # backward runs the layer: d(5x)/dx
+    assert torch.equal(hidden.grad, torch.full((2, 3, 4), 5.0))

@@ -25,7 +25,7 @@ It applies where the student itself samples in the dtype it trains in (no sampli
 whole student, generation keeps a KV cache (one position per decoding step), and nothing in the student is
 random (no dropout): then the recorded outputs are the training forward's. A recording that does not cover the
 training sequence exactly (a generation that ran otherwise) is not replayed: the step runs the checkpointed
-forward as before.
+forward as before; so does a layer called otherwise than with its hidden states first (`_replay`).
 """
 
 from __future__ import annotations
@@ -136,10 +136,13 @@ class _Replayed(torch.autograd.Function):
         return None, None, again.grad, *(None for _ in ctx.rest)
 
 
-def _replay(original, recorded: torch.Tensor, run, hidden, *rest):
+def _replay(original, recorded: torch.Tensor, run, *args):
+    """The checkpoint function's call: the recorded output where the layer's hidden states came positionally, of
+    the recorded shape, and nothing else it was given needs a gradient; else the original checkpoint."""
+    hidden, rest = (args[0], args[1:]) if args else (None, ())
     if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != recorded.shape[:2] or any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
-        return original(run, hidden, *rest)
+        return original(run, *args)
     return _Replayed.apply(run, recorded, hidden, *rest)
 
 
