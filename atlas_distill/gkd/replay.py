@@ -68,8 +68,8 @@ class Recording:
 
     layers: list[torch.nn.Module]
     width: int
-    outputs: list[torch.Tensor | None] = field(default_factory=list)
-    filled: list[int] = field(default_factory=list)
+    outputs: list[torch.Tensor | None] = field(init=False)  # per layer, made at its first output
+    filled: list[int] = field(init=False)  # per layer, the positions recorded so far
     broken: bool = False
 
     def __post_init__(self) -> None:
