@@ -262,10 +262,14 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         teacher, teacher_other = (1.0 if init.load_in_8bit else 0.5625), 2  # nf4: 4 bits + an fp32 absmax per 64
     lora = m.lora.enabled
     generation = t.generation_dtype
+    autocast = compute < 4 and not lora
+    replayable = (t.replay_generation and on_policy and m.gradient_checkpointing and not lora and t.chunked_loss
+                  and t.kv_cache_generation)
     # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student, where bf16 is fast (bf16 mixed precision
-    # on a GPU, native bf16 on a CPU)
+    # on a GPU, native bf16 on a CPU), unless (auto) the student samples itself for its training forward's replay
     copy = (not lora and generation != "float32"
-            and (generation == "bfloat16" or (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16())))
+            and (generation == "bfloat16" or (not (replayable and not autocast)
+                                              and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
     length = seq_len or t.max_length + (t.max_new_tokens if on_policy else 0)
     return Workload(
         device=device, batch=batch or t.per_device_train_batch_size, seq_len=length, prompt_len=t.max_length,
@@ -275,9 +279,8 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         compute_bytes=compute, teacher_bytes=teacher, teacher_other_bytes=teacher_other,
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
-        lora_targets=m.lora.target_modules, autocast=compute < 4 and not lora, lean_activations=t.lean_activations,
-        replay_generation=(t.replay_generation and on_policy and m.gradient_checkpointing and not copy and not lora
-                           and t.chunked_loss and t.kv_cache_generation))
+        lora_targets=m.lora.target_modules, autocast=autocast, lean_activations=t.lean_activations,
+        replay_generation=replayable and not copy)
 
 
 def _cpu_amx() -> bool:

@@ -438,8 +438,17 @@ def test_auto_trains_under_bf16_autocast_on_a_native_bf16_gpu_or_an_amx_cpu(monk
 def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(tmp_path, make_tiny_model,
                                                                                 monkeypatch, fast_bf16):
     monkeypatch.setattr(loading, "cpu_bf16", lambda: fast_bf16)
-    trainer = make_trainer(tmp_path, make_tiny_model(seed=1), make_tiny_model(seed=2))
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": False})
     assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None)
+    # under checkpointing the student samples itself, so that its training forward is replayed from generation...
+    replayed = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True})
+    assert replayed.generation_dtype is None and replayed.replays_generation
+    # ... unless replay is off, or bf16 autocast would cast every weight at every decoded token
+    for setting in ({"replay_generation": False}, {"args": {"gradient_checkpointing": True, "bf16": True}}):
+        trainer = make_trainer(tmp_path, student, teacher, **{"args": {"gradient_checkpointing": True}, **setting})
+        assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None), setting
+        assert not trainer.replays_generation or not fast_bf16, setting
 
 
 def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):

@@ -263,7 +263,11 @@ def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, amx, 
     assert work.autocast is amx and work.compute_bytes == (2 if amx else 4)  # model.dtype auto
     # the teacher's weights in bf16 either way: computed in bf16 with native bf16, else in fp32 (models/upcast.py)
     assert work.teacher_bytes == 2 and work.teacher_other_bytes == (2 if native else 4)
-    assert work.sampling_copy is native
+    # a bf16 sampling copy with native bf16, except where (checkpointing on, no autocast) the student samples itself
+    # so that its training forward is replayed from generation
+    assert work.sampling_copy is (native and amx) and work.replay_generation is not (native and amx)
+    unreplayed = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")
+    assert unreplayed.sampling_copy is native and not unreplayed.replay_generation
     assert workload_for(_profile("model.dtype=float32"), "cpu").autocast is False
 
 

@@ -82,6 +82,8 @@ class AtlasSettings:
     generation_dtype: GenerationDtype = field(
         default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
                                           "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "
+                                          "except where the training forward is replayed from the student's own "
+                                          "generation (replay_generation, gradient checkpointing, no autocast); "
                                           "else the student itself."})
     inverse_cdf_sampling: bool = field(
         default=True, metadata={"help": "On a CPU, each sampled token is drawn by inverting the cumulative "

@@ -53,7 +53,8 @@ Each speedup is on by default and has a switch to turn it off:
   generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where
   decoding, which reads every weight per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512
   without BF16) "auto" samples from the student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x
-  slower than fp32.
+  slower than fp32. Nor where `replay_generation` applies with no autocast: the student sampling itself spares the
+  checkpointed training forward, which outweighs the copy's faster decoding (Zen 4).
 """
 
 from __future__ import annotations
@@ -212,7 +213,6 @@ class AtlasGKDTrainer(GKDTrainer):
                               else None)
         self._forward_redirection = _ForwardRedirection()
         self._batch_from_dataset = True
-        self.generation_dtype = self._sampling_dtype(args.generation_dtype)
         if self.args.bf16 and self.args.device.type == "cpu" and not loading.cpu_bf16():
             warnings.warn("bf16=True trains this CPU run under bf16 autocast, but this CPU has no native bf16 "
                           "(AVX512-BF16 or AMX): a GKD step measured 7x slower than in fp32. Train in fp32: "
@@ -382,13 +382,18 @@ class AtlasGKDTrainer(GKDTrainer):
         (AVX512-BF16 / AMX) a bf16 copy generated 1.5x faster than fp32 (Zen 4); on a plain AVX2 CPU bf16 is slower
         (`loading.cpu_bf16`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
         on a GPU training under bf16 mixed precision (autocast would cast every weight again at every token),
-        when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding).
+        when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding). Not where the
+        training forward can be replayed from generation (`replays_generation`) and no mixed precision casts the
+        weights at every token: there the fp32 student sampling itself with the forward replayed took 3.51 s per
+        train_bench step against 3.74 with a bf16 copy and the checkpointed forward (Zen 4, benchmarks/README.md).
         """
         student = self.accelerator.unwrap_model(self.model)
         if setting == "float32" or not (self.whole_student and student.dtype == torch.float32):
             return None
         if setting == "bfloat16":
             return torch.bfloat16
+        if self._replay_fits and not (self.args.bf16 or self.args.fp16):
+            return None  # the student samples itself, and its checkpointed training forward is replayed from that
         on_cpu = next(student.parameters()).device.type == "cpu"
         fast_bf16 = loading.cpu_bf16() if on_cpu else self.args.bf16
         return torch.bfloat16 if fast_bf16 else None
@@ -464,12 +469,23 @@ class AtlasGKDTrainer(GKDTrainer):
     @property
     def replays_generation(self) -> bool:
         """Whether on-policy steps take the training forward's layer outputs from generation (gkd/replay.py):
-        `replay_generation` on, gradient checkpointing, the chunked loss, the KV cache in generation, the student
-        sampling itself (no sampling copy), one process with the whole student, no dropout in it."""
+        `_replay_fits`, and the student samples itself (no sampling copy, which computes other outputs)."""
+        return self._replay_fits and self.generation_dtype is None
+
+    @property
+    def _replay_fits(self) -> bool:
+        """`replay_generation` on, gradient checkpointing, the chunked loss, the KV cache in generation, one process
+        with the whole student, no dropout in it: where generation computes the training forward's layer outputs
+        if the student samples itself."""
         return (self.args.replay_generation and self.args.gradient_checkpointing and self.chunked_loss
-                and self.args.kv_cache_generation and self.generation_dtype is None
-                and self.generation_config.max_new_tokens is not None and self.accelerator.num_processes == 1
-                and self.whole_student and self._replayable)
+                and self.args.kv_cache_generation and self.generation_config.max_new_tokens is not None
+                and self.accelerator.num_processes == 1 and self.whole_student and self._replayable)
+
+    @property
+    def generation_dtype(self) -> torch.dtype | None:
+        """This step's sampling copy dtype, or None where the student samples itself (`_sampling_dtype`): read
+        at every step, as the settings it depends on may change between steps (train_bench's `--alternate`)."""
+        return self._sampling_dtype(self.args.generation_dtype)
 
     def _release_sampling_copy(self) -> None:
         """Frees the sampling copy's weights until the next generation fills them again: the copy is refreshed
