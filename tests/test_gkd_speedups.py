@@ -759,9 +759,9 @@ def test_packed_generation_gives_the_copys_own_logits_and_is_dropped_after_each_
 
 def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp_path, make_tiny_model, monkeypatch):
     """Without a sampling copy the fp32 student's own linear layers decode on packed fp32 weights: every decoding
-    step's product goes through the packed op, the prompt's forward through the plain weight (bit for bit), the
-    samples are the plain student's, and afterwards each layer has its own forward again, a layer that already had
-    one (a hook's, a patch's) having kept it throughout."""
+    step's product goes through the packed op, except the output head's (its plain weight, no packed copy), the
+    prompt's forward through the plain weight (bit for bit), the samples are the plain student's, and afterwards each
+    layer has its own forward again, a layer that already had one (a hook's, a patch's) having kept it throughout."""
     import functools
     import platform
 
@@ -788,9 +788,11 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
         seen["patched"] = vars(patched).get("forward") is own_forward
         layer = linears["model.layers.0.self_attn.q_proj"]
         few, many = torch.randn(2, 1, layer.in_features), torch.randn(2, 7, layer.in_features)
+        head = linears["lm_head"]
         with torch.no_grad():
             seen["few"] = (layer(few), torch.nn.functional.linear(few, layer.weight))
             seen["many"] = (layer(many), torch.nn.functional.linear(many, layer.weight))
+            seen["head"] = (head(few), torch.nn.functional.linear(few, head.weight))
         packed_calls.clear()
         return generate(sampler, inputs, config)
 
@@ -800,9 +802,10 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     trainer._generate_into(trainer.model, dict(inputs))
     assert seen["packed"] == set(linears) and seen["patched"]
     torch.testing.assert_close(*seen["few"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(*seen["head"], rtol=1e-5, atol=1e-5)
     assert torch.equal(*seen["many"])  # the prompt's rows: the plain weight
-    # every layer in each of the 3 decoding steps after the prompt's, and the prompt's head (its last position only)
-    assert len(packed_calls) == 3 * len(linears) + 1
+    # every layer but the head in each of the 3 decoding steps after the prompt's
+    assert len(packed_calls) == 3 * (len(linears) - 1)
     assert all(shape[:-1].numel() <= 2 for shape in packed_calls)  # one row per sequence
     assert not any("forward" in vars(m) for m in linears.values()) and vars(patched)["forward"] is own_forward
 
