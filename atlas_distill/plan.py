@@ -267,6 +267,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
                   and t.kv_cache_generation)
     # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student, where bf16 is fast (bf16 mixed precision
     # on a GPU, native bf16 on a CPU), unless (auto) the student samples itself for its training forward's replay
+    # (which the trainer also skips for a student with dropout or a rescaled head: then it makes the copy this omits)
     copy = (not lora and generation != "float32"
             and (generation == "bfloat16" or (not (replayable and not autocast)
                                               and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))

@@ -21,8 +21,8 @@ peak_rss_mb, final_loss, seed, bf16} on stdout (--learning rows add heldout_loss
 and losses); progress goes to stderr. Without it, a table with the ratios.
 `--alternate SETTING` switches one of ours' boolean settings on and off step by step in ours' runs and reports
 both medians (from one run, so the machine's drift between runs does not enter the comparison). On a CPU with
-native bf16 and no AMX, `--alternate replay_generation` also switches the bf16 sampling copy off and on
-(`generation_dtype: auto` makes one only where the forward is not replayed).
+native bf16 and no autocast (no AMX, or `--precision fp32`), `--alternate replay_generation` also switches the
+bf16 sampling copy off and on (`generation_dtype: auto` makes one only where the forward is not replayed).
 `--atlas-off` runs ours with all its speedups switched off (a check that the switches work); `--ours KEY=VALUE`
 (repeatable) sets one of ours' settings, e.g. `--ours keep_freed_memory=false`.
 """

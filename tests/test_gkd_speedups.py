@@ -444,11 +444,14 @@ def test_generation_dtype_auto_samples_in_bf16_only_where_the_cpu_is_fast_at_it(
     # under checkpointing the student samples itself, so that its training forward is replayed from generation...
     replayed = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True})
     assert replayed.generation_dtype is None and replayed.replays_generation
-    # ... unless replay is off, or bf16 autocast would cast every weight at every decoded token
-    for setting in ({"replay_generation": False}, {"args": {"gradient_checkpointing": True, "bf16": True}}):
-        trainer = make_trainer(tmp_path, student, teacher, **{"args": {"gradient_checkpointing": True}, **setting})
-        assert trainer.generation_dtype == (torch.bfloat16 if fast_bf16 else None), setting
-        assert not trainer.replays_generation or not fast_bf16, setting
+    # ... unless replay is off (read at each step: train_bench's --alternate switches it between steps) ...
+    replayed.args.replay_generation = False
+    assert replayed.generation_dtype == (torch.bfloat16 if fast_bf16 else None) and not replayed.replays_generation
+    # ... or bf16 autocast would cast every weight at every decoded token: a copy where bf16 is fast, else the
+    # student samples itself under autocast, and is replayed
+    autocast = make_trainer(tmp_path, student, teacher, args={"gradient_checkpointing": True, "bf16": True})
+    assert autocast.generation_dtype == (torch.bfloat16 if fast_bf16 else None)
+    assert autocast.replays_generation is not fast_bf16
 
 
 def test_bf16_autocast_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, make_tiny_model, monkeypatch):
@@ -793,6 +796,7 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
             seen["few"] = (layer(few), torch.nn.functional.linear(few, layer.weight))
             seen["many"] = (layer(many), torch.nn.functional.linear(many, layer.weight))
             seen["head"] = (head(few), torch.nn.functional.linear(few, head.weight))
+        seen["head_forward"] = vars(head)["forward"].func  # its plain weight, not a packed copy
         packed_calls.clear()
         return generate(sampler, inputs, config)
 
@@ -803,6 +807,7 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     assert seen["packed"] == set(linears) and seen["patched"]
     torch.testing.assert_close(*seen["few"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(*seen["head"], rtol=1e-5, atol=1e-5)
+    assert seen["head_forward"] is packed_linear._decoding_head
     assert torch.equal(*seen["many"])  # the prompt's rows: the plain weight
     # every layer but the head in each of the 3 decoding steps after the prompt's
     assert len(packed_calls) == 3 * (len(linears) - 1)
@@ -819,6 +824,19 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     torch.manual_seed(7)
     off._generate_into(off.model, plain_ids)
     assert torch.equal(packed_ids["input_ids"], plain_ids["input_ids"])  # the same samples
+
+
+def test_decoding_head_is_the_plain_product_for_few_rows_and_many():
+    from atlas_distill.gkd import packed_linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 16), torch.randn(300)
+    for shape in ((2, 16), (2, 1, 16), (2, 5, 16)):  # decoding steps (at most 2 rows), and a prompt's 10 rows
+        hidden = torch.randn(shape)
+        for b in (None, bias):
+            ours = packed_linear._decoding_head(weight, b, 2, hidden)
+            assert ours.shape == (*shape[:-1], 300) and ours.is_contiguous()
+            torch.testing.assert_close(ours, torch.nn.functional.linear(hidden, weight, b), rtol=1e-5, atol=1e-5)
 
 
 def _backbone_lengths(trainer) -> list[tuple[int, bool]]:

@@ -16,15 +16,15 @@ weight, cast one layer at a time, which kept 107 of train_bench's 163 MB of plai
 the copy after the generation (`AtlasGKDTrainer._release_sampling_copy`, which calls `unpack` first to drop the
 packed ones).
 
-Where there is no bf16 copy (a CPU without native bf16, such as a plain AVX2 one, samples from the fp32 student
-itself), `pack_for_decoding` gives the student's own fp32 linear layers packed weights for the generation's decoding
+Where there is no bf16 copy (the fp32 student samples itself: on a CPU without native bf16, such as a plain AVX2
+one, or where its training forward is replayed from generation, gkd/replay.py), `pack_for_decoding` gives the student's own fp32 linear layers packed weights for the generation's decoding
 steps (at most one row per sequence), and `restore` takes them away again. There PyTorch's plain fp32 product with a
 few rows is slow: on a 2-core AVX2 CPU (AMD EPYC, Zen 3) one decoding pass over the builtin student's 106 fp32
 weights (326 MB) took 41-44 ms plain against 19-21 ms packed (the tied lm_head alone 20.4 against 5.0 ms), and a
 train_bench generation 2.56 s against 1.71 s, packing included (benchmarks/generation_bench.py). The output head is
 the exception: decoded as `weight @ hidden.T` on its plain weight (5.2 ms on that CPU, 4.4 against 3.7 packed on a Zen 4
 one), it needs no packed copy (113 MB here; a Qwen2.5 vocabulary's head is 545 MB at 0.5B), and a Zen 4 generation was
-no slower for it (1.29 / 1.42 against 1.38 / 1.48 s, with 16-33 MB less at the step's peak). The prompt's forward,
+no slower for it (1.29 / 1.42 against 1.38 / 1.48 s, with 13-43 MB less at the step's peak). The prompt's forward,
 hundreds of rows, runs on the plain weight, where packed was 4-12 % slower. The logits are not bit for bit the
 plain ones (oneDNN sums in another order: within 7e-6 here); the sampled tokens were the same in that run.
 """
@@ -88,7 +88,8 @@ def _decoding_head(weight, bias, rows: int, hidden):
     packed: 3.7 ms, but packing it each generation costs as much)."""
     if hidden.numel() > rows * hidden.shape[-1]:
         return torch.nn.functional.linear(hidden, weight, bias)
-    logits = (weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.reshape(*hidden.shape[:-1], weight.shape[0])
+    logits = (weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.contiguous()  # [rows, V], as F.linear's
+    logits = logits.view(*hidden.shape[:-1], weight.shape[0])
     return logits if bias is None else logits + bias
 
 
@@ -102,12 +103,13 @@ def _decoding_linear(packed, weight, bias, rows: int, hidden):
 def pack_for_decoding(model: torch.nn.Module, batch: int) -> list[torch.nn.Module]:
     """Run `model`'s own fp32 linear layers on packed copies of their weights for inputs of at most `batch` rows (the
     decoding steps of a generation of `batch` sequences), on their plain weights otherwise (the prompt's forward).
-    The output head is not packed: it decodes as `weight @ hidden.T` on its plain weight (`_decoding_head`), as fast
-    as a packed copy, which would be the generation's largest one (the vocabulary's rows: 113 MB for the builtin).
+    The output head is not packed: it decodes as `weight @ hidden.T` on its plain weight (`_decoding_head`), a
+    generation no slower for it, without a packed copy that would be its largest (the vocabulary's rows: 113 MB for
+    the builtin).
     The weights are read now: pack again after they change. A layer that already has a forward of its own (an
     accelerate hook, a patch) is left alone. Returns the layers given a decoding forward, for `restore`."""
     packed = []
-    head = model.get_output_embeddings()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     for _, module in _linears(model):
         weight = module.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or "forward" in vars(module):

@@ -93,8 +93,9 @@ class AtlasSettings:
         default=True, metadata={"help": "On a CPU, the bf16 sampling copy's linear layers run on oneDNN's "
                                         "pre-packed weights, packed again for each generation (the same outputs; "
                                         "generation about 25 % faster); without a copy (an fp32 student on a CPU "
-                                        "without native bf16), the student's own layers decode on packed fp32 "
-                                        "weights (logits within 1e-5; generation about 33 % faster on AVX2)."})
+                                        "without native bf16, or replayed under gradient checkpointing), the "
+                                        "student's own layers but its output head decode on packed fp32 weights "
+                                        "(logits within 1e-5; generation about 33 % faster on AVX2)."})
     prefill_once: bool = field(
         default=True, metadata={"help": "On-policy steps without gradient checkpointing run each prompt through the "
                                         "student once: the forward that generation starts from is the training "

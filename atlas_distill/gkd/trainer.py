@@ -34,8 +34,8 @@ Each speedup is on by default and has a switch to turn it off:
   11 % off decoding;
 - `packed_generation`: on a CPU, the bf16 sampling copy's linear layers run on oneDNN's pre-packed weights
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
-  where there is no copy (an fp32 student on a CPU without native bf16), the student's own linear layers decode on
-  packed fp32 weights: 1.71 s instead of 2.56 on an AVX2 CPU;
+  where there is no copy (an fp32 student on a CPU without native bf16, or where `replay_generation` applies), the
+  student's own linear layers but its output head decode on packed fp32 weights: 1.71 s instead of 2.56 on AVX2;
 - `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
   prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
   on over the completion only (gkd/prompt_pass.py);
@@ -385,7 +385,8 @@ class AtlasGKDTrainer(GKDTrainer):
         when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding). Not where the
         training forward can be replayed from generation (`replays_generation`) and no mixed precision casts the
         weights at every token: there the fp32 student sampling itself with the forward replayed took 3.51 s per
-        train_bench step against 3.74 with a bf16 copy and the checkpointed forward (Zen 4, benchmarks/README.md).
+        train_bench step against 3.74 with a bf16 copy and the checkpointed forward (Zen 4, benchmarks/README.md; on
+        an AMX CPU training in fp32 it is extrapolated from there).
         """
         student = self.accelerator.unwrap_model(self.model)
         if setting == "float32" or not (self.whole_student and student.dtype == torch.float32):
