@@ -17,8 +17,9 @@ the copy after the generation (`AtlasGKDTrainer._release_sampling_copy`, which c
 packed ones).
 
 Where there is no bf16 copy (the fp32 student samples itself: on a CPU without native bf16, such as a plain AVX2
-one, or where its training forward is replayed from generation, gkd/replay.py), `pack_for_decoding` gives the student's own fp32 linear layers packed weights for the generation's decoding
-steps (at most one row per sequence), and `restore` takes them away again. There PyTorch's plain fp32 product with a
+one, or where its training forward is replayed from generation, gkd/replay.py), `pack_for_decoding` gives the
+student's own fp32 linear layers packed weights for the generation's decoding steps (at most one row per sequence),
+and `restore` takes them away again. There PyTorch's plain fp32 product with a
 few rows is slow: on a 2-core AVX2 CPU (AMD EPYC, Zen 3) one decoding pass over the builtin student's 106 fp32
 weights (326 MB) took 41-44 ms plain against 19-21 ms packed (the tied lm_head alone 20.4 against 5.0 ms), and a
 train_bench generation 2.56 s against 1.71 s, packing included (benchmarks/generation_bench.py). The output head is
