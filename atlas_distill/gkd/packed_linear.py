@@ -85,7 +85,7 @@ def pack(copy: torch.nn.Module, batch: int, source: torch.nn.Module | None = Non
 
 def _decoding_head(weight, bias, rows: int, hidden):
     """The output head at a decoding step as the weight times the few rows transposed: [V, H] x [H, rows] reads the
-    plain weight row by row, where `F.linear`'s [rows, H] x [H, V] was 4-5x slower (17.2 against 4.4 ms on Zen 4;
+    plain weight row by row, where `F.linear`'s [rows, H] x [H, V] was about 4x slower (17.2 against 4.4 ms on Zen 4;
     packed: 3.7 ms, but packing it each generation costs as much)."""
     if hidden.numel() > rows * hidden.shape[-1]:
         return torch.nn.functional.linear(hidden, weight, bias)
