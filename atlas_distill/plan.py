@@ -268,9 +268,9 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student, where bf16 is fast (bf16 mixed precision
     # on a GPU, native bf16 on a CPU), unless (auto) the student samples itself for its training forward's replay
     # (which the trainer also skips for a student with dropout or a rescaled head: then it makes the copy this omits)
-    copy = (not lora and generation != "float32"
-            and (generation == "bfloat16" or (not (replayable and not autocast)
-                                              and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
+    samples_itself = replayable and not autocast
+    copy = (not lora and generation != "float32" and (generation == "bfloat16" or (
+        not samples_itself and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
     length = seq_len or t.max_length + (t.max_new_tokens if on_policy else 0)
     return Workload(
         device=device, batch=batch or t.per_device_train_batch_size, seq_len=length, prompt_len=t.max_length,

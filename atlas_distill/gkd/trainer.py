@@ -411,11 +411,12 @@ class AtlasGKDTrainer(GKDTrainer):
             self._sampler_packs = self.packs_generation
             alone = packed_linear.packed_alone(student) if self._sampler_packs else set()
             alone.discard(id(next(student.parameters())))  # model.device / .dtype read the first parameter
-            memo = {id(p): torch.nn.Parameter(torch.empty_like(p, dtype=self.generation_dtype, device="meta")
-                                              if id(p) in alone else p.detach().to(self.generation_dtype),
+            dtype = self.generation_dtype  # a property, worked out from the settings at each read
+            memo = {id(p): torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta")
+                                              if id(p) in alone else p.detach().to(dtype),
                                               requires_grad=False)
                     for p in student.parameters()}
-            self._sampler = copy.deepcopy(student, memo).to(self.generation_dtype).eval().requires_grad_(False)
+            self._sampler = copy.deepcopy(student, memo).to(dtype).eval().requires_grad_(False)
             # SFTTrainer patches the student's forward on the instance (its fused lm_head) with a closure over the
             # student's own bound forward: a copied patch would run the fp32 student, not this copy.
             vars(self._sampler).pop("forward", None)
