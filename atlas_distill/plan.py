@@ -16,7 +16,9 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
   counted from a real forward (tests/test_plan.py checks the count);
   with gradient checkpointing only each layer's input, plus one layer recomputed in backward;
 - the loss: chunked, one TOKEN_CHUNK x vocabulary tile set at a time; full, both models' [B, L, V] logits;
-- generation: the KV cache of a batch of prompts of max_length plus max_new_tokens;
+- generation: the KV cache of a batch of prompts of max_length plus max_new_tokens; where the fp32 student samples
+  itself on a CPU, its decoder layers' weights packed for decoding (`packed_generation`) and, under
+  `replay_generation`, each layer's recorded output;
 - the runtime: on a CPU the libraries, tokenizer and data (measured RSS); on a GPU the CUDA context.
 
 The peak is the largest of the phases (training step, optimizer step, on-policy generation, evaluation, and
@@ -28,6 +30,7 @@ far this is from a real run's peak RSS (benchmarks/README.md, "plan_check.py").
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +48,9 @@ CPU_RUNTIME = 600 * 2**20
 # What a CUDA process holds outside torch's allocator (context, cuBLAS/cuDNN workspaces), and the allocator's
 # slack: not measured here (no GPU); a usual figure for recent drivers on H100-class GPUs.
 CUDA_RUNTIME = int(1.0 * GIB)
-# On a CPU, peak RSS ran 1.21-1.74x the live bytes (median 1.3x) with glibc's default allocator
-# (benchmarks/plan_check.py): an option fits the RAM only with that much room.
+# On a CPU, peak RSS ran 1.04-1.56x the plan (median 1.11x) as `train` runs by default (malloc keeping the blocks a
+# step frees, `keep_freed_memory`) in benchmarks/plan_check.py, 1.09-1.60x the live bytes; 1.21-1.74x (median 1.3x)
+# with glibc's default allocator before: an option fits the RAM only with room above the live bytes.
 CPU_RSS_ROOM = 1.3
 TOKEN_CHUNK = 64  # gkd/divergence.py's chunk (kept in step with it by tests/test_plan.py)
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq per trained parameter, fp32
@@ -196,6 +200,7 @@ class Workload:
     autocast: bool = False  # bf16/fp16 mixed precision over fp32 weights
     lean_activations: bool = False  # the trainer setting: MLPs and (without checkpointing) norms keep fewer tensors
     replay_generation: bool = False  # the trainer's: generation records each layer's output for the training forward
+    packed_decoding: bool = False  # the trainer's `packs_student_generation`: fp32 layers packed for decoding (CPU)
 
 
 @dataclass
@@ -271,6 +276,10 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     samples_itself = replayable and not autocast
     copy = (not lora and generation != "float32" and (generation == "bfloat16" or (
         not samples_itself and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
+    # the trainer's `packs_student_generation`: the fp32 student samples itself with its decoder layers' weights
+    # packed by oneDNN for the decoding steps (gkd/packed_linear.py), on an x86 CPU
+    packed = (t.packed_generation and on_policy and not gpu and not lora and not copy and not autocast and compute == 4
+              and platform.machine().lower() in ("x86_64", "amd64"))
     length = seq_len or t.max_length + (t.max_new_tokens if on_policy else 0)
     return Workload(
         device=device, batch=batch or t.per_device_train_batch_size, seq_len=length, prompt_len=t.max_length,
@@ -281,7 +290,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
         lora_targets=m.lora.target_modules, autocast=autocast, lean_activations=t.lean_activations,
-        replay_generation=replayable and not copy)
+        replay_generation=replayable and not copy, packed_decoding=packed)
 
 
 def _cpu_amx() -> bool:
@@ -369,6 +378,8 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     generation = (student.kv_cache(b, tokens, gen_bytes) + prefill(student, b, gen_bytes)) if w.on_policy else 0
     if w.replay_generation:  # each layer's output recorded while generating, the training forward's checkpoints
         generation += student.layers * w.compute_bytes * b * tokens * student.hidden
+    if w.packed_decoding and strategy in ("single", "ddp"):  # a packed fp32 copy of each layer's weights (not the head)
+        generation += student.layers * student.linear_per_layer * 4
     # under ZeRO-3, generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
     gathered_student = student_weights * (1 - 1 / devices) if strategy == "zero3" else 0
     evaluation = max(teacher.kv_cache(w.eval_batch, tokens, w.teacher_other_bytes)
@@ -381,13 +392,14 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     # temporary the size of the largest weight (the embeddings) is allowed for
     largest = w.lora_rank * student.intermediate if w.lora_rank else student.vocab * student.hidden
     optimizer_temporaries = 0 if w.device == "cuda" else min(largest, trained) * 4
-    resident = (teacher_weights + components["student weights"] + components["sampling copy"]
-                + components["optimizer state"] + runtime)
+    resident = teacher_weights + components["student weights"] + components["optimizer state"] + runtime
     grads = components["gradients"]
     phases = {
         "training step": resident + activations + loss + backward + head_grad,
         "optimizer step": resident + grads + optimizer_temporaries,
-        "generation": resident + generation + (gathered_student if w.on_policy else 0),
+        # the sampling copy's weights are filled for each generation and freed after it (the trainer's
+        # `_release_sampling_copy`)
+        "generation": resident + components["sampling copy"] + generation + (gathered_student if w.on_policy else 0),
         "evaluation": resident + evaluation + gathered_student,
     }
     if shard > 1:

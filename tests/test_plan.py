@@ -290,3 +290,48 @@ def test_the_plan_counts_generations_recording_where_the_trainer_replays_it(monk
     recorded = shape.layers * work.compute_bytes * work.batch * tokens * shape.hidden
     assert phases[True]["generation"] - phases[False]["generation"] == recorded
     assert phases[True]["training step"] == phases[False]["training step"]
+
+
+def test_the_plan_counts_the_packed_decoding_weights_where_the_student_samples_itself(monkeypatch):
+    import dataclasses
+
+    from atlas_distill import plan
+
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: False)  # no sampling copy: the fp32 student samples itself
+    monkeypatch.setattr(plan.platform, "machine", lambda: "x86_64")
+    work = workload_for(_profile(), "cpu")
+    assert work.packed_decoding and not work.sampling_copy
+    for changes in ("trainer.packed_generation=false", "trainer.lmbda=0", "model.lora.enabled=true",
+                    "trainer.generation_dtype=bfloat16", "model.dtype=bfloat16"):
+        assert not workload_for(_profile(changes), "cpu").packed_decoding, changes
+    assert not workload_for(_profile(), "cuda").packed_decoding
+    monkeypatch.setattr(plan.platform, "machine", lambda: "aarch64")  # oneDNN's fp32 packing measured on x86 only
+    assert not workload_for(_profile(), "cpu").packed_decoding
+    shape = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    phases = {on: estimate(shape, shape, dataclasses.replace(work, packed_decoding=on), "single", 1).phases
+              for on in (True, False)}
+    # every decoder layer's projections in fp32; not the head, which decodes on its own weight
+    assert phases[True]["generation"] - phases[False]["generation"] == shape.layers * shape.linear_per_layer * 4
+    assert phases[True]["training step"] == phases[False]["training step"]
+    assert phases[True]["optimizer step"] == phases[False]["optimizer step"]
+
+
+def test_the_sampling_copy_counts_in_generation_only(monkeypatch):
+    import dataclasses
+
+    from atlas_distill import plan
+
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: True)  # native bf16: without checkpointing, a bf16 sampling copy
+    work = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")
+    assert work.sampling_copy
+    shape = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    # bf16 activations either way, so that generation's KV cache is the same size with the copy and without
+    with_copy, without = (estimate(shape, shape, dataclasses.replace(work, sampling_copy=on, compute_bytes=2),
+                                   "single", 1) for on in (True, False))
+    # the trainer fills the copy for each generation and frees it after (_release_sampling_copy)
+    assert with_copy.components["sampling copy"] == shape.parameters * 2
+    assert with_copy.phases["generation"] - without.phases["generation"] == shape.parameters * 2
+    for phase in ("training step", "optimizer step", "evaluation"):
+        assert with_copy.phases[phase] == without.phases[phase], phase

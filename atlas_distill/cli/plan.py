@@ -12,9 +12,10 @@ from ._common import JsonOpt, OverridesArg, ProfileOpt, out, print_json, reporti
 
 Opt = typer.Option
 CPU_NOTE = ("Note: these are live bytes; an option fits when 1.3x them is within the RAM available now. On a CPU, "
-            "glibc's allocator keeps memory a step freed, so the process's peak RSS ran 21-74 % above the plan in "
-            "benchmarks/plan_check.py (median 30 %); MALLOC_MMAP_THRESHOLD_=131072 returns it (RSS then within 8 % "
-            "of the plan) at 25-60 % slower steps.")
+            "malloc keeps memory a step freed, so the process's peak RSS ran 4-56 % above the plan in "
+            "benchmarks/plan_check.py (median 11 %); trainer.keep_freed_memory=false with "
+            "MALLOC_MMAP_THRESHOLD_=131072 in the environment returns it (RSS then within 7 % of the plan) at slower "
+            "steps (25-60 % slower than glibc's default, benchmarks/README.md).")
 _SHOWN = ("teacher weights", "student weights", "sampling copy", "gradients", "optimizer state", "activations",
           "loss", "generation (KV cache)", "runtime")
 
