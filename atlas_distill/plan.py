@@ -8,7 +8,8 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
 
 - weights: the teacher in its dtype (8/4-bit: its linear layers quantized, the rest in bf16); the student's fp32
   master weights (under LoRA the frozen base in the compute dtype and fp32 adapters); the student's bf16
-  sampling copy where the trainer makes one (`generation_dtype`);
+  sampling copy where the trainer makes one (`generation_dtype`), in the generation phase only (the trainer frees
+  its weights after each generation);
 - gradients and AdamW's two moments of what trains; DDP's gradient buckets;
 - activations the student's forward keeps for backward: per decoder layer and token, what autograd saves in a
   Llama/Qwen2 layer (seven hidden-sized tensors, q and the repeated k, v, four intermediate-sized, the softmax
