@@ -18,8 +18,8 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
   with gradient checkpointing only each layer's input, plus one layer recomputed in backward;
 - the loss: chunked, one TOKEN_CHUNK x vocabulary tile set at a time; full, both models' [B, L, V] logits;
 - generation: the KV cache of a batch of prompts of max_length plus max_new_tokens; where the fp32 student samples
-  itself on a CPU, its decoder layers' weights packed for decoding (`packed_generation`) and, under
-  `replay_generation`, each layer's recorded output;
+  itself on an x86 CPU, its decoder layers' weights packed for decoding (`packed_generation`); under
+  `replay_generation`, each layer's recorded output; under `prefill_once`, the prompt's pass kept for backward;
 - the runtime: on a CPU the libraries, tokenizer and data (measured RSS); on a GPU the CUDA context.
 
 The peak is the largest of the phases (training step, optimizer step, on-policy generation, evaluation, and
@@ -50,9 +50,9 @@ CPU_RUNTIME = 600 * 2**20
 # slack: not measured here (no GPU); a usual figure for recent drivers on H100-class GPUs.
 CUDA_RUNTIME = int(1.0 * GIB)
 # On a CPU, peak RSS ran 1.04-1.56x the plan (median 1.11x) as `train` runs by default (malloc keeping the blocks a
-# step frees, `keep_freed_memory`) in benchmarks/plan_check.py, 1.09-1.60x the live bytes; 1.21-1.74x (median 1.3x)
-# with glibc's default allocator before: an option fits the RAM only with room above the live bytes.
-CPU_RSS_ROOM = 1.3
+# step frees, `keep_freed_memory`) in benchmarks/plan_check.py, the most for a LoRA student at batch 8: an option
+# fits the RAM only with room for the largest of these (a run past RAM is killed by the kernel, with no message).
+CPU_RSS_ROOM = 1.6
 TOKEN_CHUNK = 64  # gkd/divergence.py's chunk (kept in step with it by tests/test_plan.py)
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq per trained parameter, fp32
 LOSS_TILES = 8  # [chunk, V] fp32 tiles alive at once in one chunk of the divergence (both log-softmaxes, mixture ...)
@@ -202,6 +202,7 @@ class Workload:
     lean_activations: bool = False  # the trainer setting: MLPs and (without checkpointing) norms keep fewer tensors
     replay_generation: bool = False  # the trainer's: generation records each layer's output for the training forward
     packed_decoding: bool = False  # the trainer's `packs_student_generation`: fp32 layers packed for decoding (CPU)
+    prefill_once: bool = False  # the trainer's `prefills_once`: generation inside the step, the prompt's pass kept
 
 
 @dataclass
@@ -256,6 +257,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     max_length, plus max_new_tokens when the student or teacher generates)."""
     t, m, init = profile.trainer, profile.model, profile.teacher_model_init_kwargs
     on_policy = t.lmbda > 0 or t.seq_kd
+    samples = t.lmbda > 0  # the student generates (under seq_kd alone, the teacher does)
     gpu = device == "cuda"
     compute = {"auto": 2 if gpu or _cpu_amx() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
     # auto on a CPU without native bf16: bf16 weights computed in fp32 (models/upcast.py), so its activations and
@@ -269,18 +271,22 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     lora = m.lora.enabled
     generation = t.generation_dtype
     autocast = compute < 4 and not lora
-    replayable = (t.replay_generation and on_policy and m.gradient_checkpointing and not lora and t.chunked_loss
+    replayable = (t.replay_generation and samples and m.gradient_checkpointing and not lora and t.chunked_loss
                   and t.kv_cache_generation)
     # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student, where bf16 is fast (bf16 mixed precision
     # on a GPU, native bf16 on a CPU), unless (auto) the student samples itself for its training forward's replay
     # (which the trainer also skips for a student with dropout or a rescaled head: then it makes the copy this omits)
     samples_itself = replayable and not autocast
-    copy = (not lora and generation != "float32" and (generation == "bfloat16" or (
+    copy = (samples and not lora and generation != "float32" and (generation == "bfloat16" or (
         not samples_itself and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
     # the trainer's `packs_student_generation`: the fp32 student samples itself with its decoder layers' weights
     # packed by oneDNN for the decoding steps (gkd/packed_linear.py), on an x86 CPU
-    packed = (t.packed_generation and on_policy and not gpu and not lora and not copy and not autocast and compute == 4
+    packed = (t.packed_generation and samples and not gpu and not lora and not copy and not autocast
               and platform.machine().lower() in ("x86_64", "amd64"))
+    # the trainer's `prefills_once`: the prompt's pass (the training forward's first part, its activations kept for
+    # backward) runs before generation, which then happens inside the training step
+    prefill_once = (t.prefill_once and samples and t.chunked_loss and t.kv_cache_generation
+                    and not m.gradient_checkpointing and not lora)
     length = seq_len or t.max_length + (t.max_new_tokens if on_policy else 0)
     return Workload(
         device=device, batch=batch or t.per_device_train_batch_size, seq_len=length, prompt_len=t.max_length,
@@ -291,7 +297,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
         lora_targets=m.lora.target_modules, autocast=autocast, lean_activations=t.lean_activations,
-        replay_generation=replayable and not copy, packed_decoding=packed)
+        replay_generation=replayable and not copy, packed_decoding=packed, prefill_once=prefill_once)
 
 
 def _cpu_amx() -> bool:
@@ -349,12 +355,12 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     lora_mlp = bool(w.lora_rank) and (targets == "all-linear"
                                       or any(name in targets for name in ("gate_proj", "up_proj", "down_proj")))
 
-    def per_layer(lean_norms: bool) -> float:
-        return w.compute_bytes * b * length * student.saved_per_token(length, lean_mlp=lean and not lora_mlp,
+    def per_layer(lean_norms: bool, tokens: int = length) -> float:
+        return w.compute_bytes * b * tokens * student.saved_per_token(tokens, lean_mlp=lean and not lora_mlp,
                                                                       lean_norms=lean_norms)
 
-    def rest(lean_norms: bool) -> float:  # embeddings' output, the final norm
-        return 4 * b * length * (2 if lean_norms else 3) * student.hidden
+    def rest(lean_norms: bool, tokens: int = length) -> float:  # embeddings' output, the final norm
+        return 4 * b * tokens * (2 if lean_norms else 3) * student.hidden
 
     checkpointed = student.layers * w.compute_bytes * b * length * student.hidden + per_layer(False) + rest(False)
     kept = student.layers * per_layer(lean) + rest(lean)
@@ -381,11 +387,17 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
         generation += student.layers * w.compute_bytes * b * tokens * student.hidden
     if w.packed_decoding and strategy in ("single", "ddp"):  # a packed fp32 copy of each layer's weights (not the head)
         generation += student.layers * student.linear_per_layer * 4
+    if w.prefill_once and strategy == "single":  # the prompt's pass, kept for backward while generating
+        generation += student.layers * per_layer(lean, w.prompt_len) + rest(lean, w.prompt_len)
+        if w.autocast:  # with the weights autocast cast for it
+            generation += student.layers * student.layer_parameters * w.compute_bytes
     # under ZeRO-3, generating gathers the student's fp32 weights whole (TRL's unwrap_model_for_generation)
     gathered_student = student_weights * (1 - 1 / devices) if strategy == "zero3" else 0
     evaluation = max(teacher.kv_cache(w.eval_batch, tokens, w.teacher_other_bytes)
                      + prefill(teacher, w.eval_batch, w.teacher_other_bytes),
-                     student.kv_cache(w.eval_batch, tokens, gen_bytes) + prefill(student, w.eval_batch, gen_bytes))
+                     # evaluation generates with the student itself, not the sampling copy
+                     student.kv_cache(w.eval_batch, tokens, w.compute_bytes)
+                     + prefill(student, w.eval_batch, w.compute_bytes))
     components.update({"generation (KV cache)": max(generation, evaluation)})
     runtime = CPU_RUNTIME if w.device == "cpu" else CUDA_RUNTIME
     components["runtime"] = runtime

@@ -117,7 +117,8 @@ def predicted(row: dict, measured: dict, device: str = "cpu") -> dict:
     batch, length = max(measured["shapes"], key=lambda shape: shape[0] * shape[1])
     extra = []
     if row.get("lmbda", 0) > 0:
-        extra = [f"trainer.max_length={max(shape[1] for shape in measured['prompts'] if shape)}"]
+        longest = max((shape[1] for shape in measured.get("prompts", []) if shape), default=row["max_length"])
+        extra = [f"trainer.max_length={longest}"]
     profile = load_profile("default", overrides(row, "unused") + extra)
     plan = plan_profile(profile, device=device, seq_len=length, batch=batch)
     return plan.options[0].to_dict()
@@ -131,7 +132,9 @@ def main() -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: one run per row, peak torch.cuda.max_memory_allocated")
     parser.add_argument("--replan", metavar="JSON", help="Compare the plan again with the measurements in a "
-                        "previous --out file (after a change to the plan), without training again.")
+                        "previous --out file (after a change to the plan), without training again. A file from "
+                        "before 2026-12-06 has 'live' / 'default' columns, and its 'live' runs were not live (the "
+                        "trainer's keep_freed_memory was on).")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -305,6 +305,11 @@ def test_the_plan_counts_the_packed_decoding_weights_where_the_student_samples_i
     for changes in ("trainer.packed_generation=false", "trainer.lmbda=0", "model.lora.enabled=true",
                     "trainer.generation_dtype=bfloat16", "model.dtype=bfloat16"):
         assert not workload_for(_profile(changes), "cpu").packed_decoding, changes
+    # under seq_kd alone the teacher generates: nothing of the student's is packed, copied or recorded
+    teacher_generates = workload_for(_profile("trainer.lmbda=0", "trainer.seq_kd=true"), "cpu")
+    assert teacher_generates.on_policy
+    assert not (teacher_generates.packed_decoding or teacher_generates.sampling_copy
+                or teacher_generates.replay_generation)
     assert not workload_for(_profile(), "cuda").packed_decoding
     monkeypatch.setattr(plan.platform, "machine", lambda: "aarch64")  # oneDNN's fp32 packing measured on x86 only
     assert not workload_for(_profile(), "cpu").packed_decoding
@@ -335,3 +340,27 @@ def test_the_sampling_copy_counts_in_generation_only(monkeypatch):
     assert with_copy.phases["generation"] - without.phases["generation"] == shape.parameters * 2
     for phase in ("training step", "optimizer step", "evaluation"):
         assert with_copy.phases[phase] == without.phases[phase], phase
+
+
+def test_under_prefill_once_generation_holds_the_prompts_pass(monkeypatch):
+    import dataclasses
+
+    from atlas_distill import plan
+
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: True)
+    # the trainer's prefills_once: on-policy, no checkpointing, chunked loss, KV cache, the whole student
+    work = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")
+    assert work.prefill_once
+    for changes in ("model.gradient_checkpointing=true", "trainer.prefill_once=false", "trainer.lmbda=0",
+                    "trainer.chunked_loss=false", "trainer.kv_cache_generation=false", "model.lora.enabled=true"):
+        assert not workload_for(_profile("model.gradient_checkpointing=false", changes), "cpu").prefill_once, changes
+    shape = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
+    once, twice = (estimate(shape, shape, dataclasses.replace(work, prefill_once=on), "single", 1)
+                   for on in (True, False))
+    # generation runs inside the step, after the prompt's pass: what that pass keeps for backward (every layer's
+    # activations over the prompt, as the training forward keeps them over the sequence) is there too
+    prompt = dataclasses.replace(work, seq_len=work.prompt_len, prefill_once=False)
+    kept = estimate(shape, shape, prompt, "single", 1).components["activations"]
+    assert once.phases["generation"] - twice.phases["generation"] == pytest.approx(kept, rel=1e-6)
+    assert once.phases["training step"] == twice.phases["training step"]

@@ -11,11 +11,11 @@ from ..errors import TargetsNotMet, UsageError
 from ._common import JsonOpt, OverridesArg, ProfileOpt, out, print_json, reporting_errors
 
 Opt = typer.Option
-CPU_NOTE = ("Note: these are live bytes; an option fits when 1.3x them is within the RAM available now. On a CPU, "
+CPU_NOTE = ("Note: these are live bytes; an option fits when 1.6x them is within the RAM available now. On a CPU, "
             "malloc keeps memory a step freed, so the process's peak RSS ran 4-56 % above the plan in "
             "benchmarks/plan_check.py (median 11 %); trainer.keep_freed_memory=false with "
             "MALLOC_MMAP_THRESHOLD_=131072 in the environment returns it (RSS then within 7 % of the plan) at slower "
-            "steps (25-60 % slower than glibc's default, benchmarks/README.md).")
+            "steps (25-60 % slower than glibc's default, which keep_freed_memory beats by 9-15 %).")
 _SHOWN = ("teacher weights", "student weights", "sampling copy", "gradients", "optimizer state", "activations",
           "loss", "generation (KV cache)", "runtime")
 
