@@ -983,3 +983,36 @@ def test_a_layer_called_otherwise_than_recorded_runs_its_own_checkpoint():
     assert calls == [0, 1, 2] and torch.equal(replayed, recorded)  # the recording, not the layer
     replayed.sum().backward()  # backward runs the layer: d(5x)/dx
     assert torch.equal(hidden.grad, torch.full((2, 3, 4), 5.0))
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+@pytest.mark.parametrize("settings", [
+    {}, {"gradient_checkpointing": False}, {"replay_generation": False}, {"generation_dtype": "float32"},
+    {"generation_dtype": "bfloat16"}, {"gradient_checkpointing": False, "packed_generation": False},
+    {"gradient_checkpointing": False, "prefill_once": False}, {"gradient_checkpointing": False, "lmbda": 0.0},
+], ids=lambda settings: ",".join(f"{k}={v}" for k, v in settings.items()) or "defaults")
+def test_the_memory_plan_follows_the_trainers_generation_rules(tmp_path, make_tiny_model, monkeypatch, fast_bf16,
+                                                               settings):
+    """plan.py mirrors the trainer's choices for on-policy generation (a sampling copy, packed decoding weights,
+    the prompt's pass before generation, the replayed forward): the same settings give the same choices."""
+    from atlas_distill import plan
+    from atlas_distill.config import load_profile
+
+    monkeypatch.setattr(loading, "cpu_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
+    chosen = {"gradient_checkpointing": True, "lmbda": 1.0, "generation_dtype": "auto", "packed_generation": True,
+              "prefill_once": True, "replay_generation": True, **settings}
+    args = {name: chosen.pop(name) for name in ("gradient_checkpointing", "lmbda")}
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, args=args, **chosen)
+    profile = load_profile("default", [
+        "teacher_model_name_or_path=smollm2-135m", "model.model_name_or_path=smollm2-135m", "model.dtype=float32",
+        f"model.gradient_checkpointing={str(args['gradient_checkpointing']).lower()}", f"trainer.lmbda={args['lmbda']}",
+        *(f"trainer.{name}={str(value).lower()}" for name, value in chosen.items())])
+    work = plan.workload_for(profile, "cpu")
+    samples = args["lmbda"] > 0  # the trainer's properties say what it does when the student samples
+    assert work.sampling_copy == (samples and trainer.generation_dtype is not None)
+    assert work.packed_decoding == (samples and trainer.packs_student_generation)
+    assert work.prefill_once == (samples and trainer.prefills_once)
+    assert work.replay_generation == (samples and trainer.replays_generation)
