@@ -40,6 +40,17 @@ def _alternate(runs: dict, repeats: int) -> dict[str, float]:
     return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
 
 
+def _prompts(tokenizer):
+    """4 random prompts of 170 tokens, left-padded by 20 and 5 (the module's doc): ids and attention mask."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, len(tokenizer), (4, 170), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :20] = mask[1, :5] = 0
+    return ids, mask
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=8)
@@ -62,10 +73,7 @@ def main() -> None:
     head = sampler.get_output_embeddings()
     head._forward_pre_hooks.clear()  # load_model put the fix there: measured without it first
     head._atlas_contiguous_input = False
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, len(tokenizer), (4, 170), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :20] = mask[1, :5] = 0
+    ids, mask = _prompts(tokenizer)
     config = GenerationConfig(max_new_tokens=32, do_sample=True, temperature=0.9, top_k=0,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
 
@@ -109,10 +117,7 @@ def overlap(args) -> None:
     tokenizer, teacher, student = _models("auto")
     teacher.eval()
     student.eval()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, len(tokenizer), (4, 170), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :20] = mask[1, :5] = 0
+    ids, mask = _prompts(tokenizer)
     settings = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": True, "temperature": 0.9, "top_k": 0,
                 "pad_token_id": tokenizer.pad_token_id}
 
