@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/multiturn_bench.py
+	$(PY) benchmarks/turn_bench.py
 	$(PY) benchmarks/eval_bench.py
 
 clean:

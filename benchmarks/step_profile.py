@@ -1,7 +1,7 @@
 """Where a GKD step's time goes: AtlasGKDTrainer against TRL's DistillationTrainer, phase by phase (issue 15).
 
     python benchmarks/step_profile.py [--steps 6] [--gc on|off] [--trainers trl-distillation,atlas] [--precision auto]
-                                      [--ours KEY=VALUE] [--json]
+                                      [--data task|conversation] [--ours KEY=VALUE] [--json]
 
 The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
 runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
@@ -15,7 +15,10 @@ matmul is timed in bf16 when any trainer ran under autocast. The arithmetic coun
 checkpointing for both (checkpointing adds a recompute, not counted): with `prefill_once` ours runs generation's prompt
 forward as part of its training forward, and with `replay_generation` its checkpointed training forward runs no
 layer, so it does less than that.
-`--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py.
+`--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py. `--data conversation` profiles
+train_bench.py's multi-turn row (ours samples one recorded action of each conversation, DT the final answer after the
+whole conversation); its arithmetic is counted over each example's whole conversation, DT's prompt, so ours' achieved
+GFLOP/s there is an upper bound.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _teacher_or_student(*args, **kwargs) -> str:
     return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
 
 
-def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ours: dict) -> dict:
+def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ours: dict, data: str = "task") -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -94,7 +97,7 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
     from atlas_distill.models import upcast
 
     tokenizer, teacher, student = _models(teacher_dtype_for(name, teacher_setting))
-    train, _held_out = _datasets(tokenizer)
+    train, _held_out = _datasets(tokenizer, data)
     clock = Clock()
     started: list[float] = []
 
@@ -190,9 +193,11 @@ def step_gflop(tokens: int, completion: int) -> float:
     return flops / 1e9
 
 
-def run_child(name: str, steps: int, gc: bool, precision: str, teacher_setting: str, ours: list[str]) -> dict:
+def run_child(name: str, steps: int, gc: bool, precision: str, teacher_setting: str, ours: list[str],
+              data: str = "task") -> dict:
     command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--gc", "on" if gc else "off",
-               "--teacher-dtype", teacher_setting, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
+               "--teacher-dtype", teacher_setting, "--precision", precision, "--data", data,
+               *(f"--ours={pair}" for pair in ours)]
     log(f"profiling {name}, gradient checkpointing {'on' if gc else 'off'}, {steps} steps")
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -213,6 +218,8 @@ def main() -> None:
                         "native bf16), TRL's fp32")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="one of ours' settings (GKDConfig), e.g. prefill_once=false; repeatable")
+    parser.add_argument("--data", choices=["task", "conversation"], default="task",
+                        help="as train_bench.py's: task prompt -> final answer, or the multi-turn episodes")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,10 +227,10 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", bf16_for(args.worker, args.precision),
-                         args.teacher_dtype, ours)
+                         args.teacher_dtype, ours, args.data)
         print(json.dumps(row), flush=True)
         return
-    rows = [run_child(name, args.steps, args.gc == "on", args.precision, args.teacher_dtype, args.ours)
+    rows = [run_child(name, args.steps, args.gc == "on", args.precision, args.teacher_dtype, args.ours, args.data)
             for name in args.trainers.split(",")]
     tokens = rows[0]["tokens"]
     limit = matmul_limit(tokens, any(row["bf16"] for row in rows))

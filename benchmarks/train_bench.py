@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -245,16 +246,26 @@ def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: 
 
     stamps: list[float] = []
 
+    def usage() -> tuple[float, int]:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        return used.ru_utime + used.ru_stime, used.ru_minflt + used.ru_majflt
+
     class Clock(TrainerCallback):
+        cpu, faults = 0.0, 0
+
         def on_step_begin(self, args, state, control, **kwargs):
             if not stamps:
                 stamps.append(time.perf_counter())
+                self.cpu, self.faults = usage()
 
         def on_step_end(self, args, state, control, **kwargs):
             if synchronize is not None:
                 synchronize()
             stamps.append(time.perf_counter())
-            log(f"  [{label}] step {state.global_step}/{steps} {stamps[-1] - stamps[-2]:.2f} s")
+            cpu, faults = usage()
+            log(f"  [{label}] step {state.global_step}/{steps} {stamps[-1] - stamps[-2]:.2f} s "
+                f"({cpu - self.cpu:.1f} s of CPU time, {faults - self.faults} page faults)")
+            self.cpu, self.faults = cpu, faults
 
     trainer = build_trainer(trainer_name, {**common, "callbacks": [Clock(), *common.get("callbacks", [])]}, output_dir,
                             steps, gc, seed, bf16, **shape)

@@ -14,7 +14,7 @@ from atlas_distill.gkd.trl_surface import GKDConfig as TRLGKDConfig
 CHANGED = {"learning_key": "crm_workflows", "eval_split": 0.25, "targets": "final", "offpolicy_warmup_steps": 7,
            "offpolicy_warmup_beta": 0.3, "scorer": "exact", "eval_max_sessions": 11, "success_delta_target": 0.2,
            "token_reduction_target": 12.0, "kv_cache_generation": False, "chunked_loss": False,
-           "teacher_cache_topk": 17, "teacher_store": "stores/run-1", "group_by_length": False,
+           "teacher_cache_topk": 17, "teacher_store": "stores/run-1", "group_by_length": False, "group_by_turn": False,
            "generation_dtype": "float32", "inverse_cdf_sampling": False, "packed_generation": False,
            "prefill_once": False, "replay_generation": False, "keep_freed_memory": False,
            "math_attention": False, "lean_activations": False}

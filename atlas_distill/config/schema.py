@@ -143,6 +143,7 @@ class TrainerConfig(_Strict):
     teacher_cache_topk: int = setting("teacher_cache_topk", ge=0)
     teacher_store: str | None = setting("teacher_store")
     group_by_length: bool = setting("group_by_length")
+    group_by_turn: bool = setting("group_by_turn")
     generation_dtype: GenerationDtype = setting("generation_dtype")
     inverse_cdf_sampling: bool = setting("inverse_cdf_sampling")
     packed_generation: bool = setting("packed_generation")

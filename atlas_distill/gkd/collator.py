@@ -9,6 +9,9 @@ without it, as `data.targets: final` writes, has its last turn as the only targe
 - On-policy: per row one target turn is drawn uniformly from its targets by a generator seeded
   with the trainer's seed; `prompts` is the recorded conversation before that turn (tool
   results and guidance replayed exactly as recorded), from which the student generates the turn.
+  Where the trainer's sampler has drawn the row's turn for this epoch already (`draws`, by the
+  row's `ROW_COLUMN`: gkd/turn_sampler.py, which groups rows by the drawn prompt's length),
+  that turn is taken instead.
 
 For a row with one target (the final answer) that fits max_length the tensors equal
 those of TRL's DataCollatorForChatML (a test checks it): `data.targets: final` trains as
@@ -35,6 +38,9 @@ def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
+ROW_COLUMN = "turn_row"  # a training row's index, where the trainer's sampler draws its on-policy turns
+
+
 class TargetSpanCollator:
     def __init__(self, tokenizer, max_length: int | None, *, seed: int = 42, ignore_index: int = -100) -> None:
         if tokenizer.pad_token_id is None:
@@ -43,19 +49,31 @@ class TargetSpanCollator:
         self.max_length = max_length
         self.ignore_index = ignore_index
         self.turn_rng = random.Random(seed)
+        self.draws: dict[int, int] = {}  # row (ROW_COLUMN) -> which of its promptable turns, drawn by a sampler
+
+    def _encoded(self, example: dict[str, Any]):
+        messages = example["messages"]
+        encoded = encode_to_fit(self.tokenizer, messages, example.get("targets") or final_targets(messages),
+                                self.max_length)
+        # A target whose start was cut away (the token cut) is still learnt off-policy, but it has no prompt.
+        promptable = [i for i, (start, _) in enumerate(encoded.spans) if start > 0]
+        if not promptable:
+            raise ValueError(f"A conversation has no target turn with a prompt before it left after fitting "
+                             f"max_length={self.max_length}; raise max_length.")
+        return encoded, promptable
+
+    def prompt_lengths(self, example: dict[str, Any]) -> list[int]:
+        """The tokens before each target turn an on-policy step can draw of `example`: the prompts it would get."""
+        encoded, promptable = self._encoded(example)
+        return [encoded.spans[i][0] for i in promptable]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, labels, prompts, chosen = [], [], [], []
         for example in examples:
-            messages = example["messages"]
-            targets = example.get("targets") or final_targets(messages)
-            encoded = encode_to_fit(self.tokenizer, messages, targets, self.max_length)
-            # A target whose start was cut away (the token cut) is still learnt off-policy, but it has no prompt.
-            promptable = [i for i, (start, _) in enumerate(encoded.spans) if start > 0]
-            if not promptable:
-                raise ValueError(f"A conversation has no target turn with a prompt before it left after fitting "
-                                 f"max_length={self.max_length}; raise max_length.")
-            pick = promptable[self.turn_rng.randrange(len(promptable))]
+            encoded, promptable = self._encoded(example)
+            drawn = self.draws.get(example.get(ROW_COLUMN, -1))
+            pick = promptable[drawn if drawn is not None and drawn < len(promptable)
+                              else self.turn_rng.randrange(len(promptable))]
             ids.append(encoded.ids)
             labels.append(encoded.labels(self.ignore_index))
             prompts.append(encoded.ids[: encoded.spans[pick][0]])

@@ -79,6 +79,12 @@ class AtlasSettings:
                                         "null: none."})
     group_by_length: bool = field(
         default=True, metadata={"help": "Batches of similar-length examples (less padding)."})
+    group_by_turn: bool = field(
+        default=True, metadata={"help": "With group_by_length, where at least half the steps are on-policy (lmbda "
+                                        ">= 0.5, or seq_kd) and conversations have several target turns: each row's "
+                                        "on-policy turn is drawn when the epoch's batches are made, and rows are "
+                                        "grouped by the length of the prompt before it, not of the whole "
+                                        "conversation (less padding in the prompts)."})
     generation_dtype: GenerationDtype = field(
         default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
                                           "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "

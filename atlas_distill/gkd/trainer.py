@@ -29,6 +29,9 @@ Each speedup is on by default and has a switch to turn it off:
   (`atlas-distill teacher-store build`, teacher_store/) and the teacher does not run; `atlas-distill train` does not
   load it at all when no step is on-policy (an `UnloadedTeacher` stands in its place);
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
+- `group_by_turn`: with it, where on-policy steps are at least half (lmbda >= 0.5, or seq_kd) and some conversation has
+  several target turns, each row's on-policy turn is drawn when the epoch's batches are made and rows are grouped by
+  the drawn prompt's length, not the whole conversation's (gkd/turn_sampler.py);
 - `inverse_cdf_sampling`: on a CPU each sampled token is drawn by inverting the cumulative distribution
   (gkd/sampling.py), not by torch.multinomial's vocabulary-wide fill of random numbers: the same distribution,
   11 % off decoding;
@@ -69,8 +72,9 @@ import torch
 
 from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
-from . import allocator, attention, divergence, packed_linear, prompt_pass, replay, tied_gradient, topk_format
-from .collator import TargetSpanCollator
+from . import (allocator, attention, divergence, packed_linear, prompt_pass, replay, tied_gradient, topk_format,
+               turn_sampler)
+from .collator import ROW_COLUMN, TargetSpanCollator
 from .lean_activations import lean_activations
 from .sampling import inverse_cdf_sampling
 from .config import AtlasGKDConfig, GKDConfig
@@ -177,6 +181,14 @@ class AtlasGKDTrainer(GKDTrainer):
             if hasattr(eval_dataset, "column_names"):
                 eval_dataset = _with_lengths(eval_dataset, processing_class)
             args.train_sampling_strategy, args.length_column_name = "group_by_length", "length"
+        on_policy_mostly = args.lmbda >= 0.5 or args.seq_kd
+        self.groups_by_turn = bool(args.group_by_length and args.group_by_turn and on_policy_mostly
+                                   and isinstance(kwargs.get("data_collator"), TargetSpanCollator)
+                                   and turn_sampler.several_turns(train_dataset))
+        if self.groups_by_turn:  # each row's index, by which the collator finds the turn the sampler drew for it
+            if ROW_COLUMN in train_dataset.column_names:
+                train_dataset = train_dataset.remove_columns(ROW_COLUMN)
+            train_dataset = train_dataset.add_column(ROW_COLUMN, list(range(len(train_dataset))))
         with _declared_vocab_matching(model, teacher_model):
             super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
@@ -227,6 +239,17 @@ class AtlasGKDTrainer(GKDTrainer):
         if self.args.keep_freed_memory and self.args.device.type == "cpu":
             student = self.accelerator.unwrap_model(self.model)
             allocator.keep_freed_memory(max(p.numel() * p.element_size() for p in student.parameters()))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """transformers' sampler, or where `groups_by_turn` (set at construction), rows grouped by the length of the
+        prompt of the turn drawn for each this epoch (gkd/turn_sampler.py)."""
+        if not self.groups_by_turn or (train_dataset is not None and train_dataset is not self.train_dataset):
+            return super()._get_train_sampler(train_dataset)
+        if getattr(self, "_turn_sampler", None) is None:  # the prompts' lengths are measured once per trainer
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            self._turn_sampler = turn_sampler.TurnGroupedSampler(self.train_dataset, self.data_collator, batch,
+                                                                 self.args.seed)
+        return self._turn_sampler
 
     def _open_store(self, path: str | None):
         """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings,
