@@ -35,14 +35,16 @@ WAYS = ("turn", "conversation")
 
 
 def _orders(sampler, epoch: int) -> dict[str, list[int]]:
-    """One epoch's row order grouped each way; the turn sampler's draws for it are left in its collator's `draws`."""
+    """One epoch's row order grouped each way (the other way as transformers' LengthGroupedSampler orders it, seeded
+    here); the turn sampler's draws for it are left in its collator's `draws`."""
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     sampler.set_epoch(epoch)
     turn = list(sampler)
     generator = torch.Generator().manual_seed(SETTINGS["seed"] + epoch)
-    return {"turn": turn, "conversation": get_length_grouped_indices(sampler.lengths, BATCH, generator=generator)}
+    lengths = list(sampler.dataset["length"])
+    return {"turn": turn, "conversation": get_length_grouped_indices(lengths, BATCH, generator=generator)}
 
 
 def _drawn_prompt(sampler, row: int) -> int:
@@ -53,7 +55,7 @@ def count_tokens(sampler, epochs: int) -> dict:
     """Per way: on-policy computed / real tokens, off-policy computed / real tokens, summed over `epochs`."""
     new = SETTINGS["max_new_tokens"]
     totals = {way: {"on_policy": 0, "on_policy_real": 0, "off_policy": 0, "off_policy_real": 0} for way in WAYS}
-    lengths = sampler.lengths
+    lengths = list(sampler.dataset["length"])
     for epoch in range(epochs):
         orders = _orders(sampler, epoch)
         prompts = [_drawn_prompt(sampler, row) for row in range(len(lengths))]
@@ -81,12 +83,9 @@ class _Batches:
 
 
 def _sampler(train, collator):
-    """The turn sampler over `train`, with its rows' whole lengths beside it (what the other way groups by)."""
     from atlas_distill.gkd.turn_sampler import TurnGroupedSampler
 
-    sampler = TurnGroupedSampler(train, collator, BATCH, SETTINGS["seed"])
-    sampler.lengths = list(train["length"])
-    return sampler
+    return TurnGroupedSampler(train, collator, BATCH, SETTINGS["seed"])
 
 
 def time_steps(steps: int, gc: bool) -> dict:

@@ -11,7 +11,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
 from atlas_distill.gkd.collator import ROW_COLUMN, TargetSpanCollator
-from atlas_distill.gkd.turn_sampler import TurnGroupedSampler
+from atlas_distill.gkd.turn_sampler import TurnGroupedSampler, with_row_index
 
 WORDS = "search the contact create a lead rate it and call the tool with this email address".split()
 
@@ -51,7 +51,7 @@ def prompt_padding(trainer) -> float:
 
 
 def test_batches_are_grouped_by_the_drawn_prompt_and_the_collator_takes_the_drawn_turn(tmp_path, make_tiny_model):
-    rows = conversations(n=400)  # enough rows for transformers' mega-batches of 50 batches to sort within
+    rows = conversations(n=400)  # enough rows for mega-batches of 25 batches (transformers: len // (4 x batch))
     grouped = trainer_for(tmp_path, make_tiny_model, rows)
     assert grouped.groups_by_turn and grouped.train_dataset[ROW_COLUMN] == list(range(len(rows)))
     by_conversation = trainer_for(tmp_path, make_tiny_model, rows, group_by_turn=False)
@@ -100,6 +100,7 @@ def test_each_rows_turn_is_drawn_uniformly_once_per_epoch_and_again_the_same_on_
     ({"lmbda": 0.0, "seq_kd": True}, True),  # the teacher generates from the drawn prompts
     ({"group_by_turn": False}, False),
     ({"group_by_length": False}, False),
+    ({"dataloader_num_workers": 2}, False),  # a worker's collator would not see the sampler's draws
 ])
 def test_turn_grouping_applies_where_most_steps_generate_from_a_drawn_turn(tmp_path, make_tiny_model, settings,
                                                                           grouped):
@@ -114,8 +115,23 @@ def test_one_target_per_row_keeps_the_conversation_length_grouping(tmp_path, mak
     assert not trainer.groups_by_turn and isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
 
 
+def test_a_new_training_dataset_is_measured_again_and_rows_out_of_step_with_the_draws_are_an_error(
+        tmp_path, make_tiny_model):
+    trainer = trainer_for(tmp_path, make_tiny_model, conversations(n=8))
+    first = trainer._get_train_sampler()
+    trainer.train_dataset = with_row_index(Dataset.from_list(conversations(n=12, seed=1)))
+    again = trainer._get_train_sampler()
+    assert again is not first and len(again) == 12 and again.dataset is trainer.train_dataset
+    list(again)  # this epoch's draws, for rows 0-11
+    row = dict(trainer.train_dataset[0])
+    turns = len(again.prompt_lengths[0])
+    trainer.data_collator.draws[0] = turns  # one past its last turn: the draws are not for these rows
+    with pytest.raises(ValueError, match=f"Row 0 has {turns} target turns with a prompt, but the sampler drew"):
+        trainer.data_collator([row])
+
+
 def test_training_steps_generate_from_the_turns_the_sampler_drew(tmp_path, make_tiny_model, monkeypatch):
-    trainer = trainer_for(tmp_path, make_tiny_model, conversations(n=16), max_steps=3)
+    trainer = trainer_for(tmp_path, make_tiny_model, conversations(n=8), max_steps=4)  # two epochs of two steps
     seen = []
     collate = TargetSpanCollator.__call__
 
@@ -127,4 +143,6 @@ def test_training_steps_generate_from_the_turns_the_sampler_drew(tmp_path, make_
 
     monkeypatch.setattr(TargetSpanCollator, "__call__", recording)
     trainer.train()
-    assert len(seen) >= 12 and all(draws and pick == draws[row] for row, pick, draws in seen)
+    assert len(seen) >= 16 and all(draws and pick == draws[row] for row, pick, draws in seen)
+    epochs = {tuple(sorted(draws.items())) for _, _, draws in seen}
+    assert len(epochs) == 2  # each epoch's turns drawn anew

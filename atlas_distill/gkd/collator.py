@@ -72,8 +72,12 @@ class TargetSpanCollator:
         for example in examples:
             encoded, promptable = self._encoded(example)
             drawn = self.draws.get(example.get(ROW_COLUMN, -1))
-            pick = promptable[drawn if drawn is not None and drawn < len(promptable)
-                              else self.turn_rng.randrange(len(promptable))]
+            if drawn is None:
+                drawn = self.turn_rng.randrange(len(promptable))
+            elif drawn >= len(promptable):
+                raise ValueError(f"Row {example[ROW_COLUMN]} has {len(promptable)} target turns with a prompt, but the "
+                                 f"sampler drew its turn {drawn}: the rows are not the ones the sampler measured.")
+            pick = promptable[drawn]
             ids.append(encoded.ids)
             labels.append(encoded.labels(self.ignore_index))
             prompts.append(encoded.ids[: encoded.spans[pick][0]])

@@ -81,7 +81,8 @@ class AtlasSettings:
         default=True, metadata={"help": "Batches of similar-length examples (less padding)."})
     group_by_turn: bool = field(
         default=True, metadata={"help": "With group_by_length, where at least half the steps are on-policy (lmbda "
-                                        ">= 0.5, or seq_kd) and conversations have several target turns: each row's "
+                                        ">= 0.5, or seq_kd), conversations have several target turns and "
+                                        "dataloader_num_workers is 0: each row's "
                                         "on-policy turn is drawn when the epoch's batches are made, and rows are "
                                         "grouped by the length of the prompt before it, not of the whole "
                                         "conversation (less padding in the prompts)."})

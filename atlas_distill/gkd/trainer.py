@@ -29,9 +29,8 @@ Each speedup is on by default and has a switch to turn it off:
   (`atlas-distill teacher-store build`, teacher_store/) and the teacher does not run; `atlas-distill train` does not
   load it at all when no step is on-policy (an `UnloadedTeacher` stands in its place);
 - `group_by_length`: batches are drawn from examples of similar length, so they are less padding;
-- `group_by_turn`: with it, where on-policy steps are at least half (lmbda >= 0.5, or seq_kd) and some conversation has
-  several target turns, each row's on-policy turn is drawn when the epoch's batches are made and rows are grouped by
-  the drawn prompt's length, not the whole conversation's (gkd/turn_sampler.py);
+- `group_by_turn`: multi-turn rows grouped by the length of the prompt of the turn drawn for each this epoch, not the
+  whole conversation's, where it applies (`_turns_grouped`; gkd/turn_sampler.py);
 - `inverse_cdf_sampling`: on a CPU each sampled token is drawn by inverting the cumulative distribution
   (gkd/sampling.py), not by torch.multinomial's vocabulary-wide fill of random numbers: the same distribution,
   11 % off decoding;
@@ -137,6 +136,16 @@ class _FromCache:
         return self.model.generate(cache=self.cache, **kwargs)
 
 
+def _turns_grouped(args, collator, train_dataset) -> bool:
+    """Whether on-policy turns are drawn by the sampler and rows grouped by the drawn prompt's length
+    (`group_by_turn`, gkd/turn_sampler.py): with group_by_length, where at least half the steps generate from a drawn
+    turn (lmbda >= 0.5, or seq_kd, whose teacher generates from it), some row has several target turns, our collator
+    collates, and in this process (no data loader workers, which would not see the sampler's draws)."""
+    return bool(args.group_by_length and args.group_by_turn and (args.lmbda >= 0.5 or args.seq_kd)
+                and args.dataloader_num_workers == 0 and isinstance(collator, TargetSpanCollator)
+                and turn_sampler.several_turns(train_dataset))
+
+
 def _with_lengths(dataset, tokenizer):
     """The dataset with a `length` column (prompt + answer tokens) for the length-grouped sampler; data.py's
     prepare_conversations already counts them when it has a tokenizer, so this is for datasets built without."""
@@ -181,17 +190,13 @@ class AtlasGKDTrainer(GKDTrainer):
             if hasattr(eval_dataset, "column_names"):
                 eval_dataset = _with_lengths(eval_dataset, processing_class)
             args.train_sampling_strategy, args.length_column_name = "group_by_length", "length"
-        on_policy_mostly = args.lmbda >= 0.5 or args.seq_kd
-        self.groups_by_turn = bool(args.group_by_length and args.group_by_turn and on_policy_mostly
-                                   and isinstance(kwargs.get("data_collator"), TargetSpanCollator)
-                                   and turn_sampler.several_turns(train_dataset))
+        self.groups_by_turn = _turns_grouped(args, kwargs.get("data_collator"), train_dataset)
         if self.groups_by_turn:  # each row's index, by which the collator finds the turn the sampler drew for it
-            if ROW_COLUMN in train_dataset.column_names:
-                train_dataset = train_dataset.remove_columns(ROW_COLUMN)
-            train_dataset = train_dataset.add_column(ROW_COLUMN, list(range(len(train_dataset))))
+            train_dataset = turn_sampler.with_row_index(train_dataset)
         with _declared_vocab_matching(model, teacher_model):
             super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self._turn_batches: turn_sampler.TurnGroupedSampler | None = None
         self.zero3 = bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
         if self.zero3 and _quantized(teacher_model):
             raise TrainingError("An 8-bit or 4-bit teacher cannot be partitioned by DeepSpeed ZeRO-3.",
@@ -242,14 +247,17 @@ class AtlasGKDTrainer(GKDTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' sampler, or where `groups_by_turn` (set at construction), rows grouped by the length of the
-        prompt of the turn drawn for each this epoch (gkd/turn_sampler.py)."""
-        if not self.groups_by_turn or (train_dataset is not None and train_dataset is not self.train_dataset):
+        prompt of the turn drawn for each this epoch (gkd/turn_sampler.py); the prompts' lengths are measured once
+        per training dataset and batch size."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.groups_by_turn or ROW_COLUMN not in getattr(dataset, "column_names", ()):
             return super()._get_train_sampler(train_dataset)
-        if getattr(self, "_turn_sampler", None) is None:  # the prompts' lengths are measured once per trainer
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            self._turn_sampler = turn_sampler.TurnGroupedSampler(self.train_dataset, self.data_collator, batch,
-                                                                 self.args.seed)
-        return self._turn_sampler
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        built = self._turn_batches
+        if built is None or built.dataset is not dataset or built.batch_size != batch:
+            self._turn_batches = built = turn_sampler.TurnGroupedSampler(dataset, self.data_collator, batch,
+                                                                         self.args.seed)
+        return built
 
     def _open_store(self, path: str | None):
         """The store named by `teacher_store`, checked against this trainer's teacher, tokenizer, settings,

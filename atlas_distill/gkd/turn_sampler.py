@@ -6,12 +6,14 @@ the drawn prompts of a batch differ as much as the turns drawn: in train_bench.p
 prompt tokens of a batch of 4 were padding, and the teacher's forward, the student's prefill and backward ran over
 it. `TurnGroupedSampler` draws every row's turn when an epoch's batches are made, instead of when each batch is
 collated, and groups rows by the drawn prompt's length (transformers' `get_length_grouped_indices`: shuffled, then
-sorted within mega-batches of 50 batches); the collator takes the turn drawn for the row. Each row's turn is still
+sorted within mega-batches of up to 50 batches); the collator takes the turn drawn for the row, found by the row's
+index in `ROW_COLUMN` (`with_row_index`). Each row's turn is still
 drawn uniformly from its promptable targets, once per epoch, from a generator seeded by the run's seed and the
 epoch, so a resumed run draws the same turns.
 
-The draws reach the collator through the trainer's process (`TargetSpanCollator.draws`); a collator in a data
-loader worker process (`dataloader_num_workers` > 0) does not see them and draws its own turns, as before.
+The draws reach the collator through the trainer's process (`TargetSpanCollator.draws`): torch starts a data loader's
+worker processes before it calls the sampler, so a collator in a worker would see the previous epoch's draws. The
+trainer groups by turn only with `dataloader_num_workers` 0 (what `atlas-distill train` sets).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .collator import TargetSpanCollator
+from .collator import ROW_COLUMN, TargetSpanCollator
 
 
 def several_turns(dataset) -> bool:
@@ -31,12 +33,19 @@ def several_turns(dataset) -> bool:
         len(targets or ()) > 1 for targets in dataset["targets"])
 
 
+def with_row_index(dataset):
+    """`dataset` with each row's index in `ROW_COLUMN` (written anew over one it may already have)."""
+    if ROW_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(ROW_COLUMN)
+    return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+
+
 class TurnGroupedSampler(Sampler):
     """The rows of `dataset` in batches of `batch_size` grouped by their drawn turn's prompt length; each epoch's
     draws are handed to `collator`. The prompts' lengths are measured once, by the collator's own encoding."""
 
     def __init__(self, dataset, collator: TargetSpanCollator, batch_size: int, seed: int) -> None:
-        self.collator, self.batch_size, self.seed, self.epoch = collator, batch_size, seed, 0
+        self.dataset, self.collator, self.batch_size, self.seed, self.epoch = dataset, collator, batch_size, seed, 0
         self.prompt_lengths = [collator.prompt_lengths(example) for example in dataset]
 
     def set_epoch(self, epoch: int) -> None:
