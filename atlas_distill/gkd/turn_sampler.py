@@ -2,9 +2,9 @@
 
 An on-policy step draws one target turn per conversation and generates it from the recorded conversation before
 it (gkd/collator.py). transformers' length-grouped sampler groups rows by their whole conversation's length, but
-the drawn prompts of a batch differ as much as the turns drawn: in train_bench.py's multi-turn data, 30 % of the
-prompt tokens of a batch of 4 were padding, and the teacher's forward, the student's prefill and backward ran over
-it. `TurnGroupedSampler` draws every row's turn when an epoch's batches are made, instead of when each batch is
+the drawn prompts of a batch differ as much as the turns drawn: in train_bench.py's multi-turn data, 27 % of the
+prompt tokens of batches of 4 were padding over two epochs (1.2 % grouped by the drawn prompt), and the teacher's
+forward, the student's prefill and backward ran over it. `TurnGroupedSampler` draws every row's turn when an epoch's batches are made, instead of when each batch is
 collated, and groups rows by the drawn prompt's length (transformers' `get_length_grouped_indices`: shuffled, then
 sorted within mega-batches of up to 50 batches); the collator takes the turn drawn for the row, found by the row's
 index in `ROW_COLUMN` (`with_row_index`). Each row's turn is still
