@@ -4,12 +4,12 @@ An on-policy step draws one target turn per conversation and generates it from t
 it (gkd/collator.py). transformers' length-grouped sampler groups rows by their whole conversation's length, but
 the drawn prompts of a batch differ as much as the turns drawn: in train_bench.py's multi-turn data, 27 % of the
 prompt tokens of batches of 4 were padding over two epochs (1.2 % grouped by the drawn prompt), and the teacher's
-forward, the student's prefill and backward ran over it. `TurnGroupedSampler` draws every row's turn when an epoch's batches are made, instead of when each batch is
-collated, and groups rows by the drawn prompt's length (transformers' `get_length_grouped_indices`: shuffled, then
-sorted within mega-batches of up to 50 batches); the collator takes the turn drawn for the row, found by the row's
-index in `ROW_COLUMN` (`with_row_index`). Each row's turn is still
-drawn uniformly from its promptable targets, once per epoch, from a generator seeded by the run's seed and the
-epoch, so a resumed run draws the same turns.
+forward, the student's prefill and backward ran over it. `TurnGroupedSampler` draws every row's turn when an
+epoch's batches are made, instead of when each batch is collated, and groups rows by the drawn prompt's length
+(transformers' `get_length_grouped_indices`: shuffled, then sorted within mega-batches of up to 50 batches); the
+collator takes the turn drawn for the row, found by the row's index in `ROW_COLUMN` (`with_row_index`). Each row's
+turn is still drawn uniformly from its promptable targets, once per epoch, from a generator seeded by the run's seed
+and the epoch, so a resumed run draws the same turns.
 
 The draws reach the collator through the trainer's process (`TargetSpanCollator.draws`): torch starts a data loader's
 worker processes before it calls the sampler, so a collator in a worker would see the previous epoch's draws. The
