@@ -9,8 +9,9 @@ The setup of train_bench.py scaled to a GPU: the builtin SmolLM2-135M-Instruct a
 only mode DistillationTrainer has), max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5, seed 42; bf16 mixed
 precision for all three (fp32 master weights under bf16 autocast, the teacher's weights in bf16; `--dtype float32`
 for fp32 throughout), sdpa attention (transformers' default; each row records what the model used). Each trainer
-runs in its own process; s/step is the mean over the steps after the first (the GPU is synchronised at every step
-end), peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's VmHWM on a CPU.
+runs in its own process, ours on batches picked at random from its epoch (TRL's samplers shuffle; train_bench.py's
+`random_batches`); s/step is the mean over the steps after the first (the GPU is synchronised at every step end),
+peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's VmHWM on a CPU.
 
 `--json` prints one JSON list of rows {trainer, device, device_name, dtype, gradient_checkpointing, batch, steps,
 s_per_step, sequences_per_s, peak_memory_mb, memory, attn_implementation, final_loss}; `--out FILE` also writes it.
@@ -58,8 +59,8 @@ def worker(name: str, opts: argparse.Namespace) -> dict:
         common = {"model": student, "teacher_model": teacher, "args": args, "train_dataset": train,
                   "processing_class": tokenizer}
         s_per_step, losses = timed_run(name, common, tmp, opts.steps, opts.gc, SETTINGS["seed"], bf16,
-                                                 label=name, synchronize=torch.cuda.synchronize if cuda else None,
-                                                 batch=opts.batch, max_new_tokens=opts.max_new_tokens)
+                                       label=name, synchronize=torch.cuda.synchronize if cuda else None,
+                                       batch=opts.batch, max_new_tokens=opts.max_new_tokens)
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {"trainer": name, "device": opts.device, "device_name": _device_name(opts.device), "dtype": opts.dtype,
             "gradient_checkpointing": opts.gc, "batch": opts.batch, "steps": opts.steps,

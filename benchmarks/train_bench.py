@@ -10,9 +10,13 @@ made TRL's step 7x slower, and on an AMX CPU made DistillationTrainer's step slo
 (autocast) sets it for every trainer. For
 every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a fresh
 subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after the
-first (the first pays one-off costs: allocator warm-up, the optimizer state).
+first (the first pays one-off costs: allocator warm-up, the optimizer state). Each trainer's steps take batches
+drawn at random from its first epoch (`--batches random`, the default): TRL's samplers shuffle the rows, and ours
+is the one epoch's batches picked at random, since its length-grouped sampler puts an epoch's longest batch first
+(`--batches first` times those, as the runs before the thirteenth session did).
 
     python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--precision auto] [--json]
+                                     [--data task|conversation] [--batches random|first]
     python benchmarks/train_bench.py --learning 30 --gc off --lmbda 0.5 --seeds 42,1,2
         # 30 steps of each trainer per training seed, then both students' held-out loss
 
@@ -238,10 +242,25 @@ def build_trainer(trainer_name: str, common: dict, output_dir: str, steps: int, 
     return AtlasGKDTrainer(**common)
 
 
+def random_batches(trainer, steps: int, seed: int) -> None:
+    """Make ours train on `steps` batches picked at random from its first epoch's batches, instead of the epoch's
+    first ones: transformers' length-grouped sampler, and ours grouped by turn (gkd/turn_sampler.py), put an epoch's
+    longest batch first, while TRL's trainers shuffle their rows, so their first steps are already a random sample.
+    Iterating ours' sampler once leaves the epoch's drawn turns in its collator, as training would."""
+    import random
+
+    order, batch = list(trainer._get_train_sampler()), trainer.args.train_batch_size
+    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    picked = random.Random(seed).sample(batches, min(steps, len(batches)))
+    rows = [row for chosen in picked for row in chosen]
+    trainer._get_train_sampler = lambda train_dataset=None: rows
+
+
 def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,
-              label: str, synchronize=None, **shape) -> tuple[float, list[float]]:
+              label: str, synchronize=None, batches: str = "random", **shape) -> tuple[float, list[float]]:
     """Train `build_trainer`'s trainer with every step's end stamped (after `synchronize`, e.g. the GPU's); the
-    mean s/step over the steps after the first (the first pays one-off costs) and the logged losses."""
+    mean s/step over the steps after the first (the first pays one-off costs) and the logged losses. `batches`
+    "random": ours' steps take random batches of its epoch (`random_batches`); "first": its epoch's first ones."""
     from transformers import TrainerCallback
 
     stamps: list[float] = []
@@ -269,6 +288,8 @@ def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: 
 
     trainer = build_trainer(trainer_name, {**common, "callbacks": [Clock(), *common.get("callbacks", [])]}, output_dir,
                             steps, gc, seed, bf16, **shape)
+    if batches == "random" and trainer_name == "atlas":
+        random_batches(trainer, steps, seed)
     trainer.train()
     times = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = times[1:] or times
@@ -330,7 +351,7 @@ def _alternation(setting: str):
 
 def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
            seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = (),
-           alternate: str | None = None) -> dict:
+           alternate: str | None = None, batches: str = "random") -> dict:
     """Child process: one training run; its timings, loss and peak RSS."""
     from atlas_distill.models import teacher_loaded_as
     from atlas_distill.models.builtin import builtin_model_dir
@@ -359,13 +380,13 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
         alternation, seen = _alternation(alternate) if alternate and trainer_name == "atlas" else (None, None)
         if alternation is not None:
             common["callbacks"] = [alternation]
-        s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16,
-                                                 label=f"{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}")
+        s_per_step, losses = timed_run(trainer_name, common, tmp, steps, gc, seed, bf16, batches=batches,
+                                       label=f"{trainer_name} gc={'on' if gc else 'off'} lmbda={lmbda}")
     row = {"trainer": trainer_name, "gradient_checkpointing": gc, "lmbda": lmbda, "steps": steps,
            "s_per_step": round(s_per_step, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
            "final_loss": round(losses[-1], 5) if losses else None, "seed": seed,
            "teacher_dtype": teacher_loaded_as(str(builtin_model_dir())) if dtype == "auto" else dtype,
-           "data": data, "bf16": bf16}
+           "data": data, "batches": batches, "bf16": bf16}
     if overrides:
         row["ours"] = overrides
     if seen is not None:
@@ -384,10 +405,10 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
 
 def run_child(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool, atlas_off: bool,
               seed: int, precision: str, teacher_setting: str = "auto", data: str = "task", ours: tuple = (),
-              alternate: str | None = None) -> dict:
+              alternate: str | None = None, batches: str = "random") -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--steps", str(steps), "--gc",
                "on" if gc else "off", "--lmbda", str(lmbda), "--seeds", str(seed), "--teacher-dtype", teacher_setting,
-               "--data", data, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
+               "--data", data, "--batches", batches, "--precision", precision, *(f"--ours={pair}" for pair in ours)]
     command += ["--learning-worker"] if learning else []
     command += ["--atlas-off"] if atlas_off else []
     command += ["--alternate", alternate] if alternate else []
@@ -462,6 +483,10 @@ def main() -> None:
                         help="task: task prompt -> final answer; conversation: the multi-turn episodes, ours learning "
                         "every action (one on-policy target turn per example), TRL's trainers the final answer after "
                         "the whole recorded conversation")
+    parser.add_argument("--batches", choices=["random", "first"], default="random",
+                        help="random: ours' steps take batches picked at random from its first epoch (TRL's samplers "
+                        "shuffle rows, so theirs are random either way); first: ours' epoch's first batches, the "
+                        "longest (length grouping puts them first)")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16, computed in "
                         "fp32 on a CPU without native bf16), TRL's trainers fp32")
@@ -481,7 +506,7 @@ def main() -> None:
     if args.worker:
         with contextlib.redirect_stdout(sys.stderr):
             row = worker(args.worker, args.steps, args.gc == "on", lmbdas[0], args.learning_worker, args.atlas_off,
-                         seeds[0], args.precision, args.teacher_dtype, args.data, ours, args.alternate)
+                         seeds[0], args.precision, args.teacher_dtype, args.data, ours, args.alternate, args.batches)
         print(json.dumps(row), flush=True)
         return
     parse_ours(args.ours)  # a malformed pair or an unknown key stops here, before any model loads
@@ -496,12 +521,12 @@ def main() -> None:
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.precision,
-                          args.teacher_dtype, args.data, ours)
+                          args.teacher_dtype, args.data, ours, batches=args.batches)
                 for seed in seeds for name in _trainers(args.trainers, lmbdas[0])]
     else:
         gcs = {"on": [True], "off": [False], "both": [True, False]}[args.gc]
         rows = [run_child(name, args.steps, gc, lmbda, False, args.atlas_off, seeds[0], args.precision,
-                          args.teacher_dtype, args.data, ours, args.alternate)
+                          args.teacher_dtype, args.data, ours, args.alternate, args.batches)
                 for gc in gcs for lmbda in lmbdas for name in _trainers(args.trainers, lmbda)]
     if args.json:
         print(json.dumps(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -146,3 +147,34 @@ def test_training_steps_generate_from_the_turns_the_sampler_drew(tmp_path, make_
     assert len(seen) >= 16 and all(draws and pick == draws[row] for row, pick, draws in seen)
     epochs = {tuple(sorted(draws.items())) for _, _, draws in seen}
     assert len(epochs) == 2  # each epoch's turns drawn anew
+
+
+def test_train_bench_times_ours_on_random_batches_of_its_epoch_with_the_epochs_draws(tmp_path, make_tiny_model,
+                                                                                      monkeypatch):
+    """benchmarks/train_bench.py's `random_batches`: ours' length-grouped epoch starts with its longest batch, so the
+    benchmark times batches picked at random from the epoch instead, each row generating from its drawn turn."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from train_bench import random_batches
+
+    trainer = trainer_for(tmp_path, make_tiny_model, conversations(n=400), max_steps=3)
+    epoch = list(trainer._get_train_sampler())
+    batches = [tuple(epoch[i:i + 4]) for i in range(0, len(epoch), 4)]
+    random_batches(trainer, 3, seed=0)
+    draws = dict(trainer.data_collator.draws)
+    rows = list(trainer._get_train_sampler())
+    picked = [tuple(rows[i:i + 4]) for i in range(0, len(rows), 4)]
+    assert len(picked) == 3 and len(set(picked)) == 3 and set(picked) <= set(batches)
+    assert picked != batches[:3]
+
+    seen = []
+    collate = TargetSpanCollator.__call__
+
+    def recording(self, examples):
+        batch = collate(self, examples)
+        seen.append(tuple(example[ROW_COLUMN] for example in examples))
+        assert [int(pick) for pick in batch["target_span"]] == [draws[example[ROW_COLUMN]] for example in examples]
+        return batch
+
+    monkeypatch.setattr(TargetSpanCollator, "__call__", recording)
+    trainer.train()
+    assert seen == picked
