@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/train_bench.py --data conversation --gc on --lmbda 1 --trainers trl-distillation,atlas
 	$(PY) benchmarks/multiturn_bench.py
 	$(PY) benchmarks/turn_bench.py
 	$(PY) benchmarks/eval_bench.py
