@@ -4,9 +4,10 @@
                                       [--data task|conversation] [--ours KEY=VALUE] [--json]
 
 The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode DistillationTrainer has). Each trainer
-runs in its own subprocess; the phases are timed by wrapping the functions that do them (wall clock; on a CPU
-every op is synchronous): generation, the teacher's forward, the student's forward, the divergence (forward;
-ours and DT's take its gradient there too), backward, the optimizer step, and the rest of the step. Figures are the
+runs in its own subprocess, ours on batches picked at random from its epoch (as in train_bench.py); the phases are
+timed by wrapping the functions that do them (wall clock; on a CPU every op is synchronous): generation, the teacher's
+forward, the student's forward, the divergence (forward; ours and DT's take its gradient there too), backward, the
+optimizer step, and the rest of the step. Figures are the
 means over the steps after the first. It also times one matmul of the step's main shape ([tokens, hidden] x
 [hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
 (2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from _common import cpu_description, log, peak_rss_mb, reset_peak_rss
 from train_bench import (BATCH, SETTINGS, _config, _datasets, _models, bf16_for, build_trainer, parse_ours,
-                         teacher_dtype_for)
+                         random_batches, teacher_dtype_for)
 
 PHASES = ("generation", "teacher_forward", "student_forward", "divergence", "backward", "optimizer", "other")
 
@@ -138,6 +139,8 @@ def worker(name: str, steps: int, gc: bool, bf16: bool, teacher_setting: str, ou
             clock.wrap(replay, "completion_hidden", "student_forward")
             clock.wrap(divergence, "chunked_divergence", "divergence")
         clock.wrap(trainer.accelerator, "backward", "backward")
+        if name == "atlas":  # as in train_bench.py: random batches of its epoch, not the epoch's longest first
+            random_batches(trainer, steps, SETTINGS["seed"])
         trainer.train()
     overall = max(peak_rss_mb(), *clock.peaks.values())
     timed = clock.steps[1:] or clock.steps
