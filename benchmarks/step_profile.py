@@ -7,15 +7,14 @@ The setup is train_bench.py's at lmbda 1 (fully on-policy, the only mode Distill
 runs in its own subprocess, ours on batches picked at random from its epoch (as in train_bench.py); the phases are
 timed by wrapping the functions that do them (wall clock; on a CPU every op is synchronous): generation, the teacher's
 forward, the student's forward, the divergence (forward; ours and DT's take its gradient there too), backward, the
-optimizer step, and the rest of the step. Figures are the
-means over the steps after the first. It also times one matmul of the step's main shape ([tokens, hidden] x
-[hidden, intermediate]) in the step's dtype: the machine's limit, against which the step's achieved FLOP/s
-(2 x non-embedding parameters x tokens per forward, x3 with backward, plus the lm_head over the completion
-positions) is set. `--precision` as train_bench.py's (auto: ours bf16 autocast on an AMX CPU, TRL's fp32); the
-matmul is timed in bf16 when any trainer ran under autocast. The arithmetic counted is DT's step's without
-checkpointing for both (checkpointing adds a recompute, not counted): with `prefill_once` ours runs generation's prompt
-forward as part of its training forward, and with `replay_generation` its checkpointed training forward runs no
-layer, so it does less than that.
+optimizer step, and the rest of the step. Figures are the means over the steps after the first. It also times one
+matmul of the step's main shape ([tokens, hidden] x [hidden, intermediate]) in the step's dtype: the machine's
+limit, against which the step's achieved FLOP/s (2 x non-embedding parameters x tokens per forward, x3 with
+backward, plus the lm_head over the completion positions) is set. `--precision` as train_bench.py's (auto: ours
+bf16 autocast on an AMX CPU, TRL's fp32); the matmul is timed in bf16 when any trainer ran under autocast. The
+arithmetic counted is DT's step's without checkpointing for both (checkpointing adds a recompute, not counted): with
+`prefill_once` ours runs generation's prompt forward as part of its training forward, and with `replay_generation`
+its checkpointed training forward runs no layer, so it does less than that.
 `--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py. `--data conversation` profiles
 train_bench.py's multi-turn row (ours samples one recorded action of each conversation, DT the final answer after the
 whole conversation); its arithmetic is counted over each example's whole conversation, DT's prompt, so ours' achieved

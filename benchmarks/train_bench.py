@@ -10,19 +10,19 @@ made TRL's step 7x slower, and on an AMX CPU made DistillationTrainer's step slo
 (autocast) sets it for every trainer. For
 every (gradient checkpointing, lmbda) asked for, each trainer runs `--steps` steps in a fresh
 subprocess, so its peak RSS (VmHWM) is its own; s/step is the mean wall time of the steps after the
-first (the first pays one-off costs: allocator warm-up, the optimizer state). Each trainer's steps take batches
-drawn at random from its first epoch (`--batches random`, the default): TRL's samplers shuffle the rows, and ours
-is the one epoch's batches picked at random, since its length-grouped sampler puts an epoch's longest batch first
-(`--batches first` times those, as the runs before the thirteenth session did).
+first (the first pays one-off costs: allocator warm-up, the optimizer state). Each trainer's steps are a random
+sample of its first epoch's batches (`--batches random`, the default): TRL's samplers shuffle the rows, and ours'
+steps are batches picked at random from its epoch, since its length-grouped sampler puts the epoch's longest batch
+first (`--batches first` times those, as the runs before the thirteenth session did).
 
     python benchmarks/train_bench.py [--steps 6] [--gc on|off|both] [--lmbda 0,0.5,1] [--precision auto] [--json]
                                      [--data task|conversation] [--batches random|first]
     python benchmarks/train_bench.py --learning 30 --gc off --lmbda 0.5 --seeds 42,1,2
         # 30 steps of each trainer per training seed, then both students' held-out loss
 
---json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step,
-peak_rss_mb, final_loss, seed, bf16} on stdout (--learning rows add heldout_loss_before, heldout_loss_after
-and losses); progress goes to stderr. Without it, a table with the ratios.
+--json prints one JSON list of rows {trainer, gradient_checkpointing, lmbda, steps, s_per_step, peak_rss_mb,
+final_loss, seed, teacher_dtype, data, batches, bf16} on stdout (--learning rows add heldout_loss_before,
+heldout_loss_after and losses); progress goes to stderr. Without it, a table with the ratios.
 `--alternate SETTING` switches one of ours' boolean settings on and off step by step in ours' runs and reports
 both medians (from one run, so the machine's drift between runs does not enter the comparison). On a CPU with
 native bf16 and no autocast (no AMX, or `--precision fp32`), `--alternate replay_generation` also switches the
