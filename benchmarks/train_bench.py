@@ -242,6 +242,11 @@ def build_trainer(trainer_name: str, common: dict, output_dir: str, steps: int, 
     return AtlasGKDTrainer(**common)
 
 
+def epoch_batches(order: list[int], batch: int) -> list[list[int]]:
+    """An epoch's row `order` (a sampler's) cut into its whole batches of `batch` rows (a last partial one left out)."""
+    return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
 def random_batches(trainer, steps: int, seed: int) -> None:
     """Make ours train on `steps` batches picked at random from its first epoch's batches, instead of the epoch's
     first ones: transformers' length-grouped sampler, and ours grouped by turn (gkd/turn_sampler.py), put an epoch's
@@ -249,8 +254,7 @@ def random_batches(trainer, steps: int, seed: int) -> None:
     Iterating ours' sampler once leaves the epoch's drawn turns in its collator, as training would."""
     import random
 
-    order, batch = list(trainer._get_train_sampler()), trainer.args.train_batch_size
-    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    batches = epoch_batches(list(trainer._get_train_sampler()), trainer.args.train_batch_size)
     picked = random.Random(seed).sample(batches, min(steps, len(batches)))
     rows = [row for chosen in picked for row in chosen]
     trainer._get_train_sampler = lambda train_dataset=None: rows

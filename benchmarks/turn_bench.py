@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from _common import cpu_description, log  # benchmarks/ is sys.path[0] when a script runs
-from train_bench import BATCH, SETTINGS, _config, _datasets, _models
+from train_bench import BATCH, SETTINGS, _config, _datasets, _models, epoch_batches
 
 WAYS = ("turn", "conversation")
 
@@ -60,26 +60,12 @@ def count_tokens(sampler, epochs: int) -> dict:
         orders = _orders(sampler, epoch)
         prompts = [_drawn_prompt(sampler, row) for row in range(len(lengths))]
         for way, order in orders.items():
-            for start in range(0, len(order) - BATCH + 1, BATCH):
-                rows = order[start:start + BATCH]
+            for rows in epoch_batches(order, BATCH):
                 totals[way]["on_policy"] += BATCH * (max(prompts[r] for r in rows) + new)
                 totals[way]["on_policy_real"] += sum(prompts[r] + new for r in rows)
                 totals[way]["off_policy"] += BATCH * max(lengths[r] for r in rows)
                 totals[way]["off_policy_real"] += sum(lengths[r] for r in rows)
     return totals
-
-
-class _Batches:
-    """A sampler yielding the rows of the given batches, in turn (benchmark only)."""
-
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return sum(len(batch) for batch in self.batches)
-
-    def __iter__(self):
-        return iter([row for batch in self.batches for row in batch])
 
 
 def _sampler(train, collator):
@@ -105,10 +91,10 @@ def time_steps(steps: int, gc: bool) -> dict:
         rng = random.Random(SETTINGS["seed"])
         picked = {}
         for way, order in orders.items():
-            batches = [order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-            picked[way] = rng.sample(batches, steps + 1)
+            picked[way] = rng.sample(epoch_batches(order, BATCH), steps + 1)
         schedule = [batch for pair in zip(picked["turn"], picked["conversation"]) for batch in pair]
-        trainer._get_train_sampler = lambda train_dataset=None: _Batches(schedule)
+        rows = [row for batch in schedule for row in batch]
+        trainer._get_train_sampler = lambda train_dataset=None: rows
         seconds: dict[str, list[float]] = {way: [] for way in WAYS}
         prompt_tokens: dict[str, list[int]] = {way: [] for way in WAYS}
 
