@@ -10,7 +10,8 @@ lengths, checkpointing, LoRA, dtypes, chunked loss), for each way of running the
   master weights (under LoRA the frozen base in the compute dtype and fp32 adapters); the student's bf16
   sampling copy where the trainer makes one (`generation_dtype`), in the generation phase only (the trainer frees
   its weights after each generation);
-- gradients and AdamW's two moments of what trains; DDP's gradient buckets;
+- gradients and AdamW's two moments of what trains (fp32; bf16 on a CPU under `compact_optimizer`); DDP's gradient
+  buckets;
 - activations the student's forward keeps for backward: per decoder layer and token, what autograd saves in a
   Llama/Qwen2 layer (seven hidden-sized tensors, q and the repeated k, v, four intermediate-sized, the softmax
   statistics, the padding mask's row; two hidden- and two intermediate-sized fewer under `lean_activations`),
@@ -54,7 +55,8 @@ CUDA_RUNTIME = int(1.0 * GIB)
 # fits the RAM only with room for the largest of these (a run past RAM is killed by the kernel, with no message).
 CPU_RSS_ROOM = 1.6
 TOKEN_CHUNK = 64  # gkd/divergence.py's chunk (kept in step with it by tests/test_plan.py)
-ADAMW_STATES = 2  # exp_avg, exp_avg_sq per trained parameter, fp32
+ADAMW_STATES = 2  # exp_avg, exp_avg_sq per trained parameter, fp32 (bf16 in CompactAdamW)
+COMPACT_CHUNK = 1 << 19  # gkd/compact_adamw.py's chunk (kept in step with it by tests/test_plan.py)
 LOSS_TILES = 8  # [chunk, V] fp32 tiles alive at once in one chunk of the divergence (both log-softmaxes, mixture ...)
 FULL_LOGITS_COPIES = 5  # [B, L, V] fp32 tensors of the full-logits loss: both logits, log-softmaxes, mixture
 
@@ -203,6 +205,7 @@ class Workload:
     replay_generation: bool = False  # the trainer's: generation records each layer's output for the training forward
     packed_decoding: bool = False  # the trainer's `packs_student_generation`: fp32 layers packed for decoding (CPU)
     prefill_once: bool = False  # the trainer's `prefills_once`: generation inside the step, the prompt's pass kept
+    compact_optimizer: bool = False  # the trainer's `compacts_optimizer`: AdamW's moments in bf16 (CPU)
 
 
 @dataclass
@@ -297,7 +300,8 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         teacher_quantized=init.load_in_8bit or init.load_in_4bit,
         student_base_bytes=compute if lora else 4, sampling_copy=copy, lora_rank=m.lora.r if lora else None,
         lora_targets=m.lora.target_modules, autocast=autocast, lean_activations=t.lean_activations,
-        replay_generation=replayable and not copy, packed_decoding=packed, prefill_once=prefill_once)
+        replay_generation=replayable and not copy, packed_decoding=packed, prefill_once=prefill_once,
+        compact_optimizer=t.compact_optimizer and not gpu)
 
 
 def _cpu_amx() -> bool:
@@ -344,7 +348,7 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
         "student weights": student_weights / shard + gathered,
         "sampling copy": student.parameters * 2 if w.sampling_copy and w.on_policy and strategy in ("single", "ddp")
         else 0,
-        "optimizer state": trained * 4 * ADAMW_STATES / shard,
+        "optimizer state": trained * (2 if w.compact_optimizer else 4) * ADAMW_STATES / shard,
         "gradients": trained * 4 / shard * (2 if strategy == "ddp" else 1),
     }
     # activations of the student's training forward
@@ -402,9 +406,11 @@ def estimate(teacher: ModelShape, student: ModelShape, w: Workload, strategy: st
     runtime = CPU_RUNTIME if w.device == "cpu" else CUDA_RUNTIME
     components["runtime"] = runtime
     # transformers' default optimizer with torch >= 2.8 is the fused AdamW (in place) on a GPU; on the CPU at most a
-    # temporary the size of the largest weight (the embeddings) is allowed for
+    # temporary the size of the largest weight (the embeddings) is allowed for; CompactAdamW's are three fp32 chunks
+    # and its two-chunk pool of random bits
     largest = w.lora_rank * student.intermediate if w.lora_rank else student.vocab * student.hidden
-    optimizer_temporaries = 0 if w.device == "cuda" else min(largest, trained) * 4
+    optimizer_temporaries = (0 if w.device == "cuda" else 5 * COMPACT_CHUNK * 4 if w.compact_optimizer
+                             else min(largest, trained) * 4)
     resident = teacher_weights + components["student weights"] + components["optimizer state"] + runtime
     grads = components["gradients"]
     phases = {

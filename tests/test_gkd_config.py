@@ -17,7 +17,7 @@ CHANGED = {"learning_key": "crm_workflows", "eval_split": 0.25, "targets": "fina
            "teacher_cache_topk": 17, "teacher_store": "stores/run-1", "group_by_length": False, "group_by_turn": False,
            "generation_dtype": "float32", "inverse_cdf_sampling": False, "packed_generation": False,
            "prefill_once": False, "replay_generation": False, "keep_freed_memory": False,
-           "math_attention": False, "lean_activations": False}
+           "compact_optimizer": False, "math_attention": False, "lean_activations": False}
 PROFILE_ONLY = {"baseline_success", "baseline_tokens"}  # a profile's `auto` is measured by `train`
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from atlas_distill.config import load_profile
 from atlas_distill.errors import UsageError
-from atlas_distill.plan import (GIB, TOKEN_CHUNK, estimate, model_shape, parse_memory, plan_profile,
+from atlas_distill.plan import (COMPACT_CHUNK, GIB, TOKEN_CHUNK, estimate, model_shape, parse_memory, plan_profile,
                                 shape_from_config, workload_for)
 
 TINY = {"hidden_size": 96, "intermediate_size": 200, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -108,10 +108,22 @@ def test_parameter_and_lora_counts_match_the_real_models(arch):
     assert shape.lora_parameters(4, ["q_proj", "v_proj"]) == 3 * 4 * ((96 + 96) + (96 + 32))
 
 
-def test_the_chunk_is_the_trainers():
-    from atlas_distill.gkd import divergence
+def test_the_chunks_are_the_trainers():
+    from atlas_distill.gkd import compact_adamw, divergence
 
     assert TOKEN_CHUNK == divergence.TOKEN_CHUNK
+    assert COMPACT_CHUNK == compact_adamw.CHUNK
+
+
+def test_on_a_cpu_the_compact_optimizers_moments_take_half_the_bytes():
+    teacher = model_shape("smollm2-135m", "Qwen/Qwen2.5-{size}-Instruct")
+    student = model_shape("smollm2-135m@15L", "Qwen/Qwen2.5-{size}-Instruct")
+    compact = estimate(teacher, student, workload_for(load_profile("default"), "cpu"))
+    full = estimate(teacher, student, workload_for(load_profile("default", ["trainer.compact_optimizer=false"]), "cpu"))
+    on_gpu = estimate(teacher, student, workload_for(load_profile("default"), "cuda"))
+    assert compact.components["optimizer state"] == student.parameters * 4  # two bf16 moments
+    assert full.components["optimizer state"] == on_gpu.components["optimizer state"] == student.parameters * 8
+    assert compact.phases["optimizer step"] < full.phases["optimizer step"] - student.parameters * 4
 
 
 def test_builtin_and_qwen_shapes_need_no_files():

@@ -150,6 +150,7 @@ class TrainerConfig(_Strict):
     prefill_once: bool = setting("prefill_once")
     replay_generation: bool = setting("replay_generation")
     keep_freed_memory: bool = setting("keep_freed_memory")
+    compact_optimizer: bool = setting("compact_optimizer")
     math_attention: bool = setting("math_attention")
     lean_activations: bool = setting("lean_activations")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
