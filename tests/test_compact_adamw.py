@@ -17,8 +17,8 @@ def small_chunks(monkeypatch):
 
 
 def regression(seed: int = 0):
-    """A least-squares problem: weights of 2,500 + 40 elements (three chunks and a short one; the 2,500 a transposed,
-    non-contiguous tensor), data, targets."""
+    """A least-squares problem: weights of 2,500 elements (two chunks and a short one; a transposed, non-contiguous
+    tensor) and 40, data, targets."""
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(256, 50, generator=generator)
     targets = inputs @ torch.randn(50, 50, generator=generator) + torch.randn(50, generator=generator)
@@ -41,7 +41,7 @@ def train(optimizer, inputs, targets, params, steps: int) -> list[float]:
 
 def test_stochastic_rounding_over_every_noise_value_averages_to_the_fp32_value_exactly():
     """Each of the 2**16 noise values once: the bf16 results are the two neighbours of the fp32 value, and their
-    mean is the fp32 value itself, for a positive and a negative one."""
+    mean is the fp32 value itself, for a positive, a negative and a small value."""
     noise = torch.arange(1 << 16, dtype=torch.int32)
     for value in (1.0 + 0.3 * 2.0 ** -7, -(1.0 + 0.3 * 2.0 ** -7), 3.7e-5):  # 30 % of the way from 1 to 1 + 2**-7
         values = torch.full((1 << 16,), value)

@@ -6,8 +6,8 @@ weights, their gradients or the bf16 teacher). `CompactAdamW` does AdamW's arith
 (the same update formula, weight decay decoupled), but stores both moments in bf16: 310 MB less.
 
 Rounding each moment to bf16 to the nearest would bias it: the second moment moves by (1 - beta2) = 0.1 % of
-itself per step at most, less than half of bf16's relative spacing (0.4 %), so a decaying moment would stay where
-it is. Each moment is rounded stochastically instead, up or down with the probability that makes its expected
+itself per step, less than half of bf16's relative spacing (0.4-0.8 %), so a decaying moment would stay where it
+is. Each moment is rounded stochastically instead, up or down with the probability that makes its expected
 value the fp32 one (random bits added below bf16's 16 bits, then cut off), so it tracks fp32 AdamW's on average
 (tests/test_compact_adamw.py checks a decaying moment and a training trajectory against PyTorch's AdamW).
 
