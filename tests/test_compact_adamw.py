@@ -156,3 +156,20 @@ def test_a_trainer_run_steps_with_it_and_saves_its_bf16_moments_in_the_checkpoin
     moments = [state[name] for state in saved["state"].values() for name in ("exp_avg", "exp_avg_sq")]
     assert moments and all(moment.dtype == torch.bfloat16 for moment in moments)
     assert all(state["step"].item() == 2 for state in saved["state"].values())
+
+
+def test_either_optimizer_loads_the_others_state(small_chunks):
+    """A checkpoint of fused fp32 AdamW resumes under CompactAdamW with bf16 moments, and the other way round."""
+    inputs, targets, params = regression()
+    fp32 = torch.optim.AdamW(params, lr=0.05)
+    train(fp32, inputs, targets, params, 3)
+    compact = CompactAdamW(params, lr=0.05)
+    compact.load_state_dict(fp32.state_dict())
+    assert all(s["exp_avg"].dtype == torch.bfloat16 == s["exp_avg_sq"].dtype for s in compact.state.values())
+    train(compact, inputs, targets, params, 2)
+    assert all(int(s["step"]) == 5 for s in compact.state.values())
+    back = torch.optim.AdamW(params, lr=0.05)
+    back.load_state_dict(compact.state_dict())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in back.state.values())
+    losses = train(back, inputs, targets, params, 2)
+    assert all(int(s["step"]) == 7 for s in back.state.values()) and losses[-1] < losses[0]

@@ -77,13 +77,14 @@ class CompactAdamW(torch.optim.Optimizer):
         return self._pools[device][start:start + length]
 
     def load_state_dict(self, state_dict) -> None:
-        """PyTorch's, which casts each moment to its weight's dtype, then the moments back to bf16 (exactly: they
-        were bf16 values)."""
+        """PyTorch's, which casts each moment to its weight's dtype, then the moments back to bf16 (exactly, where
+        they were bf16 values), contiguous as `step` reads them (PyTorch's AdamW keeps a transposed weight's moments
+        transposed)."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
             for name in ("exp_avg", "exp_avg_sq"):
                 if name in state:
-                    state[name] = state[name].to(torch.bfloat16)
+                    state[name] = state[name].to(torch.bfloat16, memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def step(self, closure=None):
