@@ -59,7 +59,6 @@ class CompactAdamW(torch.optim.Optimizer):
         self.seed = seed
         self.generator = torch.Generator()
         self._pool: torch.Tensor | None = None
-        self._pools: dict[torch.device, torch.Tensor] = {}
 
     def _draw_pool(self, step: int) -> None:
         """This step's random bits: two chunks' worth of int32 values in [0, 2**16), from (seed, step)."""
@@ -67,14 +66,12 @@ class CompactAdamW(torch.optim.Optimizer):
         if self._pool is None or len(self._pool) != 2 * CHUNK:
             self._pool = torch.empty(2 * CHUNK, dtype=torch.int32)
         self._pool.random_(0, 1 << RANDOM_BITS, generator=self.generator)
-        self._pools = {}
 
     def _noise(self, length: int, device: torch.device) -> torch.Tensor:
-        """`length` of this step's random bits, a window of its pool at an offset drawn from `generator`."""
-        if device not in self._pools:
-            self._pools[device] = self._pool.to(device)
+        """`length` of this step's random bits, a window of its pool (on the CPU, as its generator) at an offset
+        drawn from `generator`, on `device` (no copy for CPU weights, the trainer's case)."""
         start = int(torch.randint(0, CHUNK + 1, (), generator=self.generator))
-        return self._pools[device][start:start + length]
+        return self._pool[start:start + length].to(device)
 
     def load_state_dict(self, state_dict) -> None:
         """PyTorch's, which casts each moment to its weight's dtype, then the moments back to bf16 (exactly, where
