@@ -247,6 +247,12 @@ def epoch_batches(order: list[int], batch: int) -> list[list[int]]:
     return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
 
 
+def train_on(trainer, batches: list[list[int]]) -> None:
+    """Make `trainer` train on these batches of rows, in this order: its sampler yields their rows."""
+    rows = [row for batch in batches for row in batch]
+    trainer._get_train_sampler = lambda train_dataset=None: rows
+
+
 def random_batches(trainer, steps: int, seed: int) -> None:
     """Make ours train on `steps` batches picked at random from its first epoch's batches, instead of the epoch's
     first ones: transformers' length-grouped sampler, and ours grouped by turn (gkd/turn_sampler.py), put an epoch's
@@ -255,9 +261,7 @@ def random_batches(trainer, steps: int, seed: int) -> None:
     import random
 
     batches = epoch_batches(list(trainer._get_train_sampler()), trainer.args.train_batch_size)
-    picked = random.Random(seed).sample(batches, min(steps, len(batches)))
-    rows = [row for chosen in picked for row in chosen]
-    trainer._get_train_sampler = lambda train_dataset=None: rows
+    train_on(trainer, random.Random(seed).sample(batches, min(steps, len(batches))))
 
 
 def timed_run(trainer_name: str, common: dict, output_dir: str, steps: int, gc: bool, seed: int, bf16: bool, *,

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from _common import cpu_description, log  # benchmarks/ is sys.path[0] when a script runs
-from train_bench import BATCH, SETTINGS, _config, _datasets, _models, epoch_batches
+from train_bench import BATCH, SETTINGS, _config, _datasets, _models, epoch_batches, train_on
 
 WAYS = ("turn", "conversation")
 
@@ -93,8 +93,7 @@ def time_steps(steps: int, gc: bool) -> dict:
         for way, order in orders.items():
             picked[way] = rng.sample(epoch_batches(order, BATCH), steps + 1)
         schedule = [batch for pair in zip(picked["turn"], picked["conversation"]) for batch in pair]
-        rows = [row for batch in schedule for row in batch]
-        trainer._get_train_sampler = lambda train_dataset=None: rows
+        train_on(trainer, schedule)
         seconds: dict[str, list[float]] = {way: [] for way in WAYS}
         prompt_tokens: dict[str, list[int]] = {way: [] for way in WAYS}
 
