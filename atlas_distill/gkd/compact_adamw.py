@@ -27,7 +27,6 @@ Large tensors are processed in chunks of `CHUNK` elements, so the step's fp32 te
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -37,18 +36,16 @@ RANDOM_BITS = 16  # bf16 keeps the upper 16 bits of an fp32
 
 def stochastic_round_(destination: torch.Tensor, values: torch.Tensor, noise: torch.Tensor) -> None:
     """Write fp32 `values` into bf16 `destination`, each rounded up or down at random: `noise` (int32, uniform in
-    [0, 2**16)) is added to the 16 bits bf16 drops and those bits are cut off. Rounds the magnitude, so the same for
-    negative values. `values` is overwritten."""
-    bits = values.view(torch.int32).add_(noise)
-    if sys.byteorder == "little":  # an fp32's upper 16 bits, its bf16 cut short, are the second int16 of each pair
-        destination.view(torch.int16).copy_(bits.view(torch.int16)[1::2])
-    else:
-        destination.copy_(bits.bitwise_and_(-(1 << RANDOM_BITS)).view(values.dtype))  # exact: a bf16 value is left
+    [0, 2**16)) is added to the 16 bits bf16 drops and those bits are cleared, which leaves an exact bf16 value for
+    the (vectorised) conversion to copy. Rounds the magnitude, so the same for negative values. `values` is
+    overwritten."""
+    bits = values.view(torch.int32).add_(noise).bitwise_and_(-(1 << RANDOM_BITS))
+    destination.copy_(bits.view(values.dtype))
 
 
 class CompactAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected, PyTorch's formula) with bf16 moments rounded stochastically;
-    the weights and the arithmetic stay in their own dtype. `seed` seeds the rounding's random bits."""
+    the weights stay in their own dtype, the arithmetic is fp32. `seed` seeds the rounding's random bits."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, seed: int = 0):
@@ -91,6 +88,7 @@ class CompactAdamW(torch.optim.Optimizer):
                 loss = closure()
         # the step this is, as the state dict has it after a resume: one more than the most any weight has taken
         self._draw_pool(1 + max((int(state["step"]) for state in self.state.values() if "step" in state), default=0))
+        scratch = {}  # device -> the fp32 [3, CHUNK] the chunks' arithmetic reuses, for this step only
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
@@ -111,22 +109,27 @@ class CompactAdamW(torch.optim.Optimizer):
                 if decay:
                     param.mul_(1 - lr * decay)
                 weights = param.view(-1) if param.is_contiguous() else param.contiguous().view(-1)
-                self._update(weights, param.grad.reshape(-1), state["exp_avg"].view(-1),
-                             state["exp_avg_sq"].view(-1), beta1, beta2, eps, step_size, root_correction)
+                if param.device not in scratch:
+                    scratch[param.device] = torch.empty(3, CHUNK, device=param.device)
+                self._update(weights, param.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                             beta1, beta2, eps, step_size, root_correction, scratch[param.device])
                 if not param.is_contiguous():  # the update went to a copy
                     param.copy_(weights.view(param.shape))
         return loss
 
-    def _update(self, weights, grads, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, root_correction) -> None:
-        """PyTorch's AdamW update of flat `weights` in place, chunk by chunk, the moments widened to the weights'
-        dtype for the arithmetic and rounded back to bf16 stochastically."""
+    def _update(self, weights, grads, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, root_correction,
+                scratch: torch.Tensor) -> None:
+        """PyTorch's AdamW update of flat `weights` in place, chunk by chunk, the moments widened into `scratch`
+        (fp32 [3, CHUNK], reused for every chunk and weight: three new tensors per chunk cost more than the
+        arithmetic) for the arithmetic and rounded back to bf16 stochastically."""
         for start in range(0, weights.numel(), CHUNK):
             end = min(start + CHUNK, weights.numel())
-            grad = grads[start:end].to(weights.dtype)
-            first = exp_avg[start:end].to(weights.dtype).lerp_(grad, 1 - beta1)
-            second = exp_avg_sq[start:end].to(weights.dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            first, second, denominator = scratch[:, :end - start]
+            grad = grads[start:end].to(scratch.dtype)
+            first.copy_(exp_avg[start:end]).lerp_(grad, 1 - beta1)
+            second.copy_(exp_avg_sq[start:end]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             # PyTorch's m / (sqrt(v) / c + eps), as c m / (sqrt(v) + c eps): one pass less
-            denominator = second.sqrt().add_(eps * root_correction)
+            torch.sqrt(second, out=denominator).add_(eps * root_correction)
             weights[start:end].addcdiv_(first, denominator, value=-step_size * root_correction)
-            stochastic_round_(exp_avg[start:end], first.float(), self._noise(end - start, weights.device))
-            stochastic_round_(exp_avg_sq[start:end], second.float(), self._noise(end - start, weights.device))
+            stochastic_round_(exp_avg[start:end], first, self._noise(end - start, weights.device))
+            stochastic_round_(exp_avg_sq[start:end], second, self._noise(end - start, weights.device))
