@@ -558,6 +558,26 @@ def test_the_chunked_divergence_under_autocast_trains_the_fp32_head(monkeypatch)
     assert torch.nn.functional.cosine_similarity(weight.grad.flatten(), exact_grad.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_bf16_teachers_logits_are_computed_in_fp32_not_rounded_to_bf16(autocast):
+    student, teacher, hidden_s, _ = heads()
+    teacher.to(torch.bfloat16)
+    hidden_t = (torch.randn(N, H, generator=torch.Generator().manual_seed(5)) * 4).bfloat16()  # a bf16 teacher's
+    weight = teacher.lm_head.weight.float()
+    fp32_logits = (hidden_t.float() @ weight.t()) / 0.9
+    expected = torch.log_softmax(fp32_logits, dim=-1)
+    bf16_rounded = torch.log_softmax((hidden_t @ teacher.lm_head.weight.t()).float() / 0.9, dim=-1)
+    assert (expected - bf16_rounded).abs().max() > 1e-3  # the rounding this avoids is there to see
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        indices, values, _tail = divergence.teacher_topk(hidden_t, teacher, vocab=V, k=5, temperature=0.9)
+        ours = divergence.chunked_divergence(hidden_s, hidden_t, student, teacher, vocab=V, beta=0.5,
+                                             temperature=0.9)
+        exact = divergence.chunked_divergence(hidden_s, hidden_t.float(), student, Head(weight), vocab=V, beta=0.5,
+                                              temperature=0.9)
+    assert torch.allclose(values, expected.gather(-1, indices.long()), atol=1e-5)
+    assert torch.allclose(ours, exact, atol=1e-6)
+
+
 def test_on_policy_sampling_draws_by_inverse_cdf_on_a_cpu(tmp_path, make_tiny_model, monkeypatch):
     from atlas_distill.gkd import sampling
 
