@@ -170,6 +170,49 @@ def topk_error(ks: list[int], sessions: int = 32, bits: tuple[int, ...] = (32,))
     return rows
 
 
+def teacher_error(sessions: int = 32) -> list[dict]:
+    """How far each way of holding the teacher puts its next-token distribution from the fp32 teacher's: the
+    generalized JSD (beta 0.5, at T) per position on held-out reference answers. "bfloat16": bf16 weights and
+    compute, the logits in fp32 as the loss computes them (divergence._teacher_log_probs); "bfloat16, bf16 logits":
+    the same with the head's product in bf16, as the loss computed them before; "bfloat16-in-float32": bf16
+    weights computed in fp32 (models/upcast.py, `auto` on a CPU without native bf16)."""
+    import torch
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from atlas_distill.gkd import divergence
+    from atlas_distill.models import load_teacher
+    from atlas_distill.models.upcast import compute_in_float32
+
+    tokenizer, reference, _student = _models()
+    path = reference.name_or_path
+    teachers = {"bfloat16": load_teacher(path, "bfloat16"),
+                "bfloat16-in-float32": compute_in_float32(load_teacher(path, "bfloat16"))}
+    _train, held_out = _datasets(tokenizer)
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=SETTINGS["max_length"])
+    vocab, temperature = len(tokenizer), SETTINGS["temperature"]
+    ways = {"bfloat16": [], "bfloat16, bf16 logits": [], "bfloat16-in-float32": []}
+    with torch.inference_mode():
+        for start in range(0, sessions, BATCH):
+            batch = collator([{"messages": m} for m in held_out["messages"][start:start + BATCH]])
+            mask = batch["labels"][:, 1:] != -100
+            hidden = divergence.completion_hidden(reference, batch, mask)
+            exact = divergence._teacher_log_probs(hidden, *divergence._head(reference, vocab), temperature)
+            for name, teacher in teachers.items():
+                hidden = divergence.completion_hidden(teacher, batch, mask)
+                weight, bias = divergence._head(teacher, vocab)
+                ways[name].append(divergence._teacher_log_probs(hidden, weight, bias, temperature))
+                if name == "bfloat16":
+                    ways["bfloat16, bf16 logits"].append(divergence._log_probs(hidden, weight, bias, temperature))
+            for name in ways:
+                ways[name][-1] = divergence.generalized_jsd(ways[name][-1], exact, 0.5)
+    rows = []
+    for name, parts in ways.items():
+        jsd = torch.cat(parts)
+        rows.append({"teacher": name, "mean_jsd": float(f"{jsd.mean():.3g}"), "max_jsd": float(f"{jsd.max():.3g}"),
+                     "positions": len(jsd)})
+    return rows
+
+
 def _stored(indices, values, tail, bits: int, vocab: int):
     """Top-k (indices, log-probs, tail) as read back from storage with `bits` per log-prob, renormalised so the
     k + 1 outcomes sum to one again, and the bytes that took. 8: the record format of the teacher store and the
@@ -197,8 +240,8 @@ def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, s
     is each session's system + user turns (what ours generates from), one completion per prompt, 4 prompts per
     step, max_completion_length = max_new_tokens, the same beta, temperature, lr, seed and precision. It cannot be
     matched in: no lmbda (always on-policy: rows only at lmbda 1), the temperature applied in its loss as in ours
-    (TRL's GKDTrainer samples with it only), its loss normalised by generated tokens (ours: by completion tokens,
-    the same count when each completion is the generated one)."""
+    (TRL's GKDTrainer samples with it only), its loss normalised by generated tokens (as ours since the fifteenth
+    session; before, ours divided an on-policy step's sum by the dataset batch's answer tokens)."""
     import copy
 
     import torch
@@ -221,7 +264,9 @@ def _distillation_trainer(common: dict, output_dir: str, steps: int, gc: bool, s
 def teacher_dtype_for(trainer_name: str, setting: str) -> str:
     """The teacher's dtype in a run: `setting` when named; auto: ours as `atlas-distill train` loads it ("auto",
     models.load_teacher: bf16 on a CPU with native bf16, else bf16 weights computed in fp32), TRL's trainers fp32
-    (the model they are given; neither casts it)."""
+    (the model they are given; neither casts it); as-ours: every trainer's teacher loaded as ours' auto loads it."""
+    if setting == "as-ours":
+        return "auto"
     if setting != "auto":
         return setting
     return "auto" if trainer_name == "atlas" else "float32"
@@ -475,6 +520,8 @@ def main() -> None:
                              "else not), held-out loss before/after")
     parser.add_argument("--topk-error", metavar="K,K,...",
                         help="instead: the top-k cache's divergence error vs the exact loss for these k")
+    parser.add_argument("--teacher-error", action="store_true",
+                        help="instead: each way of holding the teacher: its distribution's JSD from the fp32 teacher's")
     parser.add_argument("--topk-bits", default="32", metavar="B,B,...",
                         help="with --topk-error: bits per stored log-prob, of 32, 16, 8 (the store's records)")
     parser.add_argument("--seeds", default=str(SETTINGS["seed"]),
@@ -495,9 +542,9 @@ def main() -> None:
                         help="random: ours' steps take batches picked at random from its first epoch (TRL's samplers "
                         "shuffle rows, so theirs are random either way); first: ours' epoch's first batches, the "
                         "longest (length grouping puts them first)")
-    parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16", "as-ours"], default="auto",
                         help="the teacher's weights; auto: ours as `atlas-distill train` loads it (bf16, computed in "
-                        "fp32 on a CPU without native bf16), TRL's trainers fp32")
+                        "fp32 on a CPU without native bf16), TRL's trainers fp32; as-ours: every trainer's as ours'")
     parser.add_argument("--trainers", default="trl,trl-distillation,atlas",
                         help="comma-separated, of trl (legacy GKDTrainer), trl-distillation (DistillationTrainer, "
                         "lmbda 1 only), atlas")
@@ -526,6 +573,12 @@ def main() -> None:
         print(json.dumps(rows) if args.json else "\n".join(
             f"k={r['k']} in {r['bits']} bits ({r['bytes_per_token']} B/token): exact {r['exact_loss']}, top-k "
             f"{r['topk_loss']}, relative error {r['relative_error']:.2%}" for r in rows))
+        return
+    if args.teacher_error:
+        rows = teacher_error()
+        print(json.dumps(rows) if args.json else "\n".join(
+            f"{r['teacher']}: JSD from the fp32 teacher {r['mean_jsd']} per position (max {r['max_jsd']}, "
+            f"{r['positions']} positions)" for r in rows))
         return
     if args.learning:
         rows = [run_child(name, args.learning, args.gc == "on", lmbdas[0], True, args.atlas_off, seed, args.precision,

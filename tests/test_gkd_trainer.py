@@ -126,6 +126,39 @@ def test_warmup_steps_use_forward_kl_and_later_steps_the_generalized_jsd(tmp_pat
     assert loss == pytest.approx(reference_divergence(trainer, on_policy, 0.7), rel=1e-4)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_on_policy_steps_loss_in_training_is_the_mean_over_its_generated_tokens(tmp_path, make_tiny_model,
+                                                                                  monkeypatch, accumulation):
+    """Through train(), which hands the step the dataset batch's target-token count (num_items_in_batch): an
+    on-policy step's loss is the mean divergence over the completions it generated (4 tokens a row here, against
+    answers of 1-2 tokens), averaged over the accumulated batches, as TRL's trainers normalise."""
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
+    trainer = make_trainer(tmp_path, student, teacher, args={
+        "lmbda": 1.0, "beta": 0.5, "learning_rate": 0.0, "gradient_accumulation_steps": accumulation})
+    counts, generated = [], []
+    original_step, original_loss = trainer.training_step, trainer.compute_loss
+
+    def step(model, inputs, num_items_in_batch=None):
+        counts.append(num_items_in_batch)
+        return original_step(model, inputs, num_items_in_batch)
+
+    def loss(model, inputs, *args, **kwargs):
+        generated.append({key: inputs[key].clone() for key in ("input_ids", "attention_mask", "labels")})
+        return original_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", step)
+    monkeypatch.setattr(trainer, "compute_loss", loss)
+    trainer.train()
+    assert len(generated) == 2 * accumulation and all(count is not None for count in counts)
+    tokens = [int((inputs["labels"][:, 1:] != -100).sum()) for inputs in generated]
+    windows = [sum(tokens[i:i + accumulation]) for i in range(0, len(tokens), accumulation)]
+    assert all(n > count for n, count in zip(windows, counts[::accumulation]))  # more than the dataset's targets
+    means = [reference_divergence(trainer, inputs, 0.5) for inputs in generated]  # lr 0: the weights as trained on
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    expected = [sum(means[i:i + accumulation]) / accumulation for i in range(0, len(means), accumulation)]
+    assert logged == pytest.approx(expected, rel=1e-3)
+
+
 def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
     """Two of the three eval answers are set to what the student itself answers (found independently, with
     plain transformers): the evaluation must generate those answers and judge them right, and only them."""
