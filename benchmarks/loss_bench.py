@@ -29,6 +29,20 @@ from _common import cpu_description, log
 V, H, BATCH, COMPLETION, BETA, TEMPERATURE = 49_152, 576, 4, 32, 0.5, 0.9
 
 
+def _head_as_it_was(model):
+    """lm_head over V as the loss read it before (divergence._head, then cast once to autocast's dtype when it is
+    on), for the comparators below that stand for the chunks as they were."""
+    import torch
+
+    from atlas_distill.gkd import divergence
+
+    weight, bias = divergence._head(model, V)
+    if torch.is_autocast_enabled(weight.device.type):
+        dtype = torch.get_autocast_dtype(weight.device.type)
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return weight, bias
+
+
 def _checkpointed(hidden_s, hidden_t, student, teacher):
     """The chunked loss as it was: each chunk checkpointed, its tiles recomputed in backward."""
     import torch
@@ -36,8 +50,8 @@ def _checkpointed(hidden_s, hidden_t, student, teacher):
 
     from atlas_distill.gkd import divergence
 
-    s_weight, s_bias = divergence._head(student, V)
-    t_weight, t_bias = divergence._head(teacher, V)
+    s_weight, s_bias = _head_as_it_was(student)
+    t_weight, t_bias = _head_as_it_was(teacher)
 
     def chunk(h_s, h_t):
         log_s = divergence._log_probs(h_s, s_weight, s_bias, TEMPERATURE)
@@ -57,7 +71,7 @@ def _checkpointed_topk(hidden_s, student, indices, values, tail):
 
     from atlas_distill.gkd import divergence
 
-    weight, bias = divergence._head(student, V)
+    weight, bias = _head_as_it_was(student)
 
     def chunk(h_s, index, chunk_values, chunk_tail):
         log_probs = divergence._log_probs(h_s, weight, bias, TEMPERATURE)
