@@ -563,13 +563,12 @@ class AtlasGKDTrainer(GKDTrainer):
                 try:
                     with attention.for_inference(self.args):
                         self._generate_into(model, inputs, self._prompt_pass)
-                    loss = SFTTrainer.training_step(self, model, inputs, self._generated_items(inputs))
+                    loss = SFTTrainer.training_step(self, model, inputs, self._loss_items(inputs, num_items_in_batch))
                 finally:
                     self._prompt_pass = None
             else:
                 try:
-                    items = num_items_in_batch if self._batch_from_dataset else self._generated_items(inputs)
-                    loss = SFTTrainer.training_step(self, model, inputs, items)
+                    loss = SFTTrainer.training_step(self, model, inputs, self._loss_items(inputs, num_items_in_batch))
                 finally:
                     self._recording = None
         self._check_finite_loss(loss)
@@ -669,13 +668,16 @@ class AtlasGKDTrainer(GKDTrainer):
                 "seed": args.seed})
         return super().create_optimizer(model)
 
-    def _generated_items(self, inputs) -> torch.Tensor:
-        """num_items_in_batch for a batch this step generated. transformers counts the target tokens of the dataset's
-        batches before the step; a generated batch's loss is over its completions instead (for the demo's tasks 128
-        generated tokens against 62 in the answers: the loss was twice their mean). So: its completion tokens, shared
-        between the processes as `_get_num_items_in_batch` shares the dataset's, times the accumulation steps (whose
-        later batches are not generated yet), which makes each batch's loss its completions' mean over the window,
-        as TRL's trainers normalise by generated tokens."""
+    def _loss_items(self, inputs, num_items_in_batch):
+        """The token count the step's loss is divided by: transformers' `num_items_in_batch` for a dataset batch. It
+        counts the target tokens of the dataset's batches before the step, but a batch this step generated has its
+        loss over its completions instead (for the demo's tasks 128 generated tokens against 62 in the answers: the
+        loss was twice their mean). So for one: its completion tokens, shared between the processes as
+        `_get_num_items_in_batch` shares the dataset's, times the accumulation steps (whose later batches are not
+        generated yet), which makes each batch's loss its completions' mean over the window, as TRL's trainers
+        normalise by generated tokens."""
+        if self._batch_from_dataset:
+            return num_items_in_batch
         count = (inputs["labels"][:, 1:] != -100).sum()
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count.reshape(1)).sum() / self.accelerator.num_processes
