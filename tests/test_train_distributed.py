@@ -206,3 +206,79 @@ def test_an_error_under_torchrun_is_reported_once_by_the_main_process(make_tiny_
     assert error["exit_code"] == 1 and error["error"]["type"] == "UsageError"
     assert not re.search(r'File ".*atlas_distill/', done.stderr)  # no traceback of ours (torchrun prints its own)
     assert (tmp_path / "outputs/gkd/taken/summary.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_an_on_policy_steps_loss_under_ddp_is_the_mean_over_both_processes_generated_tokens(make_tiny_model,
+                                                                                            tmp_path):
+    """Two processes, lmbda 1 (every step on-policy): each process divides its loss by the mean of both processes'
+    generated completion tokens (`_loss_items`, shared as transformers shares the dataset's count), so the logged
+    loss of each step is the divergence summed over both processes' completions divided by their total count, what
+    one process with the global batch computes. The second process drops one completion token of its batch from
+    the loss, so that the two processes' counts differ."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import json, math, sys
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
+
+student_dir, teacher_dir = {str(make_tiny_model(seed=1))!r}, {str(make_tiny_model(seed=2))!r}
+rows = [{{"messages": [{{"role": "system", "content": "Answer briefly."}},
+                       {{"role": "user", "content": f"What is {{i}} plus {{i}}?"}},
+                       {{"role": "assistant", "content": str(2 * i)}}], "reference": str(2 * i)}} for i in range(8)]
+args = GKDConfig(output_dir=sys.argv[1] + "/run", use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                 max_steps=2, max_new_tokens=4, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                 max_length=128, seed=3, bf16=False, lmbda=1.0, beta=0.5, learning_rate=0.0)
+trainer = AtlasGKDTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir),
+                          teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
+                          train_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(student_dir))
+rank = trainer.accelerator.process_index
+assert trainer.accelerator.num_processes == 2
+generate, compute_loss, loss_items = trainer.generate_on_policy_outputs, trainer.compute_loss, trainer._loss_items
+batches, divided_by = [], []
+
+def generate_dropping_one(model, inputs, config):
+    ids, mask, labels = generate(model, inputs, config)
+    if rank == 1:  # the last completion token of the first row leaves the loss
+        labels = labels.clone()
+        labels[0, int((labels[0] != -100).nonzero().max())] = -100
+    return ids, mask, labels
+
+def recording_loss(model, inputs, *args, **kwargs):
+    batches.append({{key: inputs[key].clone() for key in ("input_ids", "attention_mask", "labels")}})
+    return compute_loss(model, inputs, *args, **kwargs)
+
+def recording_items(inputs, num_items_in_batch):
+    divided_by.append(float(loss_items(inputs, num_items_in_batch)))
+    return divided_by[-1]
+
+trainer.generate_on_policy_outputs, trainer.compute_loss = generate_dropping_one, recording_loss
+trainer._loss_items = recording_items
+trainer.train()
+sums, counts = [], []
+for inputs in batches:  # lr 0: the weights as trained on; the divergence from its definition, at T
+    mask = inputs["labels"][:, 1:] != -100
+    with torch.no_grad():
+        s, t = (torch.log_softmax(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                                  .logits[:, :-1].double() / trainer.temperature, dim=-1)[mask]
+                for model in (trainer.model, trainer.teacher_model))
+    m = torch.logaddexp(t + math.log(0.5), s + math.log(0.5))
+    per_token = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
+    sums.append(per_token.sum().item())
+    counts.append(int(mask.sum()))
+logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
+    json.dump({{"sums": sums, "counts": counts, "divided_by": divided_by, "logged": logged}}, handle)
+""")
+    done = torchrun(str(worker), str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert len(ranks[0]["counts"]) == len(ranks[1]["counts"]) == 2
+    counts = [ranks[0]["counts"][k] + ranks[1]["counts"][k] for k in (0, 1)]
+    assert all(a != b for a, b in zip(ranks[0]["counts"], ranks[1]["counts"]))  # the shares differ
+    assert ranks[0]["divided_by"] == ranks[1]["divided_by"] == [count / 2 for count in counts]
+    expected = [(ranks[0]["sums"][k] + ranks[1]["sums"][k]) / counts[k] for k in (0, 1)]
+    assert ranks[0]["logged"] == ranks[1]["logged"] == pytest.approx(expected, rel=1e-4)
