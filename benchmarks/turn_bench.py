@@ -13,6 +13,9 @@ data (the bundled demo traces, data.targets all) at batch 4:
    batches drawn at random from one epoch's batches grouped each way, one of each in turn in one run (the machine's
    drift reaches both alike); each row's turn is the same draw both ways, so the only difference is which rows share
    a batch. Reported: mean seconds per step each way, and those times one epoch's batches.
+3. The loss's token count: the target tokens transformers counts in each dataset batch of one epoch (every target
+   turn of its conversations), against the most an on-policy step generates for its one drawn turn (`--steps 0`:
+   parts 1 and 3 only).
 
     python benchmarks/turn_bench.py [--epochs 2] [--steps 8] [--gc on|off] [--json]
 """
@@ -66,6 +69,23 @@ def count_tokens(sampler, epochs: int) -> dict:
                 totals[way]["off_policy"] += BATCH * max(lengths[r] for r in rows)
                 totals[way]["off_policy_real"] += sum(lengths[r] for r in rows)
     return totals
+
+
+def target_counts(sampler, collator) -> dict:
+    """Over one epoch's turn-grouped batches: the target tokens transformers counts in each dataset batch (its
+    `num_items_in_batch`, labels after the first position), against the most an on-policy step generates (batch x
+    max_new_tokens). Until the fifteenth session ours divided an on-policy step's summed divergence by the first."""
+    import statistics
+
+    rows = sampler.dataset
+    counts = [int((collator([rows[r] for r in batch])["labels"][:, 1:] != -100).sum())
+              for batch in epoch_batches(_orders(sampler, 0)["turn"], BATCH)]
+    generated = BATCH * SETTINGS["max_new_tokens"]
+    return {"dataset_targets": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+            "generated_at_most": generated,
+            "generated_over_dataset": {"min": round(generated / max(counts), 2),
+                                       "median": round(generated / statistics.median(counts), 2),
+                                       "max": round(generated / min(counts), 2)}}
 
 
 def _sampler(train, collator):
@@ -133,10 +153,11 @@ def main() -> None:
 
     tokenizer = load_tokenizer(str(builtin_tokenizer_dir()))
     train, _ = _datasets(tokenizer, "conversation")
-    tokens = count_tokens(_sampler(train, TargetSpanCollator(tokenizer, SETTINGS["max_length"],
-                                                             seed=SETTINGS["seed"])), args.epochs)
+    sampler = _sampler(train, TargetSpanCollator(tokenizer, SETTINGS["max_length"], seed=SETTINGS["seed"]))
+    tokens = count_tokens(sampler, args.epochs)
+    targets = target_counts(sampler, sampler.collator)
     timing = time_steps(args.steps, args.gc == "on") if args.steps else None
-    result = {"cpu": cpu_description(), "epochs": args.epochs, "rows": len(train), "tokens": tokens,
+    result = {"cpu": cpu_description(), "epochs": args.epochs, "rows": len(train), "tokens": tokens, "targets": targets,
               "timing": timing, "gradient_checkpointing": args.gc == "on"}
     if args.json:
         print(json.dumps(result))
@@ -151,6 +172,10 @@ def main() -> None:
         print(f"| {way} | {t['on_policy']:,} | {t['on_policy_real']:,} | {on_padding:.1%} "
               f"| {t['off_policy']:,} | {off_padding:.1%} "
               f"| {(t['on_policy'] + t['off_policy']) // 2:,} |")
+    counted, ratio = targets["dataset_targets"], targets["generated_over_dataset"]
+    print(f"target tokens per dataset batch (transformers' num_items_in_batch): {counted['min']}-{counted['max']} "
+          f"(median {counted['median']}); an on-policy step generates at most {targets['generated_at_most']}: "
+          f"{ratio['min']}-{ratio['max']}x (median {ratio['median']}x)")
     if timing:
         ratio = timing["conversation"]["s_per_step"] / timing["turn"]["s_per_step"]
         print(f"ours, gc {args.gc}, {args.steps} random batches each way, alternating:")
