@@ -172,10 +172,10 @@ def main() -> None:
         print(f"| {way} | {t['on_policy']:,} | {t['on_policy_real']:,} | {on_padding:.1%} "
               f"| {t['off_policy']:,} | {off_padding:.1%} "
               f"| {(t['on_policy'] + t['off_policy']) // 2:,} |")
-    counted, ratio = targets["dataset_targets"], targets["generated_over_dataset"]
+    counted, share = targets["dataset_targets"], targets["generated_over_dataset"]
     print(f"target tokens per dataset batch (transformers' num_items_in_batch): {counted['min']}-{counted['max']} "
           f"(median {counted['median']}); an on-policy step generates at most {targets['generated_at_most']}: "
-          f"{ratio['min']}-{ratio['max']}x (median {ratio['median']}x)")
+          f"{share['min']}-{share['max']}x (median {share['median']}x)")
     if timing:
         ratio = timing["conversation"]["s_per_step"] / timing["turn"]["s_per_step"]
         print(f"ours, gc {args.gc}, {args.steps} random batches each way, alternating:")
