@@ -185,8 +185,10 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
     with connect(seeded_db) as blocker, connect(seeded_db, autocommit=True) as watcher:
         # Hold the export inside its streaming query, after it has opened its temporary file.
         blocker.execute("LOCK TABLE trajectory_events IN ACCESS EXCLUSIVE MODE")
+        # faulthandler: should the export hang, SIGABRT below prints where (seen once in a full run, not since)
         proc = subprocess.Popen([cli_path, "export", "--database-url", seeded_db, "--output", "big.jsonl"],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".big.jsonl.*.partial")) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -199,7 +201,11 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
             time.sleep(0.05)
         assert time.monotonic() < deadline, "the export's query never reached the server"
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"the export did not stop within 60 s of SIGINT; its stacks:\n{proc.communicate()[1]}")
         blocker.rollback()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
