@@ -185,10 +185,13 @@ def test_interrupted_export_leaves_no_partial_file(seeded_db, tmp_path):
     with connect(seeded_db) as blocker, connect(seeded_db, autocommit=True) as watcher:
         # Hold the export inside its streaming query, after it has opened its temporary file.
         blocker.execute("LOCK TABLE trajectory_events IN ACCESS EXCLUSIVE MODE")
-        # faulthandler: should the export hang, SIGABRT below prints where (seen once in a full run, not since)
+        # SIGINT as at a terminal: a suite started in the background (`(make test &)` in a script) hands its
+        # children SIGINT ignored, and the export then rightly ignores it (what hung this test twice).
+        # faulthandler: should the export hang all the same, SIGABRT below prints where.
         proc = subprocess.Popen([cli_path, "export", "--database-url", seeded_db, "--output", "big.jsonl"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".big.jsonl.*.partial")) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -218,11 +218,12 @@ def test_an_on_policy_steps_loss_under_ddp_is_the_mean_over_both_processes_gener
     the loss, so that the two processes' counts differ."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
-import json, math, sys
-import torch
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from atlas_distill.gkd import AtlasGKDTrainer, GKDConfig
+from test_gkd_trainer import reference_divergence
 
 student_dir, teacher_dir = {str(make_tiny_model(seed=1))!r}, {str(make_tiny_model(seed=2))!r}
 rows = [{{"messages": [{{"role": "system", "content": "Answer briefly."}},
@@ -260,15 +261,8 @@ trainer._loss_items = recording_items
 trainer.train()
 sums, counts = [], []
 for inputs in batches:  # lr 0: the weights as trained on; the divergence from its definition, at T
-    mask = inputs["labels"][:, 1:] != -100
-    with torch.no_grad():
-        s, t = (torch.log_softmax(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-                                  .logits[:, :-1].double() / trainer.temperature, dim=-1)[mask]
-                for model in (trainer.model, trainer.teacher_model))
-    m = torch.logaddexp(t + math.log(0.5), s + math.log(0.5))
-    per_token = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
-    sums.append(per_token.sum().item())
-    counts.append(int(mask.sum()))
+    counts.append(int((inputs["labels"][:, 1:] != -100).sum()))
+    sums.append(reference_divergence(trainer, inputs, beta=0.5) * counts[-1])  # its mean over the tokens, summed
 logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
     json.dump({{"sums": sums, "counts": counts, "divided_by": divided_by, "logged": logged}}, handle)
