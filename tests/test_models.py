@@ -346,3 +346,19 @@ def test_parameter_count_from_a_config_matches_the_built_model():
                          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
     assert parameter_count(configs[0].to_dict(), layers=1) == sum(
         p.numel() for p in AutoModelForCausalLM.from_config(pruned).parameters())
+
+
+def test_gguf_reads_shared_while_converting_are_undone_after():
+    """builtin._gguf_read_once shares one parsed GGUF file and one tensor-name table during a conversion; outside
+    it gguf's own functions are back."""
+    import gguf
+
+    from atlas_distill.models.builtin import _gguf_read_once
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_read_once():
+        assert gguf.GGUFReader is not reader
+        arch = next(iter(gguf.MODEL_ARCH))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
+    assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 2)

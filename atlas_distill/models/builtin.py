@@ -42,12 +42,31 @@ def builtin_tokenizer_dir() -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
+        with _gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
         tokenizer.save_pretrained(tmp)
         # save_pretrained writes no config.json for a tokenizer; it marks the entry complete here
         (tmp / "config.json").write_text("{}\n")
 
     return publish(build, cache_dir() / "tokenizers" / BUILTIN_NAME)
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers parses the GGUF file anew for the config, the weights and the tokenizer (its 49 K-entry
+    vocabulary field by field, about 4.5 s each on a 2-core CPU), and builds gguf's tensor-name table once per
+    submodule (397 times): while converting, each is built once and shared (both are only read)."""
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)  # keyed by (path, mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 @contextlib.contextmanager
@@ -79,8 +98,9 @@ def builtin_model_dir(progress: Progress = no_progress) -> Path:
 
         hf_logging.disable_progress_bar()  # progress is ours to show
         folder = _gguf_folder()
-        with _gguf_progress(f"Converting the builtin {BUILTIN_NAME} from GGUF (once)", progress):
+        with _gguf_read_once(), _gguf_progress(f"Converting the builtin {BUILTIN_NAME} from GGUF (once)", progress):
             quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
         state = quantized.state_dict()
         config_dict = quantized.config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -91,6 +111,6 @@ def builtin_model_dir(progress: Progress = no_progress) -> Path:
         model.tie_weights()
         model.generation_config.pad_token_id = config.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
     return publish(build, built_model_dir(BUILTIN_NAME))
