@@ -42,8 +42,7 @@ def builtin_tokenizer_dir() -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        with _gguf_read_once():
-            tokenizer = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
         tokenizer.save_pretrained(tmp)
         # save_pretrained writes no config.json for a tokenizer; it marks the entry complete here
         (tmp / "config.json").write_text("{}\n")
