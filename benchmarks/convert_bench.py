@@ -4,8 +4,8 @@
 safetensors checkpoint the first time it is used (`make demo`'s first run, a first `train`). transformers parses
 the file anew for the config, the weights and the tokenizer, and builds gguf's tensor-name table once per
 submodule; `models.builtin._gguf_read_once` shares one of each while converting. This times the conversion both
-ways, each in a fresh process with a fresh cache (after an untimed conversion that imports what it needs), alternating, and checks that
-both write the same files.
+ways, each in a fresh process with a fresh cache (after an untimed conversion that imports what it needs),
+alternating, and checks that both write the same files.
 
     python benchmarks/convert_bench.py [--repeats 2] [--json]
 """
