@@ -29,8 +29,8 @@ from _common import cpu_description, log  # benchmarks/ is sys.path[0] when a sc
 
 def worker(cache: str, shared: bool) -> None:
     """Child: convert the builtin into `cache` (as `atlas-distill` does, or with every reader its own); print the
-    seconds. A first conversion into a scratch cache, untimed, imports what the conversion needs: a first run
-    imports it either way to train."""
+    seconds and the directory written. A first conversion into a scratch cache, untimed, imports what the
+    conversion needs: a first run imports it either way to train."""
     from atlas_distill.models import builtin
 
     if not shared:
@@ -39,14 +39,16 @@ def worker(cache: str, shared: bool) -> None:
     builtin.builtin_model_dir()
     os.environ["ATLAS_DISTILL_CACHE"] = cache
     started = time.perf_counter()
-    builtin.builtin_model_dir()
-    print(json.dumps({"seconds": time.perf_counter() - started}))
+    written = builtin.builtin_model_dir()
+    print(json.dumps({"seconds": time.perf_counter() - started, "dir": str(written)}))
 
 
-def converted(cache: Path, shared: bool) -> float:
+def converted(cache: Path, shared: bool) -> tuple[float, Path]:
+    """The seconds a fresh process took to convert the builtin into `cache`, and the directory it wrote."""
     done = subprocess.run([sys.executable, __file__, "--worker", str(cache), *([] if shared else ["--unshared"])],
                           stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return row["seconds"], Path(row["dir"])
 
 
 def main() -> None:
@@ -60,14 +62,14 @@ def main() -> None:
         worker(args.worker, shared=not args.unshared)
         return
     seconds: dict[str, list[float]] = {"once per reader": [], "once (ours)": []}
+    written: dict[str, Path] = {}  # the converted model, each way (the last repeat's)
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for name, shared in (("once per reader", False), ("once (ours)", True)):
-                cache = Path(tmp) / f"{repeat}-{shared}"
-                seconds[name].append(converted(cache, shared))
-                log(f"{name}: {seconds[name][-1]:.1f} s")
-        model_dir = "models/smollm2-135m"
-        a, b = Path(tmp) / f"0-False/{model_dir}", Path(tmp) / f"0-True/{model_dir}"
+                took, written[name] = converted(Path(tmp) / f"{repeat}-{shared}", shared)
+                seconds[name].append(took)
+                log(f"{name}: {took:.1f} s")
+        a, b = written["once per reader"], written["once (ours)"]
         names = sorted(p.name for p in a.iterdir())
         _, mismatched, unreadable = filecmp.cmpfiles(a, b, names, shallow=False)
         same = sorted(p.name for p in b.iterdir()) == names and not mismatched and not unreadable
