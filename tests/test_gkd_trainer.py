@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +158,35 @@ def test_an_on_policy_steps_loss_in_training_is_the_mean_over_its_generated_toke
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     expected = [sum(means[i:i + accumulation]) / accumulation for i in range(0, len(means), accumulation)]
     assert logged == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing, prefill_once", [(False, True), (False, False), (True, True)])
+def test_an_on_policy_step_on_distillation_trainers_completions_has_its_loss_and_gradient(
+        tmp_path, make_tiny_model, monkeypatch, checkpointing, prefill_once):
+    """Against TRL's stable DistillationTrainer, with the draw held fixed: ours' whole on-policy training step (with
+    the prompt's pass or without, checkpointed or not, every speed-up) on the completions DistillationTrainer sampled
+    gives its loss and the student's gradient, within fp32 rounding (benchmarks/gradient_check.py measures the same
+    on the builtin)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gradient_check
+    from train_bench import _distillation_trainer
+
+    student, teacher = make_tiny_model(seed=1), make_tiny_model(layers=3, seed=2)
+    ours = make_trainer(tmp_path, student, teacher, prefill_once=prefill_once, args={
+        "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "max_new_tokens": 6, "gradient_checkpointing": checkpointing})
+    assert ours.prefills_once is (prefill_once and not checkpointing)
+    dt = _distillation_trainer({"model": AutoModelForCausalLM.from_pretrained(student),
+                                "teacher_model": ours.teacher_model, "train_dataset": ours.train_dataset,
+                                "processing_class": ours.processing_class, "callbacks": []},
+                               str(tmp_path / "dt"), 1, False, 3, False, batch=2, max_new_tokens=6)
+    indices = [1, 6]
+    sample = gradient_check.dt_sample(dt, [ours.train_dataset[i]["messages"] for i in indices], seed=3)
+    assert int(sample["completion_mask"].sum()) > 2  # something was generated, and it is what both learn from
+    theirs = gradient_check.dt_step(dt, sample)
+    mine = gradient_check.ours_step(ours, indices, sample)
+    assert mine == pytest.approx(theirs, rel=1e-5)
+    norm, cosine, difference = gradient_check.compare(gradient_check.gradient(ours), gradient_check.gradient(dt))
+    assert norm > 0 and cosine > 0.99999 and difference < 1e-3
 
 
 def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
