@@ -154,11 +154,8 @@ def _by_kind(mine: dict, reference: dict) -> dict[str, float]:
     kinds: dict[str, list[str]] = {}
     for name in reference:
         kinds.setdefault(weight_kind(name), []).append(name)
-    cosines = {}
-    for kind, names in kinds.items():
-        a, b = _flat(mine, names), _flat(reference, names)
-        cosines[kind] = round(float(a @ b / (a.norm() * b.norm())), 6)
-    return cosines
+    return {kind: round(compare({n: mine[n] for n in names}, {n: reference[n] for n in names})[1], 6)
+            for kind, names in kinds.items()}
 
 
 def _ours_ways(bf16_native: bool, ours_teacher, teacher) -> dict[str, tuple[bool, object]]:
@@ -201,21 +198,18 @@ def check(batches: int, seed: int, by_weight: bool = False, ours_settings: dict 
             indices = picks.sample(range(len(train)), 4)
             messages = [train[i]["messages"] for i in indices]
             log(f"batch {batch + 1}/{batches}: sessions {indices}")
+            losses, gradients, updates = {}, {}, {}
+
+            def took(name: str, loss: float, trainer) -> None:  # a way's loss; its gradient and update, now
+                losses[name], gradients[name], updates[name] = loss, gradient(trainer), first_update(trainer)
+
             sample = dt_sample(dt, messages, seed + batch)
-            losses = {"DT": dt_step(dt, sample)}
-            gradients = {"DT": gradient(dt)}
-            updates = {"DT": first_update(dt)}
+            took("DT", dt_step(dt, sample), dt)
             for name, trainer in ours.items():
-                losses[name] = ours_step(trainer, indices, sample)
-                gradients[name], updates[name] = gradient(trainer), first_update(trainer)
+                took(name, ours_step(trainer, indices, sample), trainer)
             if dt_bf16 is not None:
-                losses["DT, bf16 autocast"] = dt_step(dt_bf16, sample)
-                gradients["DT, bf16 autocast"] = gradient(dt_bf16)
-                updates["DT, bf16 autocast"] = first_update(dt_bf16)
-            other = dt_sample(dt, messages, seed + batch + 10_000)
-            losses["DT, another draw"] = dt_step(dt, other)
-            gradients["DT, another draw"] = gradient(dt)
-            updates["DT, another draw"] = first_update(dt)
+                took("DT, bf16 autocast", dt_step(dt_bf16, sample), dt_bf16)
+            took("DT, another draw", dt_step(dt, dt_sample(dt, messages, seed + batch + 10_000)), dt)
             tokens = int(sample["completion_mask"].sum())
             for name in gradients:
                 norm, cosine, difference = compare(gradients[name], gradients["DT"])
