@@ -189,6 +189,30 @@ def test_an_on_policy_step_on_distillation_trainers_completions_has_its_loss_and
     assert norm > 0 and cosine > 0.99999 and difference < 1e-3
 
 
+def test_sampling_fidelity_feeds_each_sampler_as_generation_does(make_tiny_model, monkeypatch):
+    """benchmarks/sampling_fidelity.py's measure of a sampler: the prompt's cache from one model, then one token at
+    a time through the sampler. With the fp32 student as both, it must give the student's own next-token
+    distributions over the whole sequence (so its KL yardstick is 0 for the right reason); a bf16 copy decoding from
+    the student's cache must differ, by bf16 rounding only."""
+    import copy
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from sampling_fidelity import next_token_log_probs
+
+    student = AutoModelForCausalLM.from_pretrained(make_tiny_model(seed=1)).eval()
+    ids = torch.randint(5, student.config.vocab_size, (14,), generator=torch.Generator().manual_seed(0))
+    prompt = 9
+    with torch.no_grad():
+        whole = (student(input_ids=ids[None]).logits[0, prompt - 1:-1] / 0.9).log_softmax(-1)
+    decoded = next_token_log_probs(student, student, ids, prompt, temperature=0.9)
+    assert decoded.shape == whole.shape == (len(ids) - prompt, student.config.vocab_size)
+    assert torch.allclose(decoded, whole, atol=1e-5)
+    bf16 = copy.deepcopy(student).to(torch.bfloat16)
+    mine = next_token_log_probs(student, bf16, ids, prompt, temperature=0.9, cache_dtype=torch.bfloat16)
+    difference = (mine - whole).abs().max()
+    assert 0 < difference < 0.05
+
+
 def test_evaluation_generates_and_scores(tmp_path, make_tiny_model):
     """Two of the three eval answers are set to what the student itself answers (found independently, with
     plain transformers): the evaluation must generate those answers and judge them right, and only them."""
@@ -233,8 +257,8 @@ def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_mode
 
 def test_upstreams_config_snippet_works_on_a_cpu(tmp_path, monkeypatch):
     """GKDConfig(output_dir=..., per_device_train_batch_size=4, lmbda=1.0, beta=0.5), as upstream writes it: TRL's
-    default bf16 stops it here; ours trains in fp32 where no GPU has bf16 (a CPU with AMX only with use_cpu=True,
-    which transformers asks of a CPU run in bf16), and bf16=True is still honoured."""
+    default bf16 stops it here; ours trains in fp32 where no GPU has bf16 (on a CPU with AMX too), and bf16=True is
+    still honoured."""
     from transformers.utils import is_torch_bf16_gpu_available
 
     from atlas_distill import GKDConfig as Exported
@@ -244,7 +268,7 @@ def test_upstreams_config_snippet_works_on_a_cpu(tmp_path, monkeypatch):
     assert config.bf16 is is_torch_bf16_gpu_available() and (config.lmbda, config.beta) == (1.0, 0.5)
     for amx in (True, False):
         monkeypatch.setattr(loading, "cpu_amx", lambda amx=amx: amx)
-        assert GKDConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is amx
+        assert GKDConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
         assert GKDConfig(output_dir=str(tmp_path)).bf16 is False
     assert GKDConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16 is True
     assert GKDConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
