@@ -262,7 +262,7 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     on_policy = t.lmbda > 0 or t.seq_kd
     samples = t.lmbda > 0  # the student generates (under seq_kd alone, the teacher does)
     gpu = device == "cuda"
-    compute = {"auto": 2 if gpu or _cpu_amx() else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
+    compute = {"auto": 2 if gpu else 4, "float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
     # auto on a CPU without native bf16: bf16 weights computed in fp32 (models/upcast.py), so its activations and
     # KV cache are fp32 (counted for its other weights too: the embedding's 2 bytes over, on the safe side); a
     # quantized teacher's figures replace these below
@@ -276,12 +276,10 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
     autocast = compute < 4 and not lora
     replayable = (t.replay_generation and samples and m.gradient_checkpointing and not lora and t.chunked_loss
                   and t.kv_cache_generation)
-    # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student, where bf16 is fast (bf16 mixed precision
-    # on a GPU, native bf16 on a CPU), unless (auto) the student samples itself for its training forward's replay
-    # (which the trainer also skips for a student with dropout or a rescaled head: then it makes the copy this omits)
-    samples_itself = replayable and not autocast
-    copy = (samples and not lora and generation != "float32" and (generation == "bfloat16" or (
-        not samples_itself and (m.dtype in ("auto", "bfloat16") if gpu else _cpu_bf16()))))
+    # the trainer's `_sampling_dtype`: a bf16 copy of a whole fp32 student (bfloat16; auto: under bf16 mixed
+    # precision on a GPU)
+    copy = samples and not lora and (generation == "bfloat16" or (
+        generation == "auto" and gpu and m.dtype in ("auto", "bfloat16")))
     # the trainer's `packs_student_generation`: the fp32 student samples itself with its decoder layers' weights
     # packed by oneDNN for the decoding steps (gkd/packed_linear.py), on an x86 CPU
     packed = (t.packed_generation and samples and not gpu and not lora and not copy and not autocast
@@ -302,13 +300,6 @@ def workload_for(profile: Profile, device: str, *, seq_len: int | None = None, b
         lora_targets=m.lora.target_modules, autocast=autocast, lean_activations=t.lean_activations,
         replay_generation=replayable and not copy, packed_decoding=packed, prefill_once=prefill_once,
         compact_optimizer=t.compact_optimizer and not gpu)
-
-
-def _cpu_amx() -> bool:
-    """Whether /proc/cpuinfo lists AMX, where `train`'s model.dtype auto is bf16 autocast (`models.autocast_bf16`)."""
-    from .models.loading import x86_cpuinfo_amx
-
-    return bool(x86_cpuinfo_amx())
 
 
 def _cpu_bf16() -> bool:

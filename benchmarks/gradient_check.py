@@ -11,10 +11,9 @@ takes its loss, the student's gradient and its optimizer's first update on exact
 - "ours, fp32": ours' own training step (its `training_step`: the prompt's pass, every speed-up, `CompactAdamW`),
   only its sampling replaced by DT's completions, with DT's arithmetic (no autocast, the fp32 teacher);
 - "ours, bf16 teacher": the same with ours' `auto` teacher (bf16 weights, computed in fp32 on a CPU without native
-  bf16), fp32 arithmetic: how `atlas-distill train` trains on a CPU without AMX (`model.dtype: auto`);
+  bf16), fp32 arithmetic: how `atlas-distill train` trains on a CPU (`model.dtype: auto`);
 - where bf16 is native here (a CPU with AVX512-BF16 or AMX, a GPU with native bf16): "ours, bf16 autocast" (the fp32
-  teacher) and "ours, bf16 autocast, bf16 teacher" (`model.dtype: bfloat16`, and `auto` on a CPU with AMX or a GPU
-  with native bf16);
+  teacher) and "ours, bf16 autocast, bf16 teacher" (`model.dtype: bfloat16`, and `auto` on a GPU with native bf16);
 - "DT, bf16 autocast": there too, DT's loss under the same autocast (the fp32 teacher): what autocast does to
   another trainer's gradient;
 - "DT, another draw": DT on a second sample of completions for the same prompts: how far a step's gradient moves

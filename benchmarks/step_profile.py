@@ -10,9 +10,9 @@ forward, the student's forward, the divergence (forward; ours and DT's take its 
 optimizer step, and the rest of the step. Figures are the means over the steps after the first. It also times one
 matmul of the step's main shape ([tokens, hidden] x [hidden, intermediate]) in the step's dtype: the machine's
 limit, against which the step's achieved FLOP/s (2 x non-embedding parameters x tokens per forward, x3 with
-backward, plus the lm_head over the completion positions) is set. `--precision` as train_bench.py's (auto: ours
-bf16 autocast on an AMX CPU, TRL's fp32); the matmul is timed in bf16 when any trainer ran under autocast. The
-arithmetic counted is DT's step's without checkpointing for both (checkpointing adds a recompute, not counted): with
+backward, plus the lm_head over the completion positions) is set. `--precision` as train_bench.py's (auto: fp32
+on a CPU, ours' bf16 autocast on a GPU with native bf16); the matmul is timed in bf16 when any trainer ran under
+autocast. The arithmetic counted is DT's step's without checkpointing for both (checkpointing adds a recompute, not counted): with
 `prefill_once` ours runs generation's prompt forward as part of its training forward, and with `replay_generation`
 its checkpointed training forward runs no layer, so it does less than that.
 `--ours KEY=VALUE` (repeatable) sets one of ours' settings, as in train_bench.py. `--data conversation` profiles
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--gc", choices=["on", "off"], default="off")
     parser.add_argument("--trainers", default="trl-distillation,atlas")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: ours bf16 autocast where `atlas-distill train` picks it (an AMX CPU), TRL's fp32; "
+                        help="auto: ours as `atlas-distill train` picks it (fp32 on a CPU), TRL's fp32; "
                         "fp32 / bf16: both trainers so")
     parser.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: ours as `atlas-distill train` loads it (bf16, computed in fp32 on a CPU without "

@@ -4,7 +4,7 @@ Setup (issue 5): teacher = the builtin SmolLM2-135M-Instruct in fp32; student = 
 15 even-numbered decoder layers (0, 2, ..., 28); the bundled demo CRM traces (task prompts of 148-203
 tokens, reference answers of 44-55); batch 4, max_new_tokens 32, beta 0.5, temperature 0.9, lr 1e-5,
 seed 42. Precision (`--precision`): auto, each trainer as it trains best here: ours as `atlas-distill train`
-sets it (model.dtype auto: bf16 autocast on a CPU with AMX or a GPU with native bf16, else fp32; fp32 master
+sets it (model.dtype auto: bf16 autocast on a GPU with native bf16, else fp32, on every CPU; fp32 master
 weights either way), TRL's in fp32 (TRL's configs default to bf16 autocast, which on a CPU without native bf16
 made TRL's step 7x slower, and on an AMX CPU made DistillationTrainer's step slower, not faster); fp32 or bf16
 (autocast) sets it for every trainer. For
@@ -24,9 +24,7 @@ first (`--batches first` times those, as the runs before the thirteenth session 
 final_loss, seed, teacher_dtype, data, batches, bf16} on stdout (--learning rows add heldout_loss_before,
 heldout_loss_after and losses); progress goes to stderr. Without it, a table with the ratios.
 `--alternate SETTING` switches one of ours' boolean settings on and off step by step in ours' runs and reports
-both medians (from one run, so the machine's drift between runs does not enter the comparison). On a CPU with
-native bf16 and no autocast (no AMX, or `--precision fp32`), `--alternate replay_generation` also switches the
-bf16 sampling copy off and on (`generation_dtype: auto` makes one only where the forward is not replayed).
+both medians (from one run, so the machine's drift between runs does not enter the comparison).
 `--atlas-off` runs ours with all its speedups switched off (a check that the switches work); `--ours KEY=VALUE`
 (repeatable) sets one of ours' settings, e.g. `--ours keep_freed_memory=false`.
 """
@@ -529,8 +527,8 @@ def main() -> None:
                              "--learning runs each trainer once per seed, timing runs use the first; the "
                              "held-out split stays seed 42's")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: ours as `atlas-distill train` picks it here (bf16 autocast on an AMX CPU), TRL's "
-                        "in fp32; fp32 / bf16 (autocast): every trainer so; bf16 is slow on a CPU without native bf16")
+                        help="auto: ours as `atlas-distill train` picks it here (fp32 on a CPU), TRL's in fp32; fp32 / "
+                        "bf16 (autocast): every trainer so; bf16 is slow on a CPU without native bf16")
     parser.add_argument("--atlas-off", action="store_true", help="run ours with every speedup switched off")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="one of ours' settings (GKDConfig), e.g. keep_freed_memory=false; repeatable")

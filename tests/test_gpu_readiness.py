@@ -201,12 +201,10 @@ def test_train_holds_the_teacher_in_bf16_computing_in_fp32_without_native_bf16(m
     # bf16 weights either way; without native bf16 computed in fp32 (models/upcast.py)
     assert trainer.teacher_model.dtype == torch.bfloat16
     assert upcast.compute_dtype(trainer.teacher_model) == (None if native else torch.float32)
-    # fp32 masters, under bf16 autocast only on a CPU with AMX (model.dtype auto)
-    assert trainer.model.dtype == torch.float32 and trainer.args.bf16 is amx
-    # a bf16 sampling copy with native bf16, except where the student samples itself for the training forward's
-    # replay (checkpointing on in this profile, no autocast)
-    assert trainer.generation_dtype == (torch.bfloat16 if amx else None)
-    assert trainer.replays_generation is not amx
+    # fp32 masters computing in fp32 on any CPU, with AMX too (model.dtype auto)
+    assert trainer.model.dtype == torch.float32 and trainer.args.bf16 is False
+    # no sampling copy: the student samples itself, for its training forward's replay (checkpointing on here)
+    assert trainer.generation_dtype is None and trainer.replays_generation
     # the bf16 teacher's log-probs enter the fp32 loss: a finite loss with a gradient
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(trainer.model, inputs)

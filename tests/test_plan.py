@@ -265,22 +265,22 @@ def test_a_cpu_plan_leaves_room_for_the_allocator():
     assert plan_profile(profile, device="cuda", memory=gpu_peak, fix=False).fits  # a GPU's allocator: live bytes
 
 
-@pytest.mark.parametrize("amx, native", [(True, True), (False, True), (False, False)])
-def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, amx, native):
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_plan_counts_the_dtypes_train_picks_on_that_cpu(monkeypatch, native):
     from atlas_distill import plan
 
-    monkeypatch.setattr(plan, "_cpu_amx", lambda: amx)
     monkeypatch.setattr(plan, "_cpu_bf16", lambda: native)
     work = workload_for(_profile(), "cpu")
-    assert work.autocast is amx and work.compute_bytes == (2 if amx else 4)  # model.dtype auto
+    assert not work.autocast and work.compute_bytes == 4  # model.dtype auto: fp32 on any CPU
     # the teacher's weights in bf16 either way: computed in bf16 with native bf16, else in fp32 (models/upcast.py)
     assert work.teacher_bytes == 2 and work.teacher_other_bytes == (2 if native else 4)
-    # a bf16 sampling copy with native bf16, except where (checkpointing on, no autocast) the student samples itself
-    # so that its training forward is replayed from generation
-    assert work.sampling_copy is (native and amx) and work.replay_generation is not (native and amx)
+    # no sampling copy on a CPU: the student samples itself, and under checkpointing its forward is replayed
+    assert not work.sampling_copy and work.replay_generation
     unreplayed = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")
-    assert unreplayed.sampling_copy is native and not unreplayed.replay_generation
-    assert workload_for(_profile("model.dtype=float32"), "cpu").autocast is False
+    assert not unreplayed.sampling_copy and not unreplayed.replay_generation and unreplayed.prefill_once
+    autocast = workload_for(_profile("model.dtype=bfloat16"), "cpu")
+    assert autocast.autocast and autocast.compute_bytes == 2 and not autocast.sampling_copy
+    assert workload_for(_profile("trainer.generation_dtype=bfloat16"), "cpu").sampling_copy
 
 
 def test_the_plan_counts_generations_recording_where_the_trainer_replays_it(monkeypatch):
@@ -288,7 +288,6 @@ def test_the_plan_counts_generations_recording_where_the_trainer_replays_it(monk
 
     from atlas_distill import plan
 
-    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
     monkeypatch.setattr(plan, "_cpu_bf16", lambda: False)  # no sampling copy: the student samples itself
     work = workload_for(_profile("model.gradient_checkpointing=true"), "cpu")
     assert work.replay_generation and not work.sampling_copy
@@ -309,7 +308,6 @@ def test_the_plan_counts_the_packed_decoding_weights_where_the_student_samples_i
 
     from atlas_distill import plan
 
-    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
     monkeypatch.setattr(plan, "_cpu_bf16", lambda: False)  # no sampling copy: the fp32 student samples itself
     monkeypatch.setattr(plan.platform, "machine", lambda: "x86_64")
     work = workload_for(_profile(), "cpu")
@@ -339,9 +337,8 @@ def test_the_sampling_copy_counts_in_generation_only(monkeypatch):
 
     from atlas_distill import plan
 
-    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
-    monkeypatch.setattr(plan, "_cpu_bf16", lambda: True)  # native bf16: without checkpointing, a bf16 sampling copy
-    work = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: True)
+    work = workload_for(_profile("model.gradient_checkpointing=false", "trainer.generation_dtype=bfloat16"), "cpu")
     assert work.sampling_copy
     shape = model_shape("7b", "Qwen/Qwen2.5-{size}-Instruct")
     # bf16 activations either way, so that generation's KV cache is the same size with the copy and without
@@ -359,7 +356,6 @@ def test_under_prefill_once_generation_holds_the_prompts_pass(monkeypatch):
 
     from atlas_distill import plan
 
-    monkeypatch.setattr(plan, "_cpu_amx", lambda: False)
     monkeypatch.setattr(plan, "_cpu_bf16", lambda: True)
     # the trainer's prefills_once: on-policy, no checkpointing, chunked loss, KV cache, the whole student
     work = workload_for(_profile("model.gradient_checkpointing=false"), "cpu")

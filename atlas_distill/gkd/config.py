@@ -23,11 +23,10 @@ class AtlasGKDConfig(TRLGKDConfig, AtlasSettings):
     `TrainingArguments` field) with atlas-distill's settings (`AtlasSettings`: data, off-policy warm-up,
     evaluation, speed and memory).
 
-    One default differs from TRL's: with `bf16` left unset it is bf16 autocast where this machine is fast at it
-    (`models.autocast_bf16`: a GPU with native bf16, not T4/V100 where it is emulated; with `use_cpu=True`, which
-    transformers asks of any CPU run in bf16, a CPU with AMX), else fp32. TRL's default (bf16 wherever fp16 is
-    off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on a CPU with transformers'
-    "doesn't support bf16/gpu" error; `bf16=True` still asks for it explicitly.
+    One default differs from TRL's: with `bf16` left unset it is bf16 autocast on a GPU with native bf16
+    (`models.autocast_bf16`; not T4/V100, where it is emulated), else fp32, on a CPU too. TRL's default (bf16
+    wherever fp16 is off) stops upstream's own `GKDConfig(output_dir=..., lmbda=1.0, beta=0.5)` on a CPU with
+    transformers' "doesn't support bf16/gpu" error; `bf16=True` (with `use_cpu=True` on a CPU) still asks for it.
     """
 
     def __post_init__(self):
@@ -37,11 +36,9 @@ class AtlasGKDConfig(TRLGKDConfig, AtlasSettings):
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split={self.eval_split} must lie in [0, 1).")
         if self.bf16 is None and not self.fp16:
-            import torch
-
             from ..models import autocast_bf16
 
-            self.bf16 = autocast_bf16() and (torch.cuda.is_available() or self.use_cpu)
+            self.bf16 = autocast_bf16() and not self.use_cpu
         super().__post_init__()
 
 
@@ -53,7 +50,7 @@ _PROFILE_SECTION = {"eval_split": "data", "targets": "data"}
 
 def mixed_precision(dtype: str) -> tuple[bool, bool]:
     """(bf16, fp16) for a profile's `model.dtype`, the compute dtype of mixed precision: bfloat16 (and auto on a
-    GPU with native bf16 or a CPU with AMX, `models.autocast_bf16`) trains under bf16 autocast, float16 under fp16
+    GPU with native bf16, `models.autocast_bf16`) trains under bf16 autocast, float16 under fp16
     autocast with a loss scaler (CUDA only), and the trained student's weights stay fp32
     (`models.training_dtype`)."""
     import torch
@@ -64,7 +61,7 @@ def mixed_precision(dtype: str) -> tuple[bool, bool]:
     if dtype == "float16" and not torch.cuda.is_available():
         raise ProfileError(["model.dtype=float16 trains under fp16 autocast with a loss scaler, which needs a CUDA "
                             "GPU; there is none here."],
-                           fix="Use model.dtype=auto (bf16 autocast on a CPU with AMX, else float32), or float32.")
+                           fix="Use model.dtype=auto (float32 on a CPU), or bfloat16 (bf16 autocast).")
     return dtype == "bfloat16" or (dtype == "auto" and autocast_bf16()), dtype == "float16"
 
 

@@ -16,8 +16,8 @@ weight, cast one layer at a time, which kept 107 of train_bench's 163 MB of plai
 the copy after the generation (`AtlasGKDTrainer._release_sampling_copy`, which calls `unpack` first to drop the
 packed ones).
 
-Where there is no bf16 copy (the fp32 student samples itself: on a CPU without native bf16, such as a plain AVX2
-one, or where its training forward is replayed from generation, gkd/replay.py), `pack_for_decoding` gives the
+Where there is no bf16 copy (the fp32 student samples itself with no mixed precision: `generation_dtype: auto` on a
+CPU, or `float32`), `pack_for_decoding` gives the
 student's own fp32 linear layers packed weights for the generation's decoding steps (at most one row per sequence),
 and `restore` takes them away again. There PyTorch's plain fp32 product with a
 few rows is slow: on a 2-core AVX2 CPU (AMD EPYC, Zen 3) one decoding pass over the builtin student's 106 fp32

@@ -88,10 +88,9 @@ class AtlasSettings:
                                         "conversation (less padding in the prompts)."})
     generation_dtype: GenerationDtype = field(
         default="auto", metadata={"help": "On-policy samples from a copy of the student in this dtype; auto: "
-                                          "bfloat16 for an fp32 student on a CPU with native bf16 (AVX512-BF16/AMX), "
-                                          "except where the training forward is replayed from the student's own "
-                                          "generation (replay_generation, gradient checkpointing, no autocast); "
-                                          "else the student itself."})
+                                          "bfloat16 for an fp32 student on a GPU training in bf16, else the student "
+                                          "itself (on a CPU, a bf16 copy's samples learned worse); float32: always "
+                                          "the student itself."})
     inverse_cdf_sampling: bool = field(
         default=True, metadata={"help": "On a CPU, each sampled token is drawn by inverting the cumulative "
                                         "distribution, not by torch.multinomial's vocabulary-wide random fill (the "
@@ -99,8 +98,8 @@ class AtlasSettings:
     packed_generation: bool = field(
         default=True, metadata={"help": "On a CPU, the bf16 sampling copy's linear layers run on oneDNN's "
                                         "pre-packed weights, packed again for each generation (the same outputs; "
-                                        "generation about 25 % faster); without a copy (an fp32 student on a CPU "
-                                        "without native bf16, or replayed under gradient checkpointing), the "
+                                        "generation about 25 % faster); without a copy (the fp32 student "
+                                        "sampling itself with no mixed precision, as auto has it on a CPU), the "
                                         "student's own layers but its output head decode on packed fp32 weights "
                                         "(logits within 1e-5; generation about 33 % faster on AVX2)."})
     prefill_once: bool = field(

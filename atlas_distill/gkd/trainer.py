@@ -36,8 +36,8 @@ Each speedup is on by default and has a switch to turn it off:
   11 % off decoding;
 - `packed_generation`: on a CPU, the bf16 sampling copy's linear layers run on oneDNN's pre-packed weights
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
-  where there is no copy (an fp32 student on a CPU without native bf16, or where `replay_generation` applies), the
-  student's own linear layers but its output head decode on packed fp32 weights: 1.71 s instead of 2.56 on AVX2;
+  where there is no copy (the fp32 student sampling itself, as "auto" has it on a CPU), the student's own linear
+  layers but its output head decode on packed fp32 weights: 1.71 s instead of 2.56 on AVX2;
 - `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
   prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
   on over the completion only (gkd/prompt_pass.py);
@@ -53,12 +53,11 @@ Each speedup is on by default and has a switch to turn it off:
 - `lean_activations`: the student's gated MLPs keep gate and up for backward, not also silu(gate) and their
   product, and (without gradient checkpointing) its RMSNorms keep their input, not also the normalised input; backward
   makes those again (gkd/lean_activations.py): the same gradients, bit for bit, with fewer activations kept;
-- `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each
-  generation, its weights freed between generations) on a CPU with native bf16 (AVX512-BF16/AMX), where
-  decoding, which reads every weight per token, ran 1.5x faster (Zen 4); without it (plain AVX2, or AVX512
-  without BF16) "auto" samples from the student itself, as "float32" always does: on AVX2 a bf16 matmul ran 6x
-  slower than fp32. Nor where `replay_generation` applies with no autocast: the student sampling itself spares the
-  checkpointed training forward, which outweighs the copy's faster decoding (Zen 4).
+- `generation_dtype`: on-policy samples come from a bf16 copy of the student (filled from it for each generation,
+  its weights freed between generations) on a GPU training in bf16; on a CPU "auto" samples from the student itself,
+  as "float32" always does: a bf16 copy's samples are not the fp32 student's own distribution (a KL of 0.024 per
+  token, benchmarks/sampling_fidelity.py), and ours learned worse from them over 30 on-policy steps
+  (benchmarks/README.md). "bfloat16" keeps the copy: 1.5x faster decoding on a CPU with native bf16.
 """
 
 from __future__ import annotations
@@ -413,26 +412,22 @@ class AtlasGKDTrainer(GKDTrainer):
     def _sampling_dtype(self, setting: str) -> torch.dtype | None:
         """The dtype of the student's sampling copy, or None to sample from the student itself.
 
-        Decoding is memory-bound: every new token reads all the weights. On a CPU with native bf16
-        (AVX512-BF16 / AMX) a bf16 copy generated 1.5x faster than fp32 (Zen 4); on a plain AVX2 CPU bf16 is slower
-        (`loading.cpu_bf16`). "auto" uses a copy for an fp32 student (its master weights) on a CPU with fast bf16, or
-        on a GPU training under bf16 mixed precision (autocast would cast every weight again at every token),
-        when the student is whole in each process (no LoRA wrapper, no FSDP/DeepSpeed sharding). Not where the
-        training forward can be replayed from generation (`replays_generation`) and no mixed precision casts the
-        weights at every token: there the fp32 student sampling itself with the forward replayed took 3.51 s per
-        train_bench step against 3.74 with a bf16 copy and the checkpointed forward (Zen 4, benchmarks/README.md; on
-        an AMX CPU training in fp32 it is extrapolated from there).
+        "auto" makes a bf16 copy of an fp32 student (its master weights) on a GPU training under bf16 mixed precision
+        (autocast would cast every weight again at every decoded token), when the student is whole in each process
+        (no LoRA wrapper, no FSDP/DeepSpeed sharding). On a CPU the student samples itself, in the arithmetic it
+        trains in: a bf16 copy decoded 1.5x faster there (Zen 4), but its samples are not the fp32 student's own
+        distribution (a KL of 0.024 per token, benchmarks/sampling_fidelity.py), and after 30 on-policy steps ours
+        ended 0.0098 +- 0.0032 above DistillationTrainer's held-out divergence with it over eight seeds, level with it
+        (+0.0006 +- 0.0032) with the fp32 student sampling itself (an AMX CPU, benchmarks/README.md).
+        "bfloat16" makes the copy wherever the student is a whole fp32 one; "float32" never does.
         """
         student = self.accelerator.unwrap_model(self.model)
         if setting == "float32" or not (self.whole_student and student.dtype == torch.float32):
             return None
         if setting == "bfloat16":
             return torch.bfloat16
-        if self._replay_fits and not (self.args.bf16 or self.args.fp16):
-            return None  # the student samples itself, and its checkpointed training forward is replayed from that
         on_cpu = next(student.parameters()).device.type == "cpu"
-        fast_bf16 = loading.cpu_bf16() if on_cpu else self.args.bf16
-        return torch.bfloat16 if fast_bf16 else None
+        return torch.bfloat16 if self.args.bf16 and not on_cpu else None
 
     def _sampling_copy(self) -> torch.nn.Module:
         """The student cast to generation_dtype, its weights copied from the student's current ones."""
