@@ -408,26 +408,19 @@ def test_native_bf16_is_read_from_the_flags_of_real_cpuinfo_texts():
     assert not loading.native_bf16(cpuinfo_variant(remove=("avx512_bf16",)).replace(
         "model name\t: AMD EPYC", "model name\t: AMD EPYC avx512_bf16"))
     assert not loading.native_bf16("")
-    # AMX, where bf16 autocast is fastest (`model.dtype: bfloat16`): Sapphire Rapids lists it, Zen 4 does not
-    assert not loading.amx(recorded) and not loading.amx("")
-    assert loading.amx(cpuinfo_variant(add=("amx_bf16", "amx_tile")))
-    assert not loading.amx(cpuinfo_variant(add=("amx_tile",)))  # the tile unit without its bf16 instructions
 
 
-@pytest.mark.parametrize("cuda, cuda_native, native, amx, expected", [
-    (False, False, False, False, False),  # AVX2 only
-    (False, False, True, False, False),  # AVX512-BF16 without AMX (Zen 4)
-    (False, False, True, True, False),  # AMX: fp32 too, where bf16 in the student's arithmetic learned worse
-    (True, True, False, False, True),  # a GPU with native bf16 decides, whatever the CPU
-    (True, False, True, True, False)])  # a T4 / V100: emulated bf16, even on an AMX host
-def test_auto_trains_under_bf16_autocast_on_a_native_bf16_gpu_only(monkeypatch, cuda, cuda_native, native, amx,
-                                                                   expected):
+@pytest.mark.parametrize("cuda, cuda_native, native, expected", [
+    (False, False, False, False),  # AVX2 only
+    (False, False, True, False),  # native bf16 (AVX512-BF16 or AMX): fp32 too, where bf16 learned worse
+    (True, True, False, True),  # a GPU with native bf16 decides, whatever the CPU
+    (True, False, True, False)])  # a T4 / V100: emulated bf16, even on a host with native bf16
+def test_auto_trains_under_bf16_autocast_on_a_native_bf16_gpu_only(monkeypatch, cuda, cuda_native, native, expected):
     from atlas_distill.gkd.config import mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_native)
     monkeypatch.setattr(loading, "cpu_bf16", lambda: native)
-    monkeypatch.setattr(loading, "x86_cpuinfo_amx", lambda: amx)
     assert loading.autocast_bf16() is expected
     assert mixed_precision("auto") == (expected, False)
     assert mixed_precision("float32") == (False, False)

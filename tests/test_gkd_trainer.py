@@ -257,8 +257,8 @@ def test_upstream_api_builds_its_datasets_from_postgres(tmp_path, make_tiny_mode
 
 def test_upstreams_config_snippet_works_on_a_cpu(tmp_path, monkeypatch):
     """GKDConfig(output_dir=..., per_device_train_batch_size=4, lmbda=1.0, beta=0.5), as upstream writes it: TRL's
-    default bf16 stops it here; ours trains in fp32 where no GPU has bf16 (on a CPU with AMX too), and bf16=True is
-    still honoured."""
+    default bf16 stops it here; ours trains in fp32 where no GPU has bf16 (on a CPU with native bf16 or AMX too), and
+    bf16=True is still honoured."""
     from transformers.utils import is_torch_bf16_gpu_available
 
     from atlas_distill import GKDConfig as Exported
@@ -266,9 +266,9 @@ def test_upstreams_config_snippet_works_on_a_cpu(tmp_path, monkeypatch):
 
     config = Exported(output_dir=str(tmp_path), per_device_train_batch_size=4, lmbda=1.0, beta=0.5)
     assert config.bf16 is is_torch_bf16_gpu_available() and (config.lmbda, config.beta) == (1.0, 0.5)
-    for amx in (True, False):
-        monkeypatch.setattr(loading, "cpu_amx", lambda amx=amx: amx)
+    for native in (True, False):
+        monkeypatch.setattr(loading, "cpu_bf16", lambda native=native: native)
         assert GKDConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
-        assert GKDConfig(output_dir=str(tmp_path)).bf16 is False
+        assert GKDConfig(output_dir=str(tmp_path)).bf16 is is_torch_bf16_gpu_available()
     assert GKDConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16 is True
     assert GKDConfig(output_dir=str(tmp_path), bf16=False).bf16 is False

@@ -22,7 +22,6 @@ from .loading import (
     apply_lora,
     autocast_bf16,
     count_parameters,
-    cpu_amx,
     cpu_bf16,
     cuda_bf16,
     load_device,
@@ -43,7 +42,7 @@ from .loading import (
 from .spec import DEFAULT_FAMILY, ModelSpec, model_parameters, resolve_model_spec, tokenizer_family
 
 __all__ = ["BUILTIN_NAME", "DEFAULT_FAMILY", "ModelSpec", "apply_lora", "autocast_bf16", "builtin_model_dir",
-           "builtin_tokenizer_dir", "cache_dir", "contiguous_head_input", "count_parameters", "cpu_amx", "cpu_bf16",
+           "builtin_tokenizer_dir", "cache_dir", "contiguous_head_input", "count_parameters", "cpu_bf16",
            "cuda_bf16", "load_device", "load_model", "load_pretrained", "load_teacher", "load_tokenizer",
            "materialize", "model_parameters", "resolve_dtype", "resolve_model_spec", "sharded_launch",
            "shared_vocab_size", "teacher_dtype", "teacher_loaded_as", "teacher_upcast", "tokenizer_family",

@@ -95,19 +95,13 @@ def cpu_bf16() -> bool:
     return True if listed is None else listed  # elsewhere oneDNN's own check (e.g. Arm's BF16 extension) decides
 
 
-def cpu_amx() -> bool:
-    """Whether this CPU has AMX (Intel Sapphire Rapids and later) besides native bf16: its tile unit made a bf16
-    matmul 6.5x an fp32 one here, against about 2x for AVX512-BF16 alone (Zen 4), and a GKD step under bf16
-    autocast 1.4x faster than in fp32 (benchmarks/README.md), where on Zen 4 it gained little."""
-    return cpu_bf16() and bool(x86_cpuinfo_amx())
-
-
 def autocast_bf16() -> bool:
     """Whether `auto` (model.dtype, GKDConfig's unset bf16) trains under bf16 autocast here, fp32 master weights
     kept: on a GPU with native bf16 (`cuda_bf16`). Not on a CPU, even with AMX, where it made the benchmark's
-    on-policy step up to 1.35x faster: with bf16 in the student's arithmetic (training under autocast, or sampling
-    under it) ours ended 30 on-policy steps about 0.010 above DistillationTrainer's held-out divergence over eight
-    seeds, and level with it all in fp32 (benchmarks/README.md); `model.dtype: bfloat16` asks for it."""
+    on-policy step up to 1.35x faster: with bf16 in the student's arithmetic (training under autocast, sampling from
+    a bf16 copy or under autocast) ours ended 30 on-policy steps about 0.010 above DistillationTrainer's held-out
+    divergence over eight seeds, and level with it all in fp32 (benchmarks/README.md); `model.dtype: bfloat16` asks
+    for it."""
     return cuda_bf16()
 
 
@@ -116,12 +110,6 @@ def x86_cpuinfo_bf16() -> bool | None:
     read. Needs no torch: `plan` asks it too."""
     text = _x86_cpuinfo()
     return None if text is None else native_bf16(text)
-
-
-def x86_cpuinfo_amx() -> bool | None:
-    """Whether this x86 CPU's /proc/cpuinfo lists AMX-BF16 (`amx`); None off x86 or when it cannot be read."""
-    text = _x86_cpuinfo()
-    return None if text is None else amx(text)
 
 
 def _x86_cpuinfo() -> str | None:
@@ -142,12 +130,6 @@ def native_bf16(cpuinfo: str) -> bool:
     """Whether an x86 /proc/cpuinfo text lists AVX512-BF16 or AMX-BF16 in the flags of every processor."""
     flags = _flag_sets(cpuinfo)
     return bool(flags) and all({"avx512_bf16", "amx_bf16"} & each for each in flags)
-
-
-def amx(cpuinfo: str) -> bool:
-    """Whether an x86 /proc/cpuinfo text lists AMX-BF16 in the flags of every processor."""
-    flags = _flag_sets(cpuinfo)
-    return bool(flags) and all("amx_bf16" in each for each in flags)
 
 
 def teacher_dtype(dtype: str = "auto") -> str:
