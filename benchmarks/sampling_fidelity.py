@@ -95,7 +95,10 @@ def measure(sessions: int, tokens: int) -> list[dict]:
     """Each way's KL from the fp32 student and entropy, per position and summed over each session's answer."""
     import torch
 
-    from atlas_distill.gkd import AtlasGKDTrainer, packed_linear
+    from atlas_distill.gkd import AtlasGKDTrainer, divergence, packed_linear
+
+    def entropy_of(log_probs) -> float:  # mean over positions
+        return float(-(log_probs.exp() * log_probs).sum(-1).mean())
 
     temperature = SETTINGS["temperature"]
     tokenizer, teacher, student = _models("float32")
@@ -130,13 +133,13 @@ def measure(sessions: int, tokens: int) -> list[dict]:
             answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"][:tokens]
             ids = torch.tensor(prompt + answer)
             reference = next_token_log_probs(student, student, ids, len(prompt), temperature=temperature)
-            entropy["fp32 student"].append(float(-(reference.exp() * reference).sum(-1).mean()))
+            entropy["fp32 student"].append(entropy_of(reference))
             for name, way in ways.items():
                 way = dict(way)
                 with _fp32_head(sampler, student) if way.pop("head", False) else nullcontext():
                     mine = next_token_log_probs(ids=ids, prompt_length=len(prompt), temperature=temperature, **way)
-                kl[name].append((reference.exp() * (reference - mine)).sum(-1))
-                entropy[name].append(float(-(mine.exp() * mine).sum(-1).mean()))
+                kl[name].append(divergence.generalized_jsd(mine, reference, 0.0))  # beta 0: KL(reference || mine)
+                entropy[name].append(entropy_of(mine))
             log(f"session {index + 1}/{sessions}: {len(prompt)} prompt tokens, {len(answer)} answer tokens")
     rows = [{"way": "fp32 student", "kl_per_position": 0.0, "kl_per_answer": 0.0,
              "entropy": round(statistics.mean(entropy["fp32 student"]), 5)}]
