@@ -945,6 +945,45 @@ def test_replay_generation_runs_no_layer_in_the_training_forward_and_gives_the_c
     _assert_same_samples_loss_and_gradients(steps["on"], steps["off"])
 
 
+@pytest.mark.parametrize("arch,bf16", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_lean_recompute_skips_the_mlp_output_nothing_reads_with_the_same_gradients_bit_for_bit(
+        tmp_path, make_tiny_model, monkeypatch, arch, bf16):
+    from transformers import AutoModelForCausalLM
+
+    from atlas_distill.gkd import lean_activations
+
+    student, teacher = make_tiny_model(arch, seed=1, layers=2), make_tiny_model(seed=2)
+    args = {"lmbda": 1.0, "max_new_tokens": 5, "gradient_checkpointing": True, "bf16": bf16}
+    lean = make_trainer(tmp_path, student, teacher, generation_dtype="auto", args=args)
+    full = make_trainer(tmp_path, student, teacher, generation_dtype="auto", lean_recompute=False, args=args)
+    assert lean.replays_generation and full.replays_generation
+    forward = lean_activations._GatedDown.forward
+    calls: list[tuple] = []  # the running step's: (unread, every output zero)
+
+    def recorded(ctx, gate, up, weight, unread=False):
+        out = forward(ctx, gate, up, weight, unread)
+        calls.append((unread, bool(out.eq(0).all())))
+        return out
+
+    def new_list(trainer):
+        nonlocal calls
+        calls = []
+        return calls
+
+    monkeypatch.setattr(lean_activations._GatedDown, "forward", staticmethod(recorded))
+    steps = _one_step_each({"lean": lean, "full": full}, new_list, checkpointing=True)
+    # the lean MLP runs only in backward's recompute (generation runs the module's own forward, the training
+    # forward no layer): there, with lean_recompute, it returns zeros instead of down_proj's product
+    assert steps["lean"][3] == [(True, True)] * 2 and steps["full"][3] == [(False, False)] * 2
+    assert torch.equal(steps["lean"][2]["input_ids"], steps["full"][2]["input_ids"])
+    assert torch.equal(steps["lean"][0], steps["full"][0])
+    for mine, theirs in zip(steps["lean"][1], steps["full"][1], strict=True):
+        assert torch.equal(mine, theirs)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    assert all(lean_activations.reads_no_mlp_output(layer) for layer in model.model.layers)
+    assert not lean_activations.reads_no_mlp_output(model.model.layers[0].mlp)
+
+
 def test_replay_generation_only_where_generation_computes_the_training_forward(tmp_path, make_tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -985,12 +1024,13 @@ def test_a_layer_called_otherwise_than_recorded_runs_its_own_checkpoint():
     original = lambda run, *args: calls.append(len(args)) or run(*args)  # noqa: E731
     recorded = torch.zeros(2, 3, 4)
     hidden = torch.ones(2, 3, 4, requires_grad=True)
-    assert torch.equal(_replay(original, recorded, lambda: torch.ones(1)), torch.ones(1))  # hidden states by keyword
-    assert torch.equal(_replay(original, recorded, lambda x: x * 2, torch.ones(2, 5, 4)), torch.full((2, 5, 4), 2.0))
+    assert torch.equal(_replay(original, recorded, False, lambda: torch.ones(1)), torch.ones(1))  # hidden by keyword
+    assert torch.equal(_replay(original, recorded, False, lambda x: x * 2, torch.ones(2, 5, 4)),
+                       torch.full((2, 5, 4), 2.0))
     needs_grad = torch.ones(1, requires_grad=True)
-    _replay(original, recorded, lambda x, y: x + y, hidden, needs_grad)  # another input that needs a gradient
+    _replay(original, recorded, False, lambda x, y: x + y, hidden, needs_grad)  # another input that needs a gradient
     assert calls == [0, 1, 2]
-    replayed = _replay(original, recorded, lambda x: x * 5, hidden)
+    replayed = _replay(original, recorded, False, lambda x: x * 5, hidden)
     assert calls == [0, 1, 2] and torch.equal(replayed, recorded)  # the recording, not the layer
     replayed.sum().backward()  # backward runs the layer: d(5x)/dx
     assert torch.equal(hidden.grad, torch.full((2, 3, 4), 5.0))

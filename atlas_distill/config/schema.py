@@ -149,6 +149,7 @@ class TrainerConfig(_Strict):
     packed_generation: bool = setting("packed_generation")
     prefill_once: bool = setting("prefill_once")
     replay_generation: bool = setting("replay_generation")
+    lean_recompute: bool = setting("lean_recompute")
     keep_freed_memory: bool = setting("keep_freed_memory")
     compact_optimizer: bool = setting("compact_optimizer")
     math_attention: bool = setting("math_attention")

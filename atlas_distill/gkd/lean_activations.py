@@ -21,10 +21,18 @@ longer calls; nothing at all while global module hooks are set. An MLP with a Lo
 left as it is (its norms are still checkpointed), and so is every module under DeepSpeed's or accelerate's hooks.
 Under autocast, down_proj's weight is cast again in backward (the forward's cast lives in autocast's cache until
 the forward and loss are done, as before, and is not kept for backward).
+
+- **An MLP output nothing reads** (`unread_mlp_outputs`, the `lean_recompute` setting). When backward recomputes a
+  replayed decoder layer (gkd/replay.py), the recomputed output is not used, only the path of its gradient: the
+  layer's output is the one recorded while generating. In these families' decoder layers the MLP's output goes
+  only into the residual sum, whose gradient needs no values, and the MLP's backward above makes silu(gate) * up
+  again itself, from gate and up. So inside that recompute the MLP returns zeros of its output's shape instead of
+  down_proj's product: a quarter of each layer's multiply-adds, and the same gradients bit for bit (tests).
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from types import MethodType
 
@@ -33,14 +41,21 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 _FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")  # their MLP: down(act(gate(x)) * up(x)); their RMSNorm: Llama's
+_unread = threading.local()  # .on: this thread is recomputing a layer whose MLP output nothing reads
 
 
 class _GatedDown(torch.autograd.Function):
-    """down_proj(silu(gate) * up) without bias, keeping gate and up (not silu(gate) or the product) for backward."""
+    """down_proj(silu(gate) * up) without bias, keeping gate and up (not silu(gate) or the product) for backward;
+    `unread`: zeros of its shape and dtype instead, where nothing reads the value (backward is the same)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight):
-        out = F.linear(F.silu(gate) * up, weight)  # under autocast: the weight's cast, as down_proj's own call
+    def forward(ctx, gate, up, weight, unread: bool = False):
+        if unread:
+            device = gate.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            out = gate.new_zeros(*gate.shape[:-1], weight.shape[0], dtype=dtype)
+        else:
+            out = F.linear(F.silu(gate) * up, weight)  # under autocast: the weight's cast, as down_proj's own call
         ctx.save_for_backward(gate, up, weight)
         ctx.compute_dtype = out.dtype
         return out
@@ -62,13 +77,31 @@ class _GatedDown(torch.autograd.Function):
             del product
             grad_up = grad_product * act if ctx.needs_input_grad[1] else None
             grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if ctx.needs_input_grad[0] else None
-        return grad_gate, grad_up, grad_weight
+        return grad_gate, grad_up, grad_weight, None
 
 
 def _lean_mlp(self, x):
     if not torch.is_grad_enabled():  # nothing kept for backward: the module's own forward (its down_proj's own call)
         return type(self).forward(self, x)
-    return _GatedDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+    return _GatedDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, getattr(_unread, "on", False))
+
+
+@contextmanager
+def unread_mlp_outputs():
+    """While entered, in this thread, each lean MLP (`lean_activations`) returns zeros instead of its output: for a
+    recompute whose output nothing reads and whose MLP outputs only go into a residual sum (`reads_no_mlp_output`)."""
+    before = getattr(_unread, "on", False)
+    _unread.on = True
+    try:
+        yield
+    finally:
+        _unread.on = before
+
+
+def reads_no_mlp_output(layer: torch.nn.Module) -> bool:
+    """Whether `layer` is one of these families' decoder layers, whose MLP output goes only into the residual sum
+    that is the layer's output (so when that output's value is not used, neither is the MLP's)."""
+    return _known(layer, "DecoderLayer")
 
 
 def _recomputed_norm(self, hidden_states):

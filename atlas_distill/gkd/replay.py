@@ -26,17 +26,22 @@ whole student, generation keeps a KV cache (one position per decoding step), and
 random (no dropout): then the recorded outputs are the training forward's. A recording that does not cover the
 training sequence exactly (a generation that ran otherwise) is not replayed: the step runs the checkpointed
 forward as before; so does a layer called otherwise than with its hidden states first (`_replay`).
+
+Backward's recompute of a layer is run for the path of its output's gradient; that output's value is not used. So
+with `lean_recompute`, a Llama, Qwen2, Qwen3 or Mistral layer's MLP, whose output only goes into the residual sum,
+returns zeros there instead of its down projection (gkd/lean_activations.py `unread_mlp_outputs`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from . import divergence
+from .lean_activations import reads_no_mlp_output, unread_mlp_outputs
 from .prompt_pass import decoding_positions
 
 
@@ -115,11 +120,13 @@ def recording(model, prompt_width: int, max_new_tokens: int):
 
 class _Replayed(torch.autograd.Function):
     """A checkpointed layer that returns its recorded output; backward recomputes it from its input with gradient
-    and back-propagates through it, as reentrant checkpointing does (the parameters' gradients accumulate there)."""
+    and back-propagates through it, as reentrant checkpointing does (the parameters' gradients accumulate there).
+    `unread`: the recompute's MLP returns zeros instead of its output (`lean_activations.unread_mlp_outputs`), since
+    only the path of the recomputed output's gradient is used, not its value."""
 
     @staticmethod
-    def forward(ctx, run, recorded, hidden, *rest):
-        ctx.run, ctx.rest = run, rest
+    def forward(ctx, run, recorded, unread, hidden, *rest):
+        ctx.run, ctx.rest, ctx.unread = run, rest, unread
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(hidden)
@@ -129,34 +136,37 @@ class _Replayed(torch.autograd.Function):
     def backward(ctx, grad):
         (hidden,) = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), \
+                (unread_mlp_outputs() if ctx.unread else nullcontext()):
             again = hidden.detach().requires_grad_(hidden.requires_grad)
             output = ctx.run(again, *ctx.rest)
         torch.autograd.backward(output, grad)
-        return None, None, again.grad, *(None for _ in ctx.rest)
+        return None, None, None, again.grad, *(None for _ in ctx.rest)
 
 
-def _replay(original, recorded: torch.Tensor, run, *args):
+def _replay(original, recorded: torch.Tensor, unread: bool, run, *args):
     """The checkpoint function's call: the recorded output where the layer's hidden states came positionally, of
     the recorded shape, and nothing else it was given needs a gradient; else the original checkpoint."""
     hidden, rest = (args[0], args[1:]) if args else (None, ())
     if not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != recorded.shape[:2] or any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
         return original(run, *args)
-    return _Replayed.apply(run, recorded, hidden, *rest)
+    return _Replayed.apply(run, recorded, unread, hidden, *rest)
 
 
 @contextmanager
-def replaying(taken: Recording, length: int):
+def replaying(taken: Recording, length: int, lean: bool = False):
     """While entered, each checkpointing layer's checkpoint function returns the layer's recorded output over the
-    first `length` positions instead of running the layer (`_Replayed`)."""
+    first `length` positions instead of running the layer (`_Replayed`); `lean`: backward's recompute of a layer
+    whose MLP output only goes into its residual sum skips that output (`reads_no_mlp_output`)."""
     layers = [(layer, output) for layer, output in zip(taken.layers, taken.outputs, strict=True)
               if getattr(layer, "gradient_checkpointing", False)]
     saved = [vars(layer).get("_gradient_checkpointing_func") for layer, _ in layers]
     try:
         for (layer, output), before in zip(layers, saved, strict=True):
             original = before if before is not None else layer._gradient_checkpointing_func
-            layer._gradient_checkpointing_func = partial(_replay, original, output[:, :length])
+            unread = lean and reads_no_mlp_output(layer)
+            layer._gradient_checkpointing_func = partial(_replay, original, output[:, :length], unread)
         yield
     finally:
         for (layer, _), before in zip(layers, saved, strict=True):
@@ -166,11 +176,12 @@ def replaying(taken: Recording, length: int):
                 layer._gradient_checkpointing_func = before
 
 
-def completion_hidden(student, taken: Recording, inputs, prompt_mask: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+def completion_hidden(student, taken: Recording, inputs, prompt_mask: torch.Tensor, mask: torch.Tensor, *,
+                      lean: bool = False) -> torch.Tensor:
     """[N, H] last hidden states at the positions where `mask` (B x L-1, next-token aligned) is set, as
     `divergence.completion_hidden` gives them, with every checkpointed layer replayed from `taken` (as that
-    function when no layer checkpoints: the student's checkpointing is switched on when training starts)."""
+    function when no layer checkpoints: the student's checkpointing is switched on when training starts); `lean`:
+    as `replaying`'s."""
     if not any(getattr(layer, "gradient_checkpointing", False) for layer in taken.layers):
         return divergence.completion_hidden(student, inputs, mask)
     ids, attention = inputs["input_ids"][:, :-1], inputs["attention_mask"][:, :-1]
@@ -178,7 +189,7 @@ def completion_hidden(student, taken: Recording, inputs, prompt_mask: torch.Tens
     generated = torch.ones(ids.shape[0], length - prompt_mask.shape[1], dtype=prompt_mask.dtype,
                            device=prompt_mask.device)
     positions = decoding_positions(torch.cat([prompt_mask, generated], dim=1))
-    with replaying(taken, length):
+    with replaying(taken, length, lean):
         out = divergence.backbone(student)(input_ids=ids, attention_mask=attention, position_ids=positions,
                                            use_cache=False)
     return out.last_hidden_state[mask]

@@ -112,6 +112,11 @@ class AtlasSettings:
                                         "itself, take each decoder layer's output recorded while it generated "
                                         "instead of running the layer in the training forward; backward recomputes "
                                         "it as checkpointing does (the same loss within rounding)."})
+    lean_recompute: bool = field(
+        default=True, metadata={"help": "With replay_generation and lean_activations, backward's recompute of a "
+                                        "Llama, Qwen2, Qwen3 or Mistral decoder layer skips its MLP's output (the "
+                                        "down projection), which only goes into the residual sum whose value the "
+                                        "recompute does not use: the same gradients, bit for bit."})
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "On a Linux CPU, glibc's malloc keeps the large blocks a step frees for the "
                                         "next step instead of returning them to the kernel, which faulted their "

@@ -44,6 +44,8 @@ Each speedup is on by default and has a switch to turn it off:
 - `replay_generation`: with gradient checkpointing, where the student samples itself, each decoder layer's output is
   recorded while it generates, and the training forward returns those instead of running the layers; backward
   recomputes each layer from its input, as checkpointing does (gkd/replay.py);
+- `lean_recompute`: in that recompute, a Llama, Qwen2, Qwen3 or Mistral layer's MLP returns zeros instead of its
+  output, which only goes into the residual sum whose value nothing reads (gkd/lean_activations.py);
 - `keep_freed_memory`: on a Linux CPU, glibc's malloc keeps the large blocks a step frees (the [V, H] gradient, the
   loss's tiles) for the next step instead of unmapping them and faulting new pages in (gkd/allocator.py);
 - `compact_optimizer`: on a CPU, transformers' default AdamW becomes `CompactAdamW` (gkd/compact_adamw.py), which keeps
@@ -307,7 +309,8 @@ class AtlasGKDTrainer(GKDTrainer):
         if prompt is not None:
             student_hidden = prompt_pass.completion_hidden(student, prompt, inputs, mask)
         elif taken is not None:
-            student_hidden = replay.completion_hidden(student, taken, inputs, inputs["prompt_attention_mask"], mask)
+            student_hidden = replay.completion_hidden(student, taken, inputs, inputs["prompt_attention_mask"], mask,
+                                                      lean=self.args.lean_recompute)
         else:
             student_hidden = divergence.completion_hidden(student, inputs, mask)
         vocab, beta, temperature = self.shared_vocab, self.step_beta, self.temperature
