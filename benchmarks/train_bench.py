@@ -376,8 +376,8 @@ def parse_ours(pairs: list[str]) -> dict:
 
 
 # ours' boolean settings read at every step, which --alternate can switch between steps
-ALTERNATING = ("prefill_once", "replay_generation", "lean_recompute", "packed_generation", "inverse_cdf_sampling",
-               "lean_activations", "math_attention")
+ALTERNATING = ("prefill_once", "replay_generation", "lean_recompute", "packed_generation", "lean_decoding",
+               "inverse_cdf_sampling", "lean_activations", "math_attention")
 
 
 def _alternation(setting: str):
@@ -420,8 +420,9 @@ def worker(trainer_name: str, steps: int, gc: bool, lmbda: float, learning: bool
     with tempfile.TemporaryDirectory() as tmp:
         switches = ({"kv_cache_generation": False, "chunked_loss": False, "teacher_cache_topk": 0,
                      "group_by_length": False, "generation_dtype": "float32", "inverse_cdf_sampling": False,
-                     "packed_generation": False, "prefill_once": False, "replay_generation": False,
-                     "lean_recompute": False, "keep_freed_memory": False, "compact_optimizer": False}
+                     "packed_generation": False, "lean_decoding": False, "prefill_once": False,
+                     "replay_generation": False, "lean_recompute": False, "keep_freed_memory": False,
+                     "compact_optimizer": False}
                     if atlas_off else {})
         overrides = parse_ours(list(ours)) if trainer_name == "atlas" else {}
         switches.update(overrides)

@@ -16,8 +16,8 @@ CHANGED = {"learning_key": "crm_workflows", "eval_split": 0.25, "targets": "fina
            "token_reduction_target": 12.0, "kv_cache_generation": False, "chunked_loss": False,
            "teacher_cache_topk": 17, "teacher_store": "stores/run-1", "group_by_length": False, "group_by_turn": False,
            "generation_dtype": "float32", "inverse_cdf_sampling": False, "packed_generation": False,
-           "prefill_once": False, "replay_generation": False, "lean_recompute": False, "keep_freed_memory": False,
-           "compact_optimizer": False, "math_attention": False, "lean_activations": False}
+           "lean_decoding": False, "prefill_once": False, "replay_generation": False, "lean_recompute": False,
+           "keep_freed_memory": False, "compact_optimizer": False, "math_attention": False, "lean_activations": False}
 PROFILE_ONLY = {"baseline_success", "baseline_tokens"}  # a profile's `auto` is measured by `train`
 
 

@@ -782,7 +782,9 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     from atlas_distill.gkd import packed_linear
 
     student, teacher = make_tiny_model(seed=1), make_tiny_model(seed=2)
-    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"lmbda": 1.0})
+    # each linear layer packed on its own (lean_decoding packs a layer's projections together: its own test)
+    trainer = make_trainer(tmp_path, student, teacher, generation_dtype="float32", lean_decoding=False,
+                           args={"lmbda": 1.0})
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert trainer.packs_student_generation is x86 and packed_linear.available(torch.float32) is x86
     if not x86:  # measured on x86 only: elsewhere the student decodes on its own forward
@@ -835,6 +837,15 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     torch.manual_seed(7)
     off._generate_into(off.model, plain_ids)
     assert torch.equal(packed_ids["input_ids"], plain_ids["input_ids"])  # the same samples
+    lean = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"lmbda": 1.0})
+    lean_ids, layers = dict(inputs), []
+    lean.generate_on_policy_outputs = lambda model, *args: (
+        layers.extend(m for m in model.modules() if "forward" in vars(m) and hasattr(m, "self_attn"))
+        or generate(model, *args))
+    torch.manual_seed(7)
+    lean._generate_into(lean.model, lean_ids)
+    assert len(layers) == len(lean.model.model.layers)  # lean_decoding, on by default, decoded every layer
+    assert torch.equal(lean_ids["input_ids"], plain_ids["input_ids"])
 
 
 def test_decoding_head_is_the_plain_product_for_few_rows_and_many():
@@ -1068,3 +1079,45 @@ def test_the_memory_plan_follows_the_trainers_generation_rules(tmp_path, make_ti
     assert work.packed_decoding == (samples and trainer.packs_student_generation)
     assert work.prefill_once == (samples and trainer.prefills_once)
     assert work.replay_generation == (samples and trainer.replays_generation)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_decoding_samples_what_the_layers_own_forward_samples(make_tiny_model, arch):
+    """gkd/lean_decoding.py: the fp32 student's decoding steps through the lean layer forward give the samples and
+    logits of transformers' own layers on the same packed weights, from left-padded prompts; the prompt's forward
+    still runs the layer's own (its projections are called then and only then), and `restore` takes it all away."""
+    from transformers import AutoModelForCausalLM
+
+    from atlas_distill.gkd import lean_decoding
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(arch=arch, layers=3), attn_implementation="sdpa",
+                                                 dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 0, 0, 11, 12, 13], [21, 22, 23, 24, 25, 26]])
+    prompts = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    q_proj = model.model.layers[1].self_attn.q_proj
+    runs = {}
+    for lean in (False, True):
+        calls = []
+        packed = packed_linear.pack_for_decoding(model, 2, lean=lean)
+        hook = q_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+        try:
+            if lean:
+                assert set(packed) >= set(model.model.layers) and "forward" not in vars(q_proj)
+            torch.manual_seed(5)
+            out = model.generate(**prompts, do_sample=True, temperature=0.9, max_new_tokens=7, min_new_tokens=7,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        finally:
+            hook.remove()
+            packed_linear.restore(packed)
+        runs[lean] = (out.sequences, torch.stack(out.logits), calls)
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)
+    assert runs[False][2] == [6] + [1] * 6 and runs[True][2] == [6]  # the lean forward ran every decoding step
+    assert not any("forward" in vars(module) for module in model.modules())
+
+    hooked = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    assert not lean_decoding.fits(model.model.layers[0]) and lean_decoding.fits(model.model.layers[1])
+    hooked.remove()
+    eager = AutoModelForCausalLM.from_pretrained(make_tiny_model(arch=arch, layers=3), attn_implementation="eager",
+                                                 dtype=torch.float32)
+    assert lean_decoding.pack(eager, 2) == []  # another attention kernel: transformers' own layers decode

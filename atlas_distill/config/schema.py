@@ -147,6 +147,7 @@ class TrainerConfig(_Strict):
     generation_dtype: GenerationDtype = setting("generation_dtype")
     inverse_cdf_sampling: bool = setting("inverse_cdf_sampling")
     packed_generation: bool = setting("packed_generation")
+    lean_decoding: bool = setting("lean_decoding")
     prefill_once: bool = setting("prefill_once")
     replay_generation: bool = setting("replay_generation")
     lean_recompute: bool = setting("lean_recompute")

@@ -38,6 +38,9 @@ Each speedup is on by default and has a switch to turn it off:
   (gkd/packed_linear.py), packed again for each generation: a step's generation 0.87-0.92 s instead of 1.15-1.25;
   where there is no copy (the fp32 student sampling itself, as "auto" has it on a CPU), the student's own linear
   layers but its output head decode on packed fp32 weights: 1.71 s instead of 2.56 on AVX2;
+- `lean_decoding`: there, the fp32 student's Llama and Qwen2 decoder layers decode through a lean forward (q, k and
+  v as one packed product, gate and up too, PyTorch's rms_norm; gkd/lean_decoding.py): the same outputs within
+  rounding, with fewer calls per token;
 - `prefill_once`: without gradient checkpointing, an on-policy step runs the prompt through the student once: the
   prompt's training forward (with gradient) fills the KV cache generation starts from, and the training forward goes
   on over the completion only (gkd/prompt_pass.py);
@@ -398,7 +401,8 @@ class AtlasGKDTrainer(GKDTrainer):
                     sampler = _SyncedGeneration(unwrapped) if self.synced_generation else unwrapped
                     if prompt is not None:
                         sampler = _FromCache(sampler, prompt_pass.sampling_cache(prompt))
-                    packed = (packed_linear.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size)
+                    packed = (packed_linear.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size,
+                                                              lean=self.args.lean_decoding)
                               if generator is self.model and self.packs_student_generation else [])
                     replays = generator is self.model and prompt is None and self.replays_generation
                     try:
