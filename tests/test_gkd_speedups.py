@@ -837,15 +837,23 @@ def test_fp32_student_decodes_on_packed_weights_and_gets_its_own_layers_back(tmp
     torch.manual_seed(7)
     off._generate_into(off.model, plain_ids)
     assert torch.equal(packed_ids["input_ids"], plain_ids["input_ids"])  # the same samples
-    lean = make_trainer(tmp_path, student, teacher, generation_dtype="float32", args={"lmbda": 1.0})
+    lean = make_trainer(tmp_path, student, teacher, generation_dtype="float32",
+                        args={"lmbda": 1.0, "gradient_checkpointing": False})
     lean_ids, layers = dict(inputs), []
-    lean.generate_on_policy_outputs = lambda model, *args: (
-        layers.extend(m for m in model.modules() if "forward" in vars(m) and hasattr(m, "self_attn"))
-        or generate(model, *args))
+    lean.generate_on_policy_outputs = lambda sampler, *args: (  # the model, or _FromCache's around it
+        layers.extend(m for m in getattr(sampler, "model", sampler).modules()
+                      if "forward" in vars(m) and hasattr(m, "self_attn"))
+        or generate(sampler, *args))
     torch.manual_seed(7)
     lean._generate_into(lean.model, lean_ids)
     assert len(layers) == len(lean.model.model.layers)  # lean_decoding, on by default, decoded every layer
     assert torch.equal(lean_ids["input_ids"], plain_ids["input_ids"])
+    # and in an on-policy step without checkpointing, which generates inside lean_activations (from the prompt's pass)
+    layers.clear()
+    assert lean.prefills_once and lean.args.lean_activations
+    lean.current_gradient_accumulation_steps = 1  # as Trainer.train sets it
+    lean.training_step(lean.model, batch(lean))
+    assert len(layers) == len(lean.model.model.layers)
 
 
 def test_decoding_head_is_the_plain_product_for_few_rows_and_many():
@@ -1115,6 +1123,10 @@ def test_lean_decoding_samples_what_the_layers_own_forward_samples(make_tiny_mod
     assert runs[False][2] == [6] + [1] * 6 and runs[True][2] == [6]  # the lean forward ran every decoding step
     assert not any("forward" in vars(module) for module in model.modules())
 
+    from atlas_distill.gkd.lean_activations import lean_activations
+
+    with lean_activations(model, norms=True) as changed:  # where an on-policy step without checkpointing generates
+        assert changed == 10 and all(lean_decoding.fits(layer) for layer in model.model.layers)
     hooked = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
     assert not lean_decoding.fits(model.model.layers[0]) and lean_decoding.fits(model.model.layers[1])
     hooked.remove()

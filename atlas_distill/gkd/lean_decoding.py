@@ -22,7 +22,7 @@ prompts; on the builtin the logits and samples were the same bit for bit).
 Measured on a 2-core Zen 4 CPU (benchmarks/decoding_bench.py; benchmarks/README.md, twenty-first session): one
 decoding forward of the builtin's 15-layer student at batch 4 after a 200-token prompt, 26.4 ms with transformers'
 layers against 24.2 ms; the trainer's generation (4 prompts, 32 new tokens, packing included) 1.299 against
-1.231 s; a train_bench step 2-3 % faster with checkpointing, 5-8 % without, on the same samples and losses.
+1.231 s; a train_bench step 2-3 % faster with checkpointing, about 5 % without (three ABBA pairs), on the same samples and losses.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ def _plain(module: torch.nn.Module, kind: str) -> bool:
 
 
 def _own_forward(module: torch.nn.Module) -> bool:
-    """A forward set on the instance, other than lean_activations' MLP (which without gradients is the class's)."""
-    from .lean_activations import _lean_mlp
+    """A forward set on the instance, other than lean_activations' MLP and RMSNorm ones (which without gradients are
+    the class's: an on-policy step without checkpointing generates inside lean_activations)."""
+    from .lean_activations import _lean_mlp, _recomputed_norm
 
     forward = vars(module).get("forward")
-    return forward is not None and getattr(forward, "__func__", None) is not _lean_mlp
+    return forward is not None and getattr(forward, "__func__", None) not in (_lean_mlp, _recomputed_norm)
 
 
 def fits(layer: torch.nn.Module) -> bool:
