@@ -22,7 +22,8 @@ prompts; on the builtin the logits and samples were the same bit for bit).
 Measured on a 2-core Zen 4 CPU (benchmarks/decoding_bench.py; benchmarks/README.md, twenty-first session): one
 decoding forward of the builtin's 15-layer student at batch 4 after a 200-token prompt, 26.4 ms with transformers'
 layers against 24.2 ms; the trainer's generation (4 prompts, 32 new tokens, packing included) 1.299 against
-1.231 s; a train_bench step 2-3 % faster with checkpointing, about 5 % without (three ABBA pairs), on the same samples and losses.
+1.231 s; a train_bench step 2-3 % faster with checkpointing, about 5 % without (three ABBA pairs), on the same
+samples and losses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .packed_linear import _packed_linear
 
 _FAMILIES = ("Llama", "Qwen2")  # their decoder layer: x + attn(norm(x)), then x + down(silu(gate) * up)
 _LAYER_ARGUMENTS = ("attention_mask", "cache", "past_key_values", "position_embeddings")  # the attention's own
@@ -101,10 +104,6 @@ def _pack(layer: torch.nn.Module, rows: int) -> _Packed:
                    down=reorder(mlp.down_proj.weight, rows))
 
 
-def _linear(hidden, weight, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(hidden, weight, bias, "none", [], "")
-
-
 def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden, hidden.shape[-1:], norm.weight, norm.variance_epsilon)
 
@@ -119,8 +118,8 @@ def _decoding_forward(layer, packed: _Packed, rows: int, hidden_states, *args, *
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     attn = layer.self_attn
     shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-    q, k, v = _linear(_rms_norm(layer.input_layernorm, hidden_states), packed.qkv,
-                      packed.qkv_bias).split(packed.qkv_sizes, dim=-1)
+    q, k, v = _packed_linear(packed.qkv, packed.qkv_bias,
+                             _rms_norm(layer.input_layernorm, hidden_states)).split(packed.qkv_sizes, dim=-1)
     q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
     cos, sin = kwargs["position_embeddings"]
     q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
@@ -128,9 +127,9 @@ def _decoding_forward(layer, packed: _Packed, rows: int, hidden_states, *args, *
     k, v = cache.update(k, v, attn.layer_idx, kwargs=rest)
     out, _ = sdpa_attention_forward(attn, q, k, v, kwargs.get("attention_mask"), dropout=0.0, scaling=attn.scaling)
     out = out.reshape(*hidden_states.shape[:-1], -1)
-    hidden = hidden_states + _linear(out, packed.o, attn.o_proj.bias)
-    gate, up = _linear(_rms_norm(layer.post_attention_layernorm, hidden), packed.gate_up).chunk(2, dim=-1)
-    return hidden + _linear(F.silu(gate).mul_(up), packed.down)
+    hidden = hidden_states + _packed_linear(packed.o, attn.o_proj.bias, out)
+    gate, up = _packed_linear(packed.gate_up, None, _rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
+    return hidden + _packed_linear(packed.down, None, F.silu(gate).mul_(up))
 
 
 @torch.no_grad()
