@@ -6,7 +6,7 @@ train_bench.py's student (the builtin's 15 layers, fp32), its decoding weights p
 when the student samples itself on a CPU (`packed_generation`; gkd/packed_linear.py `pack_for_decoding`), a KV cache
 filled by a random prompt of 4 x `--prompt` tokens. One decoding forward (4 sequences, one new token each, the
 output head included) is timed `--calls` times in a row, the new token's cache entries dropped after each; the two
-ways, transformers' layers (`lean=False`) and the lean forward (`lean=True`, gkd/lean_decoding.py), alternate
+ways, transformers' layers (packed_linear's `pack_for_decoding`) and the lean forward (lean_decoding's), alternate
 `--repeats` times (medians: the machine's speed drifts). It also checks both give the same logits, and reports
 the largest difference.
 
@@ -75,7 +75,7 @@ def main() -> None:
     from train_bench import _models
     from transformers import DynamicCache
 
-    from atlas_distill.gkd import packed_linear
+    from atlas_distill.gkd import lean_decoding, packed_linear
 
     _, _, student = _models("float32")
     student.eval()
@@ -90,7 +90,7 @@ def main() -> None:
         student(input_ids=prompt, cache=cache, use_cache=True)
 
     def decode(lean: bool, calls: int) -> tuple[float, torch.Tensor]:
-        packed = packed_linear.pack_for_decoding(student, BATCH, lean=lean)
+        packed = (lean_decoding if lean else packed_linear).pack_for_decoding(student, BATCH)
         try:
             with torch.no_grad():
                 started = time.perf_counter()

@@ -1106,7 +1106,7 @@ def test_lean_decoding_samples_what_the_layers_own_forward_samples(make_tiny_mod
     runs = {}
     for lean in (False, True):
         calls = []
-        packed = packed_linear.pack_for_decoding(model, 2, lean=lean)
+        packed = (lean_decoding if lean else packed_linear).pack_for_decoding(model, 2)
         hook = q_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
         try:
             if lean:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import packed_linear
 from .packed_linear import _packed_linear
 
 _FAMILIES = ("Llama", "Qwen2")  # their decoder layer: x + attn(norm(x)), then x + down(silu(gate) * up)
@@ -143,6 +144,10 @@ def pack(model: torch.nn.Module, rows: int) -> list[torch.nn.Module]:
     return layers
 
 
-def projections(layers: list[torch.nn.Module]) -> set[int]:
-    """The ids of the projections of `layers` (packed together by `pack`)."""
-    return {id(module) for layer in layers for module in layer.modules() if type(module) is torch.nn.Linear}
+def pack_for_decoding(model: torch.nn.Module, batch: int) -> list[torch.nn.Module]:
+    """packed_linear's `pack_for_decoding` with each eligible decoder layer on its lean forward (`pack`): the other
+    linear layers (the output head among them) as packed_linear decodes them. Returns the modules changed, for
+    packed_linear's `restore`."""
+    layers = pack(model, batch)
+    fused = {id(module) for layer in layers for module in layer.modules() if type(module) is torch.nn.Linear}
+    return layers + packed_linear.pack_for_decoding(model, batch, skip=fused)

@@ -106,25 +106,22 @@ def _decoding_linear(packed, weight, bias, rows: int, hidden):
 
 
 @torch.no_grad()
-def pack_for_decoding(model: torch.nn.Module, batch: int, *, lean: bool = False) -> list[torch.nn.Module]:
+def pack_for_decoding(model: torch.nn.Module, batch: int, *, skip: set[int] = frozenset()) -> list[torch.nn.Module]:
     """Run `model`'s own fp32 linear layers on packed copies of their weights for inputs of at most `batch` rows (the
     decoding steps of a generation of `batch` sequences), on their plain weights otherwise (the prompt's forward).
     The output head is not packed: it decodes as `weight @ hidden.T` on its plain weight (`_decoding_head`), a
     generation no slower for it, without a packed copy that would be its largest (the vocabulary's rows: 113 MB for
     the builtin).
     The weights are read now: pack again after they change. A layer that already has a forward of its own (an
-    accelerate hook, a patch) is left alone. `lean`: each decoder layer that gkd/lean_decoding.py can run decodes
-    through its lean forward instead, on its projections packed together there (not here).
+    accelerate hook, a patch) is left alone, and so is one whose id is in `skip` (gkd/lean_decoding.py's
+    `pack_for_decoding` packs a lean layer's projections together itself).
     Returns the modules given a decoding forward, for `restore`."""
-    from . import lean_decoding
-
-    packed = lean_decoding.pack(model, batch) if lean else []
-    fused = lean_decoding.projections(packed)
+    packed = []
     head = getattr(model, "get_output_embeddings", lambda: None)()
     for _, module in _linears(model):
         weight = module.weight
         if (weight.dtype != torch.float32 or weight.device.type != "cpu" or "forward" in vars(module)
-                or id(module) in fused):
+                or id(module) in skip):
             continue
         module.forward = (functools.partial(_decoding_head, weight, module.bias, batch) if module is head else
                           functools.partial(_decoding_linear, torch.ops.mkldnn._reorder_linear_weight(weight, batch),

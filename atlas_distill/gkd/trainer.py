@@ -77,8 +77,8 @@ import torch
 
 from ..errors import TrainingError
 from ..models import contiguous_head_input, loading, shared_vocab_size
-from . import (allocator, attention, divergence, packed_linear, prompt_pass, replay, tied_gradient, topk_format,
-               turn_sampler)
+from . import (allocator, attention, divergence, lean_decoding, packed_linear, prompt_pass, replay, tied_gradient,
+               topk_format, turn_sampler)
 from .collator import ROW_COLUMN, TargetSpanCollator
 from .compact_adamw import CompactAdamW
 from .lean_activations import lean_activations
@@ -401,8 +401,8 @@ class AtlasGKDTrainer(GKDTrainer):
                     sampler = _SyncedGeneration(unwrapped) if self.synced_generation else unwrapped
                     if prompt is not None:
                         sampler = _FromCache(sampler, prompt_pass.sampling_cache(prompt))
-                    packed = (packed_linear.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size,
-                                                              lean=self.args.lean_decoding)
+                    packing = lean_decoding if self.args.lean_decoding else packed_linear
+                    packed = (packing.pack_for_decoding(unwrapped, self.args.per_device_train_batch_size)
                               if generator is self.model and self.packs_student_generation else [])
                     replays = generator is self.model and prompt is None and self.replays_generation
                     try:
