@@ -1130,6 +1130,9 @@ def test_lean_decoding_samples_what_the_layers_own_forward_samples(make_tiny_mod
     hooked = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
     assert not lean_decoding.fits(model.model.layers[0]) and lean_decoding.fits(model.model.layers[1])
     hooked.remove()
+    model.model.layers[2].mlp.forward = lambda hidden: hidden  # a forward of its own (accelerate's hooks set one)
+    assert not lean_decoding.fits(model.model.layers[2]) and lean_decoding.fits(model.model.layers[1])
+    del model.model.layers[2].mlp.forward
     eager = AutoModelForCausalLM.from_pretrained(make_tiny_model(arch=arch, layers=3), attn_implementation="eager",
                                                  dtype=torch.float32)
     assert lean_decoding.pack(eager, 2) == []  # another attention kernel: transformers' own layers decode

@@ -110,10 +110,13 @@ def _recomputed_norm(self, hidden_states):
     return checkpoint(type(self).forward, self, hidden_states, use_reentrant=False, preserve_rng_state=False)
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    """Hooks of any kind on `module`, or a forward of its own (accelerate's hooks set one)."""
+def _hooked(module: torch.nn.Module, allowed: tuple = ()) -> bool:
+    """Hooks of any kind on `module`, or a forward of its own (accelerate's hooks set one) other than a method made
+    of one of the `allowed` functions."""
+    forward = vars(module).get("forward")
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in vars(module))
+                or module._backward_pre_hooks
+                or (forward is not None and getattr(forward, "__func__", None) not in allowed))
 
 
 def _global_hooks() -> bool:
@@ -123,10 +126,12 @@ def _global_hooks() -> bool:
                 or module._global_backward_pre_hooks)
 
 
-def _known(module: torch.nn.Module, kind: str) -> bool:
+def _known(module: torch.nn.Module, kind: str, families: tuple[str, ...] = _FAMILIES, allowed: tuple = ()) -> bool:
+    """Whether `module` is transformers' `kind` (MLP, RMSNorm, ...) of one of `families`, with no hooks and no
+    forward of its own but `allowed`'s (see `_hooked`)."""
     cls = type(module)
-    return (cls.__module__.startswith("transformers.models.") and cls.__name__ in {f + kind for f in _FAMILIES}
-            and not _hooked(module))
+    return (cls.__module__.startswith("transformers.models.") and cls.__name__ in {f + kind for f in families}
+            and not _hooked(module, allowed))
 
 
 def _lean_mlp_fits(module: torch.nn.Module) -> bool:

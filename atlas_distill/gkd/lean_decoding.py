@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import packed_linear
+from .lean_activations import _hooked, _known, _lean_mlp, _recomputed_norm
 from .packed_linear import _packed_linear
 
 _FAMILIES = ("Llama", "Qwen2")  # their decoder layer: x + attn(norm(x)), then x + down(silu(gate) * up)
@@ -57,19 +58,10 @@ class _Packed:
 
 
 def _plain(module: torch.nn.Module, kind: str) -> bool:
-    cls = type(module)
-    return (cls.__module__.startswith("transformers.models.") and cls.__name__ in {f + kind for f in _FAMILIES}
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks))
-
-
-def _own_forward(module: torch.nn.Module) -> bool:
-    """A forward set on the instance, other than lean_activations' MLP and RMSNorm ones (which without gradients are
-    the class's: an on-policy step without checkpointing generates inside lean_activations)."""
-    from .lean_activations import _lean_mlp, _recomputed_norm
-
-    forward = vars(module).get("forward")
-    return forward is not None and getattr(forward, "__func__", None) not in (_lean_mlp, _recomputed_norm)
+    """transformers' Llama or Qwen2 `kind`, with no hooks and no forward of its own but lean_activations' MLP and
+    RMSNorm ones (which without gradients are the class's: an on-policy step without checkpointing generates inside
+    lean_activations)."""
+    return _known(module, kind, _FAMILIES, allowed=(_lean_mlp, _recomputed_norm))
 
 
 def fits(layer: torch.nn.Module) -> bool:
@@ -84,12 +76,10 @@ def fits(layer: torch.nn.Module) -> bool:
     projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projections += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if any(type(p) is not torch.nn.Linear or p.weight.dtype != torch.float32 or p.weight.device.type != "cpu"
-           or _own_forward(p) or p._forward_hooks or p._forward_pre_hooks for p in projections):
+           or _hooked(p) for p in projections):
         return False
     return (attn.config._attn_implementation == "sdpa" and getattr(attn, "sliding_window", None) is None
-            and type(mlp.act_fn) in (torch.nn.SiLU, SiLUActivation) and not _own_forward(attn)
-            and not any(_own_forward(m) for m in (layer, *norms))
-            and all(p.bias is None for p in projections[4:]))
+            and type(mlp.act_fn) in (torch.nn.SiLU, SiLUActivation) and all(p.bias is None for p in projections[4:]))
 
 
 def _pack(layer: torch.nn.Module, rows: int) -> _Packed:
