@@ -92,6 +92,32 @@ def test_training_follows_pytorchs_adamw_with_half_the_state(small_chunks):
     assert state_bytes == {"exp_avg": reference_bytes // 2, "exp_avg_sq": reference_bytes // 2}
 
 
+def test_a_first_step_is_pytorchs_fused_adamw_bit_for_bit_and_a_bf16_weight_takes_the_fp32_update(small_chunks):
+    """The moments start at zero (exact in bf16), so the first step's weights are PyTorch's fused AdamW's bit for
+    bit: the same kernel does the arithmetic. A bf16 weight (with a bf16 gradient) takes the fp32 weight's update,
+    rounded to the nearest bf16, and its moments are rounded as the fp32 weight's are."""
+    torch.manual_seed(0)
+    start, grad = torch.randn(2500), torch.randn(2500).to(torch.bfloat16).float()  # a gradient exact in bf16
+    decayed = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    params = {name: torch.nn.Parameter(start.clone()) for name in ("ours", "theirs")}
+    params["bf16"] = torch.nn.Parameter(start.to(torch.bfloat16))
+    optimizers = {"ours": CompactAdamW([params["ours"]], **decayed, seed=2),
+                  "theirs": torch.optim.AdamW([params["theirs"]], **decayed, fused=True),
+                  "bf16": CompactAdamW([params["bf16"]], **decayed, seed=2)}
+    for name, optimizer in optimizers.items():
+        params[name].grad = grad.to(params[name].dtype)
+        optimizer.step()
+    assert not torch.equal(params["ours"], start) and torch.equal(params["ours"], params["theirs"])
+    widened = torch.nn.Parameter(start.to(torch.bfloat16).float())  # the bf16 weight's values, in fp32
+    wide = CompactAdamW([widened], **decayed, seed=2)
+    widened.grad = grad.clone()
+    wide.step()
+    assert params["bf16"].dtype == torch.bfloat16
+    assert torch.equal(params["bf16"], widened.to(torch.bfloat16))
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizers["bf16"].state[params["bf16"]][name], wide.state[widened][name])
+
+
 def test_the_same_seed_gives_the_same_run_and_torchs_global_random_state_is_left_alone(small_chunks):
     runs = []
     for seed in (3, 3, 4):
